@@ -1,0 +1,232 @@
+"""Local training on the device: LoRA adapters + soft prompt under Opacus DP-SGD.
+
+One process holds one :class:`~common.models.PersonalLM` and one Opacus
+``GradSampleModule`` around it for its whole life. Each user's round swaps in
+that user's tensors, optimizer state and accountant history, trains, and swaps
+them out again. The record-level privacy accountant is therefore *persisted*
+across rounds (in the device store), never reset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.models import PersonalLM
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 3
+    batch_size: int = 8
+    lr: float = 5e-3
+    max_len: int = 64
+    dp: bool = True
+    noise_multiplier: float = 0.7
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> "TrainConfig":
+        return cls(
+            local_steps=int(rc.get("local-steps", cls.local_steps)),
+            batch_size=int(rc.get("batch-size", cls.batch_size)),
+            lr=float(rc.get("lr", cls.lr)),
+            max_len=int(rc.get("max-len", cls.max_len)),
+            dp=bool(rc.get("dp", cls.dp)),
+            noise_multiplier=float(rc.get("noise-multiplier", cls.noise_multiplier)),
+            max_grad_norm=float(rc.get("max-grad-norm", cls.max_grad_norm)),
+            delta=float(rc.get("delta", cls.delta)),
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> TensorDataset:
+    """Tokenise (input, output) pairs; the loss covers only the output tokens.
+
+    The format is plain ``input\\n output<eos>`` for every model, so the base,
+    global and personalised scores are comparable.
+    """
+    ids_rows, label_rows = [], []
+    for source, target in pairs:
+        prompt = tokenizer(source + "\n", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = prompt[: max_len // 2]  # keep room for the answer, which carries the style
+        ids = (prompt + answer)[:max_len]
+        labels = ([IGNORE] * len(prompt) + answer)[:max_len]
+        ids_rows.append(ids)
+        label_rows.append(labels)
+    width = max(len(r) for r in ids_rows) if ids_rows else 1
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids_rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(ids_rows), width), dtype=torch.long)
+    labels = torch.full((len(ids_rows), width), IGNORE, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(ids_rows, label_rows)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return TensorDataset(input_ids, attention, labels)
+
+
+def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (sum of token NLL, number of target tokens), next-token shifted."""
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none")
+    nll = nll.view(labels.shape)
+    mask = labels != IGNORE
+    return (nll * mask).sum(1), mask.sum(1)
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    num_examples: int
+    epsilon: float  # record-level, cumulative over all rounds so far; inf without DP
+
+
+_GSM: dict[int, object] = {}
+
+
+def _grad_sample_module(model: PersonalLM):
+    """Wrap the model once per process; Opacus reuses an existing wrapper."""
+    from opacus import GradSampleModule
+
+    if id(model) not in _GSM:
+        _GSM[id(model)] = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    return _GSM[id(model)]
+
+
+def _trainable(model: PersonalLM) -> list[torch.nn.Parameter]:
+    # A stable order matters: optimizer state is saved and restored by index.
+    return [p for _, p in sorted(model.trainable_state().items())]
+
+
+def train_local(
+    model: PersonalLM,
+    data: TensorDataset,
+    cfg: TrainConfig,
+    accountant_state: str | None,
+    optimizer_state: bytes | None,
+    generator: torch.Generator | None = None,
+) -> tuple[TrainResult, str | None, bytes]:
+    """Run ``cfg.local_steps`` optimizer steps on this user's data.
+
+    Returns the result, the updated accountant history (JSON) and optimizer state.
+    The model's current tensors are the starting point and are updated in place.
+    """
+    from opacus import PrivacyEngine
+
+    model.use("global", "user")
+    model.train()
+    params = _trainable(model)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    if optimizer_state:
+        optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
+    batch_size = min(cfg.batch_size, len(data))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+
+    gsm = _grad_sample_module(model)
+    engine = None
+    if cfg.dp:
+        gsm.enable_hooks()
+        engine = PrivacyEngine(accountant="rdp")
+        if accountant_state:
+            engine.accountant.history = [tuple(h) for h in json.loads(accountant_state)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure RNG; see README threat model
+            net, optimizer, loader = engine.make_private(
+                module=gsm,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=cfg.noise_multiplier,
+                max_grad_norm=cfg.max_grad_norm,
+                poisson_sampling=True,
+            )
+        sample_rate = 1 / len(loader)
+    else:
+        gsm.disable_hooks()
+        net = model
+
+    losses, steps = [], 0
+    while steps < cfg.local_steps:
+        for input_ids, attention, labels in loader:
+            if steps >= cfg.local_steps:
+                break
+            if len(input_ids) == 0:
+                # Poisson sampling drew an empty batch. The step still counts
+                # against the budget: we charge the accountant as if noise had
+                # been released, which over- rather than under-states epsilon.
+                engine.accountant.step(noise_multiplier=cfg.noise_multiplier, sample_rate=sample_rate)
+                steps += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            logits = net(input_ids, attention)
+            nll_sum, count = per_sample_nll(logits, labels)
+            # Mean over samples of each sample's mean token NLL: what Opacus'
+            # loss_reduction="mean" assumes when it rescales per-sample grads.
+            loss = (nll_sum / count.clamp(min=1)).mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            steps += 1
+
+    if cfg.dp:
+        gsm.disable_hooks()
+        history = json.dumps([list(h) for h in engine.accountant.history])
+        epsilon = engine.accountant.get_epsilon(delta=cfg.delta)
+        raw_opt = optimizer.original_optimizer
+    else:
+        history = accountant_state
+        epsilon = math.inf  # any non-private step voids the record-level guarantee
+        raw_opt = optimizer
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(raw_opt.state_dict(), buf)
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return TrainResult(loss=loss, steps=steps, num_examples=len(data), epsilon=epsilon), history, buf.getvalue()
+
+
+def epsilon_from_history(history_json: str | None, delta: float) -> float:
+    """Record-level epsilon of a persisted accountant history (0 before any step)."""
+    from opacus.accountants import RDPAccountant
+
+    if not history_json:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in json.loads(history_json)]
+    return acc.get_epsilon(delta=delta)
+
+
+@torch.no_grad()
+def evaluate_nll(model: PersonalLM, data: TensorDataset, adapters: tuple[str, ...], batch_size: int = 16) -> tuple[float, int]:
+    """Mean NLL per target token with the given adapters active (() = base model)."""
+    model.use(*adapters)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        input_ids, attention, labels = data[i : i + batch_size]
+        s, c = per_sample_nll(model(input_ids, attention), labels)
+        total += s.sum().item()
+        count += int(c.sum().item())
+    model.use("global", "user")
+    return (total / count if count else float("nan")), count

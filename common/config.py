@@ -1,0 +1,68 @@
+"""Run configuration: one flat dict of Flower-style ``kebab-case`` keys.
+
+The same keys appear in ``pyproject.toml`` under ``[tool.flwr.app.config]``
+(used by ``flwr run .``) and are overridden by the CLI's profiles and flags.
+The ServerApp forwards the client-relevant subset in every message's
+ConfigRecord, so clients need no configuration of their own except where the
+device keeps its data (``--node-config user-file=... store-path=...``).
+"""
+
+from __future__ import annotations
+
+DEFAULTS: dict[str, object] = {
+    # model
+    "model": "smollm2-135m",
+    "lora-rank": 8,
+    "lora-alpha": 16,
+    "lora-targets": "q_proj,v_proj",
+    "user-lora-rank": 4,
+    "prompt-tokens": 4,
+    # federation
+    "num-server-rounds": 3,
+    "num-supernodes": 20,
+    "fraction-train": 1.0,
+    "round-timeout": 3600.0,
+    # local training and record-level DP (Opacus)
+    "local-steps": 2,
+    "batch-size": 8,
+    "lr": 0.005,
+    "max-len": 64,
+    "dp": True,
+    "noise-multiplier": 0.8,
+    "max-grad-norm": 1.0,
+    "delta": 1e-5,
+    # data and devices
+    "data-dir": "data/default",
+    "store-dir": "",
+    "scrub-mode": "full",
+    "scrub-operator": "tag",
+    "num-personas": 4,
+    "seed": 0,
+    # server-side output
+    "run-dir": "runs/latest",
+}
+
+# Size/time trade-off knob. "default" is sized for `make demo` (<= 10 min on two
+# cores, install included); "quick" is for smoke tests; "full" for experiments.
+PROFILES: dict[str, dict[str, object]] = {
+    "quick": {"model": "tiny-random", "num-supernodes": 6, "num-personas": 3, "num-server-rounds": 2, "local-steps": 2},
+    "default": {},
+    "full": {"num-supernodes": 32, "num-server-rounds": 5, "local-steps": 4, "batch-size": 16},
+}
+
+SERVER_ONLY = {"run-dir"}
+
+
+def build_config(profile: str = "default", overrides: dict | None = None) -> dict:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    cfg = {**DEFAULTS, **PROFILES[profile], **(overrides or {})}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+    return cfg
+
+
+def client_config(run_config: dict) -> dict:
+    """The subset of the run config sent to clients in each message."""
+    return {k: v for k, v in run_config.items() if k not in SERVER_ONLY}

@@ -1,0 +1,128 @@
+"""The wire contract: what a client may send, and the guard that enforces it.
+
+Both halves of the egress guard live here, pfl-research style:
+
+* the device half (:func:`egress_guard_mod`, a Flower client mod) checks every
+  reply *before* it leaves the ClientApp and raises if anything is off;
+* the server half (:meth:`EgressGuard.check` called by the strategy) refuses
+  malformed replies instead of aggregating them.
+
+A reply may carry only allow-listed records: one ``ArrayRecord`` whose keys and
+shapes match the shared-tier schema exactly (float32 only), and one
+``MetricRecord`` with allow-listed numeric metrics. No ``ConfigRecord`` (it can
+hold strings), no extra tensors. Error messages name *counts and schema keys*,
+never the offending value or an unexpected key (which could itself be text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+
+TRAIN_METRICS = frozenset({"train-loss", "num-examples", "steps", "epsilon"})
+EVAL_METRICS = frozenset(
+    {"nll-base", "nll-global", "nll-personal", "num-examples", "num-tokens", "epsilon", "user-index", "num-records"}
+)
+
+
+class EgressViolation(RuntimeError):
+    """A message broke the wire contract. Carries no user data by construction."""
+
+
+def _fingerprint(value: object) -> str:
+    # Lets an operator correlate repeated violations without seeing the value.
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class WireSchema:
+    """Expected shared tensors (name -> shape), all float32."""
+
+    arrays: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def from_tensors(cls, tensors: dict) -> "WireSchema":
+        return cls({k: tuple(v.shape) for k, v in tensors.items()})
+
+    def nbytes(self) -> int:
+        return 4 * sum(math.prod(s) for s in self.arrays.values())
+
+
+class EgressGuard:
+    def __init__(self, schema: WireSchema):
+        self.schema = schema
+
+    def check(self, content, kind: str) -> None:
+        """Raise :class:`EgressViolation` unless ``content`` (a RecordDict) fits ``kind``.
+
+        ``kind`` is ``"train"`` (arrays + train metrics) or ``"evaluate"`` (metrics only).
+        """
+        from flwr.app import ArrayRecord, MetricRecord
+
+        allowed_metrics = TRAIN_METRICS if kind == "train" else EVAL_METRICS
+        expected_records = {ARRAYS, METRICS} if kind == "train" else {METRICS}
+        names = set(content.keys())
+        if names != expected_records:
+            extra = names - expected_records
+            raise EgressViolation(
+                f"{kind} reply must hold records {sorted(expected_records)}; "
+                f"{len(extra)} unexpected record(s) (fingerprint {_fingerprint(sorted(extra))}), "
+                f"missing {sorted(expected_records - names)}"
+            )
+        for name in names:
+            record = content[name]
+            if name == ARRAYS:
+                if not isinstance(record, ArrayRecord):
+                    raise EgressViolation(f"record '{ARRAYS}' must be an ArrayRecord")
+                self._check_arrays(record)
+            else:
+                if not isinstance(record, MetricRecord):
+                    raise EgressViolation(f"record '{METRICS}' must be a MetricRecord")
+                self._check_metrics(record, allowed_metrics)
+
+    def _check_arrays(self, record) -> None:
+        keys = set(record.keys())
+        expected = set(self.schema.arrays)
+        if keys != expected:
+            unexpected = keys - expected
+            raise EgressViolation(
+                f"array keys differ from the shared-tier schema: {len(unexpected)} unexpected "
+                f"(fingerprint {_fingerprint(sorted(unexpected))}), {len(expected - keys)} missing"
+            )
+        for key in sorted(keys):
+            arr = record[key]
+            if arr.dtype != "float32" or arr.stype != "numpy.ndarray":
+                raise EgressViolation(f"array {key}: only float32 numpy arrays may leave the device")
+            if tuple(arr.shape) != self.schema.arrays[key]:
+                raise EgressViolation(f"array {key}: shape {tuple(arr.shape)} != {self.schema.arrays[key]}")
+            decoded = arr.numpy()  # the payload itself must agree with the declared header
+            if decoded.dtype != np.float32 or decoded.shape != self.schema.arrays[key]:
+                raise EgressViolation(f"array {key}: payload does not match its declared dtype/shape")
+            if not np.isfinite(decoded).all():
+                raise EgressViolation(f"array {key}: non-finite values")
+
+    @staticmethod
+    def _check_metrics(record, allowed: frozenset[str]) -> None:
+        unexpected = set(record.keys()) - allowed
+        if unexpected:
+            raise EgressViolation(
+                f"{len(unexpected)} metric name(s) not on the allow-list (fingerprint {_fingerprint(sorted(unexpected))})"
+            )
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise EgressViolation(f"metric {key}: only numbers may leave the device")
+
+
+def reply_nbytes(content) -> int:
+    """Payload bytes of a reply's arrays (what the report counts as 'sent')."""
+    if ARRAYS not in content.keys():
+        return 0
+    return sum(len(a.data) for a in content[ARRAYS].values())

@@ -1,0 +1,128 @@
+"""The run report: ``report.json`` (machine-readable) and ``report.md``.
+
+Built from what the server legitimately holds: aggregated training metrics per
+round and the numeric metrics each client chose to report at evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def summarise(client_eval: list[dict]) -> dict:
+    """Token-weighted mean held-out NLL and perplexity for base / global / personal."""
+    out = {}
+    tokens = sum(m["num-tokens"] for m in client_eval)
+    for name in ("base", "global", "personal"):
+        nll = sum(m[f"nll-{name}"] * m["num-tokens"] for m in client_eval) / tokens if tokens else float("nan")
+        out[name] = {"nll": nll, "ppl": math.exp(nll) if math.isfinite(nll) else float("nan")}
+    wins = sum(m["nll-personal"] < m["nll-global"] for m in client_eval)
+    out["users_personal_beats_global"] = wins
+    out["users"] = len(client_eval)
+    return out
+
+
+def build_report(rc: dict, strategy, result, wall_s: float) -> dict:
+    per_round = []
+    for rnd in sorted(strategy.client_train_metrics):
+        agg = result.train_metrics_clientapp.get(rnd)
+        per_round.append(
+            {
+                "round": rnd,
+                "train_loss": float(agg["train-loss"]) if agg else float("nan"),
+                "clients": len(strategy.client_train_metrics[rnd]),
+                "rejected_replies": strategy.rejected.get(rnd, 0),
+                "bytes_per_client": strategy.bytes_received.get(rnd, []),
+            }
+        )
+    clients = sorted(strategy.client_eval_metrics, key=lambda m: m.get("user-index", -1))
+    users = [
+        {
+            "user_index": int(m["user-index"]),
+            "records": int(m["num-records"]),
+            "test_examples": int(m["num-examples"]),
+            "nll_base": m["nll-base"],
+            "nll_global": m["nll-global"],
+            "nll_personal": m["nll-personal"],
+            "epsilon_record_level": None if m["epsilon"] < 0 else m["epsilon"],
+        }
+        for m in clients
+    ]
+    eps = [u["epsilon_record_level"] for u in users if u["epsilon_record_level"] is not None]
+    return {
+        "config": rc,
+        "wall_time_s": wall_s,
+        "metric": "held-out negative log-likelihood per target token (lower is better); ppl = exp(nll)",
+        "rounds": per_round,
+        "utility": summarise(clients),
+        "users": users,
+        "epsilon_record_level": {
+            "delta": rc.get("delta"),
+            "max": max(eps) if eps else None,
+            "mean": _mean(eps) if eps else None,
+            "dp": bool(rc.get("dp")),
+        },
+    }
+
+
+def render_markdown(report: dict) -> str:
+    u = report["utility"]
+    lines = [
+        "# fedpersona simulation report",
+        "",
+        f"Model `{report['config']['model']}`, {u['users']} users, "
+        f"{report['config']['num-server-rounds']} rounds, wall time {report['wall_time_s']:.0f} s.",
+        "",
+        f"Metric: {report['metric']}.",
+        "",
+        "## Per-round training loss",
+        "",
+        "| round | clients | mean train loss | bytes sent per client | rejected |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rounds"]:
+        sent = r["bytes_per_client"]
+        lines.append(
+            f"| {r['round']} | {r['clients']} | {r['train_loss']:.4f} | {max(sent) if sent else 0:,} | {r['rejected_replies']} |"
+        )
+    lines += [
+        "",
+        "## Held-out utility",
+        "",
+        "| model | NLL/token | perplexity |",
+        "|---|---|---|",
+    ]
+    for name, label in (("base", "base model"), ("global", "federated global adapter"), ("personal", "global + personal (user adapter + soft prompt)")):
+        lines.append(f"| {label} | {u[name]['nll']:.4f} | {u[name]['ppl']:.2f} |")
+    lines += [
+        "",
+        f"Personalised beats global for {u['users_personal_beats_global']} of {u['users']} users.",
+        "",
+        "## Per-user results (record-level epsilon from each device's Opacus RDP accountant)",
+        "",
+        f"delta = {report['epsilon_record_level']['delta']}; DP-SGD {'on' if report['epsilon_record_level']['dp'] else 'off (epsilon = inf)'}.",
+        "",
+        "| user | records | NLL base | NLL global | NLL personal | epsilon |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in report["users"]:
+        eps = "inf" if x["epsilon_record_level"] is None else f"{x['epsilon_record_level']:.2f}"
+        lines.append(
+            f"| {x['user_index']} | {x['records']} | {x['nll_base']:.3f} | {x['nll_global']:.3f} | {x['nll_personal']:.3f} | {eps} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, rc: dict, strategy, result, wall_s: float) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = build_report(rc, strategy, result, wall_s)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "report.md").write_text(render_markdown(report))
+    return report
