@@ -29,6 +29,7 @@ class TrainConfig:
     local_steps: int = 3
     batch_size: int = 8
     lr: float = 5e-3
+    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
     max_len: int = 64
     dp: bool = True
     noise_multiplier: float = 0.7
@@ -41,6 +42,7 @@ class TrainConfig:
             local_steps=int(rc.get("local-steps", cls.local_steps)),
             batch_size=int(rc.get("batch-size", cls.batch_size)),
             lr=float(rc.get("lr", cls.lr)),
+            optimizer=str(rc.get("optimizer", cls.optimizer)),
             max_len=int(rc.get("max-len", cls.max_len)),
             dp=bool(rc.get("dp", cls.dp)),
             noise_multiplier=float(rc.get("noise-multiplier", cls.noise_multiplier)),
@@ -104,6 +106,17 @@ class TrainResult:
     epsilon: float  # record-level, cumulative over all rounds so far; inf without DP
 
 
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Adam rescales every coordinate to its own noise level, so under DP every
+    # LoRA weight random-walks by ~lr per step; SGD keeps the noise at its true
+    # (small, per-coordinate) scale. Both are offered; see docs/results.md.
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+
+
 _GSM: dict[int, object] = {}
 
 
@@ -139,7 +152,7 @@ def train_local(
     model.use("global", "user")
     model.train()
     params = _trainable(model)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = make_optimizer(params, cfg)
     if optimizer_state:
         optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
     batch_size = min(cfg.batch_size, len(data))

@@ -1,0 +1,727 @@
+"""Secure aggregation (SecAgg / SecAgg+) for the Flower Message API.
+
+A transport-free protocol library after Bonawitz et al. 2017 ("Practical Secure
+Aggregation for Privacy-Preserving Machine Learning") with the sparse neighbour
+graph of Bell et al. 2020 ("Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", SecAgg+). Every message is a plain ``dict`` of
+``str -> int | bytes | float | bool | list[int] | list[bytes]`` (fits a Flower
+``ConfigRecord``) or one ``numpy`` array (fits an ``ArrayRecord``), so the lead
+can wire the stages into Message-API ServerApp/ClientApp rounds.
+
+Stage flow (server ``S = SecAggServer(params)``, client ``C``)::
+
+    0 setup      S.setup_message()                  -> every sampled client
+                 C = SecAggClient(node_id, msg); C.advertise_keys() -> S.receive_keys(id, r)
+    1 share keys S.share_keys_messages()[id]        -> C.share_keys(msg)  -> S.receive_shares(id, r)
+    2 masking    S.masked_input_messages()[id]      -> C.masked_input(msg, x) -> S.receive_masked_input(id, y)
+    3 unmask     S.unmask_messages()[id]            -> C.unmask(msg)      -> S.receive_unmask(id, r)
+    S.finalize() -> SecAggResult(sum=..., modular_sum=..., survivors=..., dropped=...)
+
+A client that does not answer a stage is simply never passed to ``receive_*``;
+calling the next ``*_messages()`` closes the stage and treats it as dropped. A
+reply that fails validation raises :class:`SecAggProtocolError`; the app should
+then just not count that client (it becomes a dropout). :class:`SecAggAbort`
+means the round cannot complete (too many dropouts). Between stages a
+Message-API ClientApp keeps ``C.to_state()`` in ``context.state`` (a
+``ConfigRecord``) and resumes with ``SecAggClient.from_state(...)``; the
+server object simply lives in the ServerApp's ``main`` for the round.
+:func:`run_secagg_round` drives all of this in one process (tests, benchmarks).
+
+Masking (double masking). Client i with secure id ``u_i`` sends
+
+    y_i = enc(x_i) + PRG(b_i) + sum_{j in N(i), u_i < u_j} PRG(s_ij)
+                              - sum_{j in N(i), u_i > u_j} PRG(s_ij)     (mod 2**bits)
+
+where ``N(i)`` are its graph neighbours that completed the share-keys stage,
+``s_ij = HKDF(X25519(s_sk_i, s_pk_j))`` and ``b_i`` is a fresh random seed.
+Each client Shamir-shares ``b_i`` and ``s_sk_i`` (threshold t) among its
+neighbours, encrypted under ``HKDF(X25519(c_sk_i, c_pk_j))``. In the unmask
+stage every surviving neighbour reveals, for each neighbour i, *either* its
+share of ``b_i`` (i sent a masked input) *or* of ``s_sk_i`` (i dropped), never
+both. The server removes the self masks of survivors and the dangling pairwise
+masks of the dropped, then decodes the exact modular sum. Two key pairs per
+client (as in the paper): revealing a dropped client's mask key ``s_sk`` must
+not also let the server decrypt the shares that client was holding.
+
+Threat model / what is trusted:
+
+* The server is honest-but-curious: it follows the protocol (routes messages
+  faithfully, reports the true survivor set, picks the graph seed at random)
+  but tries to learn individual inputs from what it sees. Against that server
+  plus up to ``t - 1`` colluding clients (per neighbourhood), the server learns
+  only the sum of the surviving clients' inputs. Pairwise masks cancel in the
+  sum; an input arriving late (after the server declared its sender dropped)
+  stays hidden behind ``b_i``, whose shares honest clients then never reveal.
+* NOT protected: a malicious server. There is no signature/PKI step (the server
+  could substitute public keys), no consistency round (it could tell different
+  clients different survivor sets) and no verification that the output is
+  correct. We only implement cheap sanity checks: clients refuse an unmask
+  request with overlapping survivor/dropped sets, with fewer than
+  ``min_survivors`` survivors, or that does not list themselves; the server
+  checks a reconstructed ``s_sk`` against its published public key.
+* The sum itself is revealed exactly; combine with DP noise if the sum of the
+  survivors must not leak individual contributions (e.g. with few survivors).
+* Quantisation clips each coordinate to ``[-clip_range, clip_range]``; see
+  :mod:`common.secagg_codec` for the error bound.
+* Each round needs fresh key pairs and a fresh ``session_id``; the classes are
+  single-use and enforce stage order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from common.secagg_codec import FixedPointCodec, Segment, VectorPacker  # noqa: F401  (re-export)
+from common.secagg_crypto import (
+    INFO_ENC,
+    INFO_MASK,
+    SEED_LEN,
+    SHARE_LEN,
+    MaskExpander,
+    agree,
+    decrypt_from,
+    encrypt_for,
+    generate_keypair,
+    neighbour_graph,
+    private_bytes,
+    private_from_bytes,
+    public_bytes,
+    shamir_combine,
+    shamir_split,
+)
+
+__all__ = [
+    "FixedPointCodec",
+    "Segment",
+    "VectorPacker",
+    "SecAggParams",
+    "SecAggClient",
+    "SecAggServer",
+    "SecAggResult",
+    "SecAggAbort",
+    "SecAggProtocolError",
+    "default_neighbours",
+    "run_secagg_round",
+]
+
+STAGE = "stage"
+
+
+class SecAggAbort(RuntimeError):
+    """Too many clients dropped (or the parameters cannot work): no sum this round."""
+
+
+class SecAggProtocolError(RuntimeError):
+    """A message arrived out of order or failed a consistency check."""
+
+
+def default_neighbours(num_clients: int) -> int:
+    """SecAgg+ neighbourhood size k ~ 2*ceil(log2 N), even; the full graph when that is >= N-1."""
+    if num_clients <= 3:
+        return num_clients - 1
+    k = 2 * math.ceil(math.log2(num_clients))
+    return num_clients - 1 if k >= num_clients - 1 else k
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Round parameters the server chooses and every client receives in the setup message."""
+
+    session_id: bytes
+    node_ids: tuple[int, ...]
+    vector_len: int
+    neighbours: int
+    threshold: int
+    graph_seed: bytes
+    modulus_bits: int = 32
+    clip_range: float = 8.0
+    max_summands: int = 0  # 0 -> len(node_ids): the finest grid that cannot overflow
+    stochastic_rounding: bool = True
+    min_survivors: int = 0  # 0 -> threshold
+
+    def __post_init__(self) -> None:
+        ids = tuple(sorted(int(i) for i in self.node_ids))
+        object.__setattr__(self, "node_ids", ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError("node ids must be distinct")
+        n = len(ids)
+        if n < 3:
+            raise ValueError("secure aggregation needs at least 3 clients")
+        if self.max_summands == 0:
+            object.__setattr__(self, "max_summands", n)
+        if self.min_survivors == 0:
+            object.__setattr__(self, "min_survivors", self.threshold)
+        if self.max_summands < n:
+            raise ValueError("max_summands must be >= the number of clients")
+        k = min(self.neighbours, n - 1)
+        object.__setattr__(self, "neighbours", k)
+        if k < n - 1 and k % 2:
+            raise ValueError("a sparse graph needs an even number of neighbours")
+        if not 2 <= self.threshold <= k:
+            raise ValueError(f"threshold must be in [2, {k}] (the neighbourhood size)")
+        if self.vector_len < 1:
+            raise ValueError("vector_len must be positive")
+        if len(self.session_id) < 16 or len(self.graph_seed) < 16:
+            raise ValueError("session_id and graph_seed need >= 16 random bytes")
+        self.codec  # validates modulus/clip  # noqa: B018
+
+    @classmethod
+    def create(
+        cls,
+        node_ids: Iterable[int],
+        vector_len: int,
+        *,
+        neighbours: int | None = None,
+        threshold: int | None = None,
+        **kwargs: Any,
+    ) -> "SecAggParams":
+        """Fresh session: random session id and graph seed; defaults k=default_neighbours, t=k//2+1."""
+        ids = tuple(node_ids)
+        k = default_neighbours(len(ids)) if neighbours is None else neighbours
+        k = min(k, len(ids) - 1)
+        # t > k/2: the server can never obtain t shares of both b_i and s_sk_i
+        # from honest neighbours even if it split them into two camps.
+        t = k // 2 + 1 if threshold is None else threshold
+        return cls(os.urandom(16), ids, vector_len, k, t, os.urandom(16), **kwargs)
+
+    @property
+    def codec(self) -> FixedPointCodec:
+        return FixedPointCodec(self.clip_range, self.modulus_bits, self.max_summands, self.stochastic_rounding)
+
+    @property
+    def full_graph(self) -> bool:
+        return self.neighbours >= len(self.node_ids) - 1
+
+    def secure_id(self, node_id: int) -> int:
+        # Flower node ids are arbitrary 64-bit values; the protocol needs small
+        # distinct non-zero points for Shamir and a total order for mask signs.
+        return self._sid[node_id]
+
+    @property
+    def _sid(self) -> dict[int, int]:
+        cache = self.__dict__.get("_sid_cache")
+        if cache is None:
+            cache = {nid: i + 1 for i, nid in enumerate(self.node_ids)}
+            object.__setattr__(self, "_sid_cache", cache)
+        return cache
+
+    def neighbours_of(self, node_id: int) -> frozenset[int]:
+        g = self.__dict__.get("_graph_cache")
+        if g is None:
+            sg = neighbour_graph(len(self.node_ids), None if self.full_graph else self.neighbours, self.graph_seed)
+            g = {self.node_ids[s - 1]: frozenset(self.node_ids[j - 1] for j in nb) for s, nb in sg.items()}
+            object.__setattr__(self, "_graph_cache", g)
+        return g[node_id]
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "node_ids": list(self.node_ids),
+            "vector_len": self.vector_len,
+            "neighbours": self.neighbours,
+            "threshold": self.threshold,
+            "graph_seed": self.graph_seed,
+            "modulus_bits": self.modulus_bits,
+            "clip_range": float(self.clip_range),
+            "max_summands": self.max_summands,
+            "stochastic_rounding": bool(self.stochastic_rounding),
+            "min_survivors": self.min_survivors,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "SecAggParams":
+        return cls(
+            session_id=bytes(cfg["session_id"]),
+            node_ids=tuple(int(i) for i in cfg["node_ids"]),
+            vector_len=int(cfg["vector_len"]),
+            neighbours=int(cfg["neighbours"]),
+            threshold=int(cfg["threshold"]),
+            graph_seed=bytes(cfg["graph_seed"]),
+            modulus_bits=int(cfg["modulus_bits"]),
+            clip_range=float(cfg["clip_range"]),
+            max_summands=int(cfg["max_summands"]),
+            stochastic_rounding=bool(cfg["stochastic_rounding"]),
+            min_survivors=int(cfg["min_survivors"]),
+        )
+
+
+def _expect_stage(msg: Mapping[str, Any], stage: str) -> None:
+    if msg.get(STAGE) != stage:
+        raise SecAggProtocolError(f"expected a {stage!r} message, got {msg.get(STAGE)!r}")
+
+
+# ============================================================== device half
+
+
+class SecAggClient:
+    """The device side of one secure-aggregation round (single use)."""
+
+    def __init__(self, node_id: int, setup: Mapping[str, Any]) -> None:
+        _expect_stage(setup, "setup")
+        self.params = SecAggParams.from_config(setup)
+        if node_id not in self.params.node_ids:
+            raise SecAggProtocolError("this node was not sampled for the session")
+        self.node_id = node_id
+        self.sid = self.params.secure_id(node_id)
+        self.graph_neighbours = self.params.neighbours_of(node_id)
+        self._stage = "setup"
+        self._c_sk, self._c_pk = generate_keypair()
+        self._s_sk, self._s_pk = generate_keypair()
+        self._b = os.urandom(SEED_LEN)
+        self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
+        self._held: dict[int, tuple[bytes, bytes]] = {}  # src -> (b share, s_sk share)
+        self.num_clipped = 0  # how many coordinates were clipped; stays on the device
+
+    def _advance(self, frm: str, to: str) -> None:
+        if self._stage != frm:
+            raise SecAggProtocolError(f"client is at stage {self._stage!r}, cannot run {to!r}")
+        self._stage = to
+
+    # -- persistence between stages
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to resume at the next stage, as ConfigRecord-ready values.
+
+        A Message-API ClientApp is re-entered for every message, so the object
+        cannot live in memory between stages; keep this dict in
+        ``context.state`` (it never leaves the device; it holds private keys
+        and the self-mask seed, exactly what Flower's ``secaggplus_mod``
+        keeps there too).
+        """
+        held = sorted(self._held)
+        peers = sorted(self._peer_keys)
+        return {
+            **{f"p.{k}": v for k, v in self.params.to_config().items()},
+            "node_id": self.node_id,
+            "stage": self._stage,
+            "c_sk": private_bytes(self._c_sk),
+            "s_sk": private_bytes(self._s_sk),
+            "b": self._b,
+            "peer_ids": peers,
+            "peer_c_pks": [self._peer_keys[i][0] for i in peers],
+            "peer_s_pks": [self._peer_keys[i][1] for i in peers],
+            "held_ids": held,
+            "held_b": [self._held[i][0] for i in held],
+            "held_sk": [self._held[i][1] for i in held],
+            "num_clipped": self.num_clipped,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "SecAggClient":
+        self = cls.__new__(cls)
+        self.params = SecAggParams.from_config({k[2:]: v for k, v in state.items() if k.startswith("p.")})
+        self.node_id = int(state["node_id"])
+        self.sid = self.params.secure_id(self.node_id)
+        self.graph_neighbours = self.params.neighbours_of(self.node_id)
+        self._stage = str(state["stage"])
+        self._c_sk = private_from_bytes(bytes(state["c_sk"]))
+        self._s_sk = private_from_bytes(bytes(state["s_sk"]))
+        self._c_pk, self._s_pk = public_bytes(self._c_sk), public_bytes(self._s_sk)
+        self._b = bytes(state["b"])
+        self._peer_keys = {
+            int(i): (bytes(c), bytes(s))
+            for i, c, s in zip(state["peer_ids"], state["peer_c_pks"], state["peer_s_pks"], strict=True)
+        }
+        self._held = {
+            int(i): (bytes(b), bytes(k)) for i, b, k in zip(state["held_ids"], state["held_b"], state["held_sk"], strict=True)
+        }
+        self.num_clipped = int(state["num_clipped"])
+        return self
+
+    # -- stage 0 reply
+    def advertise_keys(self) -> dict[str, Any]:
+        self._advance("setup", "advertised")
+        return {STAGE: "advertise_keys", "c_pk": self._c_pk, "s_pk": self._s_pk}
+
+    # -- stage 1
+    def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        _expect_stage(msg, "share_keys")
+        self._advance("advertised", "shared")
+        p = self.params
+        ids = [int(i) for i in msg["ids"]]
+        if len(set(ids)) != len(ids) or not set(ids) <= self.graph_neighbours:
+            # The graph follows from the setup message; a server adding peers
+            # outside it would weaken SecAgg+'s per-neighbourhood threshold.
+            raise SecAggProtocolError("share-keys message lists nodes that are not my neighbours")
+        if len(ids) < p.threshold:
+            raise SecAggAbort(f"only {len(ids)} neighbours advertised keys; threshold is {p.threshold}")
+        for nid, c_pk, s_pk in zip(ids, msg["c_pks"], msg["s_pks"], strict=True):
+            c_pk, s_pk = bytes(c_pk), bytes(s_pk)
+            if len(c_pk) != 32 or len(s_pk) != 32 or c_pk == s_pk:
+                raise SecAggProtocolError("malformed public keys")
+            self._peer_keys[nid] = (c_pk, s_pk)
+        xs = [p.secure_id(n) for n in ids]
+        b_shares = shamir_split(self._b, p.threshold, xs)
+        sk_shares = shamir_split(private_bytes(self._s_sk), p.threshold, xs)
+        dst, cts = [], []
+        for nid, x in zip(ids, xs):
+            key = agree(self._c_sk, self._peer_keys[nid][0], INFO_ENC, p.session_id)
+            cts.append(encrypt_for(key, p.session_id, self.node_id, nid, b_shares[x] + sk_shares[x]))
+            dst.append(nid)
+        return {STAGE: "shares", "dst": dst, "ciphertexts": cts}
+
+    # -- stage 2
+    def masked_input(
+        self,
+        msg: Mapping[str, Any],
+        vector: np.ndarray | None = None,
+        *,
+        encoded: np.ndarray | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """Return the masked vector (for an ``ArrayRecord``).
+
+        Pass the float ``vector`` to encode it with the session codec, or an
+        already ``encoded`` integer vector (e.g. from a :class:`VectorPacker`
+        built with the same ``modulus_bits`` and ``max_summands``).
+        """
+        _expect_stage(msg, "masked_input")
+        self._advance("shared", "masked")
+        p = self.params
+        if (vector is None) == (encoded is None):
+            raise ValueError("pass exactly one of vector / encoded")
+        codec = p.codec
+        if encoded is None:
+            enc = codec.encode(np.asarray(vector).reshape(-1), rng)
+            y, self.num_clipped = enc.values, enc.num_clipped
+        else:
+            e = np.asarray(encoded).reshape(-1)
+            # Check before casting: a cast would silently wrap out-of-range values.
+            if e.dtype.kind not in "ui" or (e.size and (int(e.min()) < 0 or int(e.max()) >> p.modulus_bits)):
+                raise ValueError(f"encoded values must be integers in [0, 2**{p.modulus_bits})")
+            y = e.astype(codec.dtype, copy=True)
+        if y.shape != (p.vector_len,):
+            raise ValueError(f"vector has {y.size} values, the session expects {p.vector_len}")
+
+        srcs = [int(s) for s in msg["src"]]
+        if len(set(srcs)) != len(srcs) or not set(srcs) <= set(self._peer_keys):
+            raise SecAggProtocolError("shares from unknown senders")
+        for src, blob in zip(srcs, msg["ciphertexts"], strict=True):
+            key = agree(self._c_sk, self._peer_keys[src][0], INFO_ENC, p.session_id)
+            pt = decrypt_from(key, p.session_id, src, self.node_id, bytes(blob))
+            self._held[src] = (pt[:SHARE_LEN], pt[SHARE_LEN:])
+        if len(self._held) < p.threshold:
+            raise SecAggAbort(f"only {len(self._held)} neighbours shared keys; threshold is {p.threshold}")
+
+        # Mask only with neighbours that completed share-keys: exactly those the
+        # server can later unmask (it holds their shares' recipients).
+        prg = MaskExpander(p.vector_len, p.modulus_bits)
+        prg.add(y, self._b, +1)
+        for src in self._held:
+            seed = agree(self._s_sk, self._peer_keys[src][1], INFO_MASK, p.session_id)
+            prg.add(y, seed, +1 if self.sid < p.secure_id(src) else -1)
+        return y
+
+    # -- stage 3
+    def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        _expect_stage(msg, "unmask")
+        self._advance("masked", "unmasked")
+        p = self.params
+        survivors = {int(i) for i in msg["survivors"]}
+        dropped = {int(i) for i in msg["dropped"]}
+        if survivors & dropped:
+            # Revealing both shares of one client would let the server strip all
+            # of its masks: the core SecAgg invariant.
+            raise SecAggProtocolError("a node is listed as both survivor and dropped")
+        if self.node_id not in survivors:
+            raise SecAggProtocolError("I sent a masked input but am not listed as a survivor")
+        if len(survivors) < p.min_survivors:
+            raise SecAggProtocolError(f"only {len(survivors)} survivors; refusing below {p.min_survivors}")
+        b_ids, b_shares, sk_ids, sk_shares = [], [], [], []
+        for src, (b_share, sk_share) in self._held.items():
+            if src in survivors:
+                b_ids.append(src)
+                b_shares.append(b_share)
+            elif src in dropped:
+                sk_ids.append(src)
+                sk_shares.append(sk_share)
+        # Our own secrets are never revealed by us; drop them from memory.
+        self._b = b""
+        return {STAGE: "unmask_shares", "b_ids": b_ids, "b_shares": b_shares, "sk_ids": sk_ids, "sk_shares": sk_shares}
+
+
+# ============================================================== server half
+
+
+@dataclass
+class SecAggResult:
+    sum: np.ndarray  # decoded float64 sum of the survivors' inputs
+    modular_sum: np.ndarray  # exact sum of the encodings mod 2**bits (decode with a VectorPacker if used)
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]  # sent shares but no masked input; their masks were removed
+    seconds: dict[str, float] = field(default_factory=dict)  # filled by run_secagg_round
+
+
+class SecAggServer:
+    """The aggregator side of one round (single use). Sees keys, ciphertexts,
+    masked vectors and shares of survivors' self-mask seeds / dropped clients'
+    mask keys; never a plaintext input."""
+
+    def __init__(self, params: SecAggParams) -> None:
+        self.params = params
+        self._stage = "init"
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._cts: dict[int, dict[int, bytes]] = {}  # src -> {dst: ciphertext}
+        self._u1: set[int] = set()
+        self._u2: set[int] = set()
+        self._u3: set[int] = set()
+        self._acc: np.ndarray | None = None
+        self._b_shares: dict[int, dict[int, bytes]] = {}
+        self._sk_shares: dict[int, dict[int, bytes]] = {}
+        self._responders: set[int] = set()
+
+    def _advance(self, frm: str, to: str) -> None:
+        if self._stage != frm:
+            raise SecAggProtocolError(f"server is at stage {self._stage!r}, cannot run {to!r}")
+        self._stage = to
+
+    def _check_neighbourhoods(self, members: set[int], active: set[int], what: str) -> None:
+        t = self.params.threshold
+        for nid in sorted(members):
+            live = len(self.params.neighbours_of(nid) & active)
+            if live < t:
+                raise SecAggAbort(
+                    f"too many dropouts {what}: a client has {live} live neighbours, threshold is {t}; "
+                    f"{len(active)}/{len(self.params.node_ids)} clients remain"
+                )
+
+    # -- stage 0
+    def setup_message(self) -> dict[str, Any]:
+        self._advance("init", "setup")
+        return {STAGE: "setup", **self.params.to_config()}
+
+    def receive_keys(self, node_id: int, reply: Mapping[str, Any]) -> None:
+        if self._stage != "setup" or node_id not in self.params.node_ids:
+            raise SecAggProtocolError("unexpected key advertisement")
+        _expect_stage(reply, "advertise_keys")
+        c_pk, s_pk = bytes(reply["c_pk"]), bytes(reply["s_pk"])
+        if len(c_pk) != 32 or len(s_pk) != 32:
+            raise SecAggProtocolError("malformed public key")
+        self._keys[node_id] = (c_pk, s_pk)
+
+    # -- stage 1
+    def share_keys_messages(self) -> dict[int, dict[str, Any]]:
+        self._advance("setup", "share_keys")
+        self._u1 = set(self._keys)
+        self._check_neighbourhoods(self._u1, self._u1, "before key sharing")
+        out = {}
+        for nid in self._u1:
+            peers = sorted(self.params.neighbours_of(nid) & self._u1)
+            out[nid] = {
+                STAGE: "share_keys",
+                "ids": peers,
+                "c_pks": [self._keys[j][0] for j in peers],
+                "s_pks": [self._keys[j][1] for j in peers],
+            }
+        return out
+
+    def receive_shares(self, node_id: int, reply: Mapping[str, Any]) -> None:
+        if self._stage != "share_keys" or node_id not in self._u1:
+            raise SecAggProtocolError("unexpected shares")
+        _expect_stage(reply, "shares")
+        dst = [int(d) for d in reply["dst"]]
+        if set(dst) != self.params.neighbours_of(node_id) & self._u1 or len(dst) != len(set(dst)):
+            # A partial share set would leave some neighbours unable to help
+            # unmask; treat the sender as dropped rather than guess.
+            raise SecAggProtocolError("shares must address exactly the sender's live neighbours")
+        self._cts[node_id] = {d: bytes(c) for d, c in zip(dst, reply["ciphertexts"], strict=True)}
+
+    # -- stage 2
+    def masked_input_messages(self) -> dict[int, dict[str, Any]]:
+        self._advance("share_keys", "masked_input")
+        self._u2 = set(self._cts)
+        self._check_neighbourhoods(self._u2, self._u2, "during key sharing")
+        out = {}
+        for nid in self._u2:
+            srcs = sorted(s for s in self.params.neighbours_of(nid) & self._u2)
+            out[nid] = {STAGE: "masked_input", "src": srcs, "ciphertexts": [self._cts[s][nid] for s in srcs]}
+        return out
+
+    def receive_masked_input(self, node_id: int, masked: np.ndarray) -> None:
+        if self._stage != "masked_input" or node_id not in self._u2 or node_id in self._u3:
+            raise SecAggProtocolError("unexpected masked input")
+        p = self.params
+        y = np.asarray(masked)
+        if y.dtype != p.codec.dtype or y.shape != (p.vector_len,):
+            raise SecAggProtocolError(f"masked input must be {np.dtype(p.codec.dtype).name}[{p.vector_len}]")
+        # Running sum: memory stays O(vector) however many clients report.
+        if self._acc is None:
+            self._acc = y.copy()
+        else:
+            np.add(self._acc, y, out=self._acc)
+        self._u3.add(node_id)
+
+    # -- stage 3
+    def unmask_messages(self) -> dict[int, dict[str, Any]]:
+        self._advance("masked_input", "unmask")
+        p = self.params
+        if len(self._u3) < p.min_survivors:
+            raise SecAggAbort(f"only {len(self._u3)} masked inputs arrived; need {p.min_survivors}")
+        self._check_neighbourhoods(self._u2, self._u3, "before unmasking")
+        survivors, dropped = sorted(self._u3), sorted(self._u2 - self._u3)
+        return {nid: {STAGE: "unmask", "survivors": survivors, "dropped": dropped} for nid in self._u3}
+
+    def receive_unmask(self, node_id: int, reply: Mapping[str, Any]) -> None:
+        if self._stage != "unmask" or node_id not in self._u3 or node_id in self._responders:
+            raise SecAggProtocolError("unexpected unmask reply")
+        _expect_stage(reply, "unmask_shares")
+        nb = self.params.neighbours_of(node_id)
+        x = self.params.secure_id(node_id)
+        for src, share in zip(reply["b_ids"], reply["b_shares"], strict=True):
+            if int(src) in self._u3 and int(src) in nb:
+                self._b_shares.setdefault(int(src), {})[x] = bytes(share)
+        for src, share in zip(reply["sk_ids"], reply["sk_shares"], strict=True):
+            if int(src) in self._u2 - self._u3 and int(src) in nb:
+                self._sk_shares.setdefault(int(src), {})[x] = bytes(share)
+        self._responders.add(node_id)
+
+    def finalize(self) -> SecAggResult:
+        self._advance("unmask", "done")
+        p = self.params
+        t = p.threshold
+        dropped = self._u2 - self._u3
+        for group, shares, what in ((self._u3, self._b_shares, "self-mask seed"), (dropped, self._sk_shares, "mask key")):
+            for nid in group:
+                got = len(shares.get(nid, {}))
+                if got < t:
+                    raise SecAggAbort(
+                        f"too many dropouts during unmasking: {got} shares of a client's {what}, threshold is {t}"
+                    )
+        acc = self._acc
+        assert acc is not None  # unmask_messages guarantees >= min_survivors inputs
+        prg = MaskExpander(p.vector_len, p.modulus_bits)
+        for nid in sorted(self._u3):
+            b = shamir_combine(self._b_shares[nid], t, SEED_LEN)
+            prg.add(acc, b, -1)
+        for nid in sorted(dropped):
+            sk = private_from_bytes(shamir_combine(self._sk_shares[nid], t, 32))
+            if public_bytes(sk) != self._keys[nid][1]:
+                raise SecAggAbort("a reconstructed mask key does not match its public key (corrupt shares)")
+            sid = p.secure_id(nid)
+            for j in sorted(p.neighbours_of(nid) & self._u3):
+                seed = agree(sk, self._keys[j][1], INFO_MASK, p.session_id)
+                # j added +PRG(s_ij) when u_j < u_i and -PRG otherwise; undo it.
+                prg.add(acc, seed, -1 if p.secure_id(j) < sid else +1)
+        n = len(self._u3)
+        return SecAggResult(
+            sum=p.codec.decode_sum(acc, n),
+            modular_sum=acc,
+            survivors=tuple(sorted(self._u3)),
+            dropped=tuple(sorted(dropped)),
+        )
+
+
+# ============================================================ in-process driver
+
+
+def run_secagg_round(
+    vectors: Mapping[int, np.ndarray],
+    params: SecAggParams | None = None,
+    *,
+    drop_before_keys: Iterable[int] = (),
+    drop_after_keys: Iterable[int] = (),
+    drop_after_shares: Iterable[int] = (),
+    drop_before_unmask: Iterable[int] = (),
+    encoded: bool = False,
+    rng: np.random.Generator | None = None,
+    via_flower_records: bool = False,
+    **param_kwargs: Any,
+) -> SecAggResult:
+    """Run every stage between ``len(vectors)`` simulated clients and one server.
+
+    ``vectors`` maps node id -> float vector (or, with ``encoded=True``, an
+    already-encoded integer vector). The ``drop_*`` sets simulate clients that
+    vanish at the named point: before advertising keys, after advertising keys,
+    after sending shares (the classic mid-round dropout: keys and shares out,
+    no masked input), or after the masked input (no unmask reply). Without
+    ``params`` a fresh session is created from ``param_kwargs``. The result's
+    ``seconds`` has the time spent in client code and in server code.
+
+    ``via_flower_records=True`` pushes every message through a Flower
+    ``ConfigRecord`` / ``ArrayRecord`` protobuf round trip and re-creates every
+    client from its :meth:`SecAggClient.to_state` dict (also via a
+    ``ConfigRecord``) between stages, as a stateless Message-API ClientApp
+    must; it checks the wire types, not speed.
+    """
+    if params is None:
+        params = SecAggParams.create(vectors.keys(), int(np.asarray(next(iter(vectors.values()))).size), **param_kwargs)
+    elif param_kwargs:
+        params = replace(params, **param_kwargs)
+    d0, d1, d2, d3 = (set(s) for s in (drop_before_keys, drop_after_keys, drop_after_shares, drop_before_unmask))
+    tc = ts = 0.0
+
+    def timed(fn, *a, side="c", **kw):
+        nonlocal tc, ts
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        if side == "c":
+            tc += time.perf_counter() - t
+        else:
+            ts += time.perf_counter() - t
+        return out
+
+    wire = _FlowerWire() if via_flower_records else None
+    cfg = wire.config if wire else (lambda m: m)
+    arr = wire.array if wire else (lambda a: a)
+
+    server = SecAggServer(params)
+    setup = cfg(timed(server.setup_message, side="s"))
+    clients = {nid: timed(SecAggClient, nid, setup) for nid in params.node_ids}
+
+    def client(nid: int) -> SecAggClient:
+        if wire:  # a fresh ClientApp invocation: only context.state survives
+            clients[nid] = SecAggClient.from_state(wire.config(clients[nid].to_state()))
+        return clients[nid]
+
+    for nid in params.node_ids:
+        if nid not in d0:
+            timed(server.receive_keys, nid, cfg(timed(client(nid).advertise_keys)), side="s")
+    for nid, m in timed(server.share_keys_messages, side="s").items():
+        if nid not in d1:
+            timed(server.receive_shares, nid, cfg(timed(client(nid).share_keys, cfg(m))), side="s")
+    for nid, m in timed(server.masked_input_messages, side="s").items():
+        if nid not in d2:
+            kw = {"encoded": vectors[nid]} if encoded else {"vector": vectors[nid]}
+            y = timed(client(nid).masked_input, cfg(m), rng=rng, **kw)
+            timed(server.receive_masked_input, nid, arr(y), side="s")
+    for nid, m in timed(server.unmask_messages, side="s").items():
+        if nid not in d3:
+            timed(server.receive_unmask, nid, cfg(timed(client(nid).unmask, cfg(m))), side="s")
+    result = timed(server.finalize, side="s")
+    result.seconds = {"clients": tc, "server": ts, "total": tc + ts}
+    return result
+
+
+class _FlowerWire:
+    """Round-trips messages through Flower's record protobufs (driver option)."""
+
+    def __init__(self) -> None:
+        from flwr.app import Array, ArrayRecord, ConfigRecord
+        from flwr.common.serde import (
+            array_record_from_proto,
+            array_record_to_proto,
+            config_record_from_proto,
+            config_record_to_proto,
+        )
+
+        self._cr, self._ar, self._a = ConfigRecord, ArrayRecord, Array
+        self._cr_to, self._cr_from = config_record_to_proto, config_record_from_proto
+        self._ar_to, self._ar_from = array_record_to_proto, array_record_from_proto
+
+    def config(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        wire = self._cr_to(self._cr(dict(msg))).SerializeToString()
+        proto = type(self._cr_to(self._cr({})))()
+        proto.ParseFromString(wire)
+        return dict(self._cr_from(proto))
+
+    def array(self, y: np.ndarray) -> np.ndarray:
+        wire = self._ar_to(self._ar({"masked": self._a(y)})).SerializeToString()
+        proto = type(self._ar_to(self._ar({})))()
+        proto.ParseFromString(wire)
+        return self._ar_from(proto)["masked"].numpy()

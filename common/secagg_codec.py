@@ -1,0 +1,213 @@
+"""Fixed-point encoding of float vectors into Z_{2^bits} for secure summation.
+
+Secure aggregation adds vectors modulo ``M = 2**modulus_bits``; floats must
+first become integers. Each coordinate is clipped to ``[-R, R]``, shifted by
+``+R`` and scaled onto the integer grid ``{0, 1, ..., L}`` with
+
+    L = floor((M - 1) / max_summands)          (``levels``)
+    step = 2R / L                              (one grid unit, in float units)
+
+so that a sum of up to ``max_summands`` encodings never exceeds ``M - 1``: the
+modular sum *is* the integer sum and decoding is exact arithmetic. The decoder
+of a sum of ``n`` encodings removes the ``n`` offsets: ``sum = S * step - n*R``.
+
+Quantisation error of a decoded sum of ``n`` encodings, per coordinate, for
+inputs inside ``[-R, R]``:
+
+* deterministic rounding (round-to-nearest): ``|err| <= n * step / 2``;
+* stochastic rounding (``floor(v + U[0,1))``): unbiased, ``|err| < n * step``,
+  standard deviation ``<= sqrt(n) * step / 2``;
+* plus float64 arithmetic slack of at most ``4 * n * R * 2**-52`` (it only
+  matters once ``L`` approaches 2**53, i.e. ``modulus_bits`` near 64).
+
+:meth:`FixedPointCodec.error_bound` returns exactly this bound. Values outside
+``[-R, R]`` are clipped (their error is unbounded by construction) and
+*counted*; ``strict=True`` raises instead. Non-finite values always raise:
+there is no meaningful fixed-point image of NaN, and silently mapping it to a
+number would corrupt the aggregate.
+
+The modulus is a power of two on purpose: numpy's unsigned arithmetic wraps
+modulo 2**32 / 2**64 for free, and reducing a uniform PRG word to ``bits``
+bits with a bit mask has no modulo bias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncodedVector:
+    """An encoded vector plus the number of coordinates that had to be clipped."""
+
+    values: np.ndarray
+    num_clipped: int
+
+
+@dataclass(frozen=True)
+class FixedPointCodec:
+    """Clip-shift-scale encoder into ``Z_{2**modulus_bits}`` (see module docstring)."""
+
+    clip_range: float = 8.0
+    modulus_bits: int = 32
+    max_summands: int = 1024
+    stochastic: bool = True
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            raise ValueError("clip_range must be a positive finite float")
+        if not 2 <= self.modulus_bits <= 64:
+            raise ValueError("modulus_bits must be in [2, 64]")
+        if self.max_summands < 1:
+            raise ValueError("max_summands must be >= 1")
+        if self.levels < 1:
+            raise ValueError(
+                f"2**{self.modulus_bits} is too small for {self.max_summands} summands: no grid left"
+            )
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.modulus_bits
+
+    @property
+    def dtype(self) -> type:
+        # uint32 halves the memory traffic of masking whenever the modulus fits.
+        return np.uint32 if self.modulus_bits <= 32 else np.uint64
+
+    @property
+    def levels(self) -> int:
+        return (self.modulus - 1) // self.max_summands
+
+    @property
+    def scale(self) -> float:
+        return self.levels / (2.0 * self.clip_range)
+
+    @property
+    def step(self) -> float:
+        return 2.0 * self.clip_range / self.levels
+
+    def error_bound(self, num_summands: int) -> float:
+        """Max per-coordinate |decoded sum - true sum| for in-range inputs."""
+        rounding = self.step if self.stochastic else self.step / 2
+        return num_summands * (rounding + 4.0 * self.clip_range * 2.0**-52)
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> EncodedVector:
+        """Encode a float vector; returns values in ``[0, levels]`` of :attr:`dtype`."""
+        v = np.array(x, dtype=np.float64, copy=True).reshape(-1)
+        if not np.isfinite(v).all():
+            raise ValueError("cannot encode non-finite values (NaN/inf)")
+        num_clipped = int(np.count_nonzero(np.abs(v) > self.clip_range))
+        if num_clipped and self.strict:
+            raise ValueError(f"{num_clipped} coordinate(s) outside [-{self.clip_range}, {self.clip_range}]")
+        np.clip(v, -self.clip_range, self.clip_range, out=v)
+        v += self.clip_range
+        v *= self.scale
+        if self.stochastic:
+            # Quantisation noise is not a secret, so a fast non-cryptographic
+            # generator is enough; it only has to be independent of the data.
+            rng = rng if rng is not None else np.random.default_rng()
+            v += rng.random(v.shape)
+            np.floor(v, out=v)
+        else:
+            np.rint(v, out=v)
+        # Float rounding at the top edge could land on levels + 1; the clamp keeps
+        # the no-overflow guarantee unconditional.
+        np.clip(v, 0, self.levels, out=v)
+        return EncodedVector(v.astype(self.dtype), num_clipped)
+
+    def decode_sum(self, total: np.ndarray, num_summands: int) -> np.ndarray:
+        """Decode the modular sum of ``num_summands`` encodings (removes the offsets)."""
+        if not 1 <= num_summands <= self.max_summands:
+            raise ValueError(
+                f"num_summands={num_summands} outside [1, {self.max_summands}]: the sum may have wrapped"
+            )
+        t = np.asarray(total)
+        if t.dtype != self.dtype:
+            raise ValueError(f"expected {np.dtype(self.dtype).name}, got {t.dtype}")
+        return t.astype(np.float64) * self.step - num_summands * self.clip_range
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One named block of a packed vector with its own clipping range."""
+
+    name: str
+    shape: tuple[int, ...]
+    clip_range: float
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class VectorPacker:
+    """Sum several differently-ranged vectors in ONE secure-aggregation run.
+
+    The application concatenates its tiers (adapter deltas, persona slots, a
+    count vector, ...) into one flat vector so the protocol runs once; each
+    segment keeps its own clipping range (and thus its own step), because a
+    count vector and a weight delta have nothing in common. All segments share
+    the modulus and ``max_summands`` so that one modular sum decodes them all.
+    """
+
+    def __init__(
+        self,
+        segments: Sequence[Segment] | Mapping[str, tuple[tuple[int, ...], float]],
+        *,
+        modulus_bits: int = 32,
+        max_summands: int = 1024,
+        stochastic: bool = True,
+        strict: bool = False,
+    ) -> None:
+        if isinstance(segments, Mapping):
+            segments = [Segment(name, tuple(shape), float(clip)) for name, (shape, clip) in segments.items()]
+        names = [s.name for s in segments]
+        if len(set(names)) != len(names):
+            raise ValueError("segment names must be unique")
+        self.segments = tuple(segments)
+        self.codecs = {
+            s.name: FixedPointCodec(s.clip_range, modulus_bits, max_summands, stochastic, strict) for s in self.segments
+        }
+        self.offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for s in self.segments:
+            self.offsets[s.name] = (pos, pos + s.size)
+            pos += s.size
+        self.size = pos
+        self.dtype = next(iter(self.codecs.values())).dtype if self.segments else np.uint32
+
+    def encode(
+        self, arrays: Mapping[str, np.ndarray], rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Encode every segment into one flat vector; also return per-segment clip counts."""
+        if set(arrays) != set(self.offsets):
+            raise ValueError("arrays must have exactly the packer's segment names")
+        rng = rng if rng is not None else np.random.default_rng()
+        flat = np.empty(self.size, dtype=self.dtype)
+        clipped = {}
+        for s in self.segments:
+            a = np.asarray(arrays[s.name])
+            if tuple(a.shape) != s.shape:
+                raise ValueError(f"segment {s.name!r}: shape {a.shape} != {s.shape}")
+            enc = self.codecs[s.name].encode(a, rng)
+            lo, hi = self.offsets[s.name]
+            flat[lo:hi] = enc.values
+            clipped[s.name] = enc.num_clipped
+        return flat, clipped
+
+    def decode_sum(self, total: np.ndarray, num_summands: int) -> dict[str, np.ndarray]:
+        if total.shape != (self.size,):
+            raise ValueError(f"expected a flat vector of {self.size}, got {total.shape}")
+        out = {}
+        for s in self.segments:
+            lo, hi = self.offsets[s.name]
+            out[s.name] = self.codecs[s.name].decode_sum(total[lo:hi], num_summands).reshape(s.shape)
+        return out
+
+    def error_bounds(self, num_summands: int) -> dict[str, float]:
+        return {name: c.error_bound(num_summands) for name, c in self.codecs.items()}

@@ -1,0 +1,384 @@
+"""Secure aggregation: correctness under dropout, mask hiding, Shamir, codec, graph."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+from common.secagg import (
+    FixedPointCodec,
+    SecAggAbort,
+    SecAggClient,
+    SecAggParams,
+    SecAggProtocolError,
+    SecAggServer,
+    VectorPacker,
+    default_neighbours,
+    run_secagg_round,
+)
+from common.secagg_crypto import MaskExpander, neighbour_graph, shamir_combine, shamir_split
+
+
+def _vectors(n: int, d: int, seed: int = 0, scale: float = 1.0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Flower-like 64-bit node ids: the protocol must not assume 0..N-1.
+    ids = rng.choice(2**62, size=n, replace=False)
+    return {int(i): rng.uniform(-scale, scale, d).astype(np.float32) for i in ids}
+
+
+def _plain(vectors, ids) -> np.ndarray:
+    return np.sum([vectors[i].astype(np.float64) for i in ids], axis=0)
+
+
+# ------------------------------------------------------------------ round correctness
+
+
+@pytest.mark.parametrize("drop_frac", [0.0, 0.3])
+@pytest.mark.parametrize("neighbours", [None, 4], ids=["full", "sparse-k4"])
+def test_masked_sum_matches_plain_sum(drop_frac, neighbours):
+    vecs = _vectors(10, 5000, seed=1)
+    ids = sorted(vecs)
+    # 3 dropped out of 10 with k=4, t=2: pick dropouts no neighbourhood cannot absorb.
+    params = SecAggParams.create(ids, 5000, neighbours=9 if neighbours is None else neighbours, threshold=2 if neighbours else 5)
+    n_drop = int(round(drop_frac * len(ids)))
+    dropped = _droppable(params, n_drop)
+    result = run_secagg_round(vecs, params, drop_after_shares=dropped)
+
+    assert set(result.dropped) == set(dropped)
+    assert set(result.survivors) == set(ids) - set(dropped)
+    expected = _plain(vecs, result.survivors)
+    bound = params.codec.error_bound(len(result.survivors))
+    err = np.abs(result.sum - expected).max()
+    assert err <= bound
+    if n_drop:  # the dropped clients' inputs must really be absent, not silently summed
+        assert np.abs(result.sum - _plain(vecs, ids)).max() > 1e-3
+
+
+def _droppable(params: SecAggParams, n_drop: int) -> list[int]:
+    """Greedy choice of ``n_drop`` clients whose loss leaves every neighbourhood >= t."""
+    alive = set(params.node_ids)
+    chosen: list[int] = []
+    for cand in params.node_ids:
+        if len(chosen) == n_drop:
+            break
+        trial = alive - {cand}
+        if all(len(params.neighbours_of(i) & trial) >= params.threshold for i in params.node_ids):
+            alive = trial
+            chosen.append(cand)
+    assert len(chosen) == n_drop, "test setup: could not find a tolerable dropout set"
+    return chosen
+
+
+def test_dropouts_at_every_stage_still_sum_correctly():
+    vecs = _vectors(12, 2000, seed=2)
+    ids = sorted(vecs)
+    params = SecAggParams.create(ids, 2000, neighbours=11, threshold=6)
+    result = run_secagg_round(
+        vecs,
+        params,
+        drop_before_keys=[ids[0]],
+        drop_after_keys=[ids[1]],
+        drop_after_shares=[ids[2], ids[3]],
+        drop_before_unmask=[ids[4]],  # masked input arrived: it must still be counted
+    )
+    assert result.survivors == tuple(ids[4:])
+    assert result.dropped == (ids[2], ids[3])
+    err = np.abs(result.sum - _plain(vecs, result.survivors)).max()
+    assert err <= params.codec.error_bound(len(result.survivors))
+
+
+def test_deterministic_rounding_meets_tighter_bound():
+    vecs = _vectors(6, 3000, seed=3, scale=2.0)
+    params = SecAggParams.create(sorted(vecs), 3000, clip_range=2.0, stochastic_rounding=False, modulus_bits=24)
+    result = run_secagg_round(vecs, params)
+    codec = params.codec
+    err = np.abs(result.sum - _plain(vecs, result.survivors)).max()
+    assert err <= codec.error_bound(6) == pytest.approx(6 * codec.step / 2, rel=1e-6)
+    assert err > 0.25 * codec.step  # a coarse 24-bit grid really quantises
+
+
+def test_uint64_modulus_round():
+    vecs = _vectors(5, 1000, seed=4)
+    params = SecAggParams.create(sorted(vecs), 1000, modulus_bits=48)
+    result = run_secagg_round(vecs, params)
+    assert result.modular_sum.dtype == np.uint64
+    assert int(result.modular_sum.max()) < 2**48
+    assert np.abs(result.sum - _plain(vecs, result.survivors)).max() <= params.codec.error_bound(5)
+
+
+def test_packed_segments_sum_in_one_round():
+    rng = np.random.default_rng(5)
+    n = 7
+    packer = VectorPacker(
+        {"delta": ((40, 25), 0.5), "persona": ((8,), 1.0), "counts": ((8,), 1000.0)}, max_summands=n
+    )
+    ids = list(range(100, 100 + n))
+    inputs = {
+        i: {
+            "delta": rng.uniform(-0.5, 0.5, (40, 25)),
+            "persona": rng.uniform(-1, 1, 8),
+            "counts": rng.integers(0, 100, 8).astype(float),
+        }
+        for i in ids
+    }
+    encoded = {i: packer.encode(inputs[i], rng)[0] for i in ids}
+    params = SecAggParams.create(ids, packer.size, max_summands=n)
+    result = run_secagg_round(encoded, params, encoded=True)
+    sums = packer.decode_sum(result.modular_sum, len(result.survivors))
+    bounds = packer.error_bounds(n)
+    for name in ("delta", "persona", "counts"):
+        expected = np.sum([inputs[i][name] for i in ids], axis=0)
+        assert sums[name].shape == expected.shape
+        assert np.abs(sums[name] - expected).max() <= bounds[name]
+    assert np.allclose(sums["counts"], np.sum([inputs[i]["counts"] for i in ids], axis=0), atol=1e-2)
+
+
+def test_full_size_update_n5_under_10s():
+    vecs = _vectors(5, 460_800, seed=6, scale=0.05)
+    params = SecAggParams.create(sorted(vecs), 460_800, neighbours=4, threshold=3)
+    t = time.perf_counter()
+    result = run_secagg_round(vecs, params, drop_after_shares=[sorted(vecs)[0]])
+    elapsed = time.perf_counter() - t
+    assert elapsed < 10  # a budget, not a benchmark: the protocol must stay usable at this size
+    assert len(result.survivors) == 4
+    assert np.abs(result.sum - _plain(vecs, result.survivors)).max() <= params.codec.error_bound(4)
+
+
+# ------------------------------------------------------------------------ hiding
+
+
+def test_single_masked_vector_looks_uniform_and_uncorrelated():
+    d = 20_000
+    ids = [11, 22, 33, 44, 55]
+    # A highly structured input: a ramp. Unmasked, its encoding is a ramp too.
+    ramp = np.linspace(-1, 1, d, dtype=np.float32)
+    params = SecAggParams.create(ids, d)
+    server = SecAggServer(params)
+    setup = server.setup_message()
+    clients = {i: SecAggClient(i, setup) for i in ids}
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    for i, m in server.share_keys_messages().items():
+        server.receive_shares(i, clients[i].share_keys(m))
+    msgs = server.masked_input_messages()
+    y = clients[ids[0]].masked_input(msgs[ids[0]], ramp)
+    enc = params.codec.encode(ramp, np.random.default_rng(0)).values
+
+    # Chi-square over 64 equal bins of [0, 2**32): uniform words give ~63 +- 11.
+    counts = np.bincount((y >> np.uint32(26)).astype(np.int64), minlength=64)
+    chi2 = ((counts - d / 64) ** 2 / (d / 64)).sum()
+    assert chi2 < 120
+    enc_counts = np.bincount((enc >> np.uint32(26)).astype(np.int64), minlength=64)
+    assert ((enc_counts - d / 64) ** 2 / (d / 64)).sum() > 1000  # the check can tell structure apart
+
+    corr = np.corrcoef(y.astype(np.float64), ramp.astype(np.float64))[0, 1]
+    assert abs(corr) < 5 / math.sqrt(d)
+    assert abs(np.corrcoef(enc.astype(np.float64), ramp)[0, 1]) > 0.99
+
+
+def test_mask_prg_is_uniform_and_seed_dependent():
+    prg = MaskExpander(50_000, 20)
+    a = prg.expand(b"\x01" * 32).copy()
+    b = prg.expand(b"\x02" * 32).copy()
+    assert a.max() < 2**20 and not np.array_equal(a, b)
+    assert np.array_equal(a, prg.expand(b"\x01" * 32))  # both parties must derive the same mask
+    counts = np.bincount(a >> np.uint32(14), minlength=64)
+    assert ((counts - a.size / 64) ** 2 / (a.size / 64)).sum() < 130
+
+
+# -------------------------------------------------------------------- dropouts
+
+
+def test_too_many_dropouts_raises():
+    vecs = _vectors(10, 500, seed=7)
+    ids = sorted(vecs)
+    params = SecAggParams.create(ids, 500, neighbours=9, threshold=6)
+    with pytest.raises(SecAggAbort, match="too many dropouts"):
+        run_secagg_round(vecs, params, drop_after_shares=ids[:4])  # 5 neighbours left < 6
+
+
+def test_too_many_unmask_dropouts_raises():
+    vecs = _vectors(6, 500, seed=8)
+    ids = sorted(vecs)
+    params = SecAggParams.create(ids, 500, neighbours=5, threshold=4, min_survivors=3)
+    # All inputs arrived, but only 3 clients answer the unmask request: 3 shares < t.
+    with pytest.raises(SecAggAbort, match="unmasking"):
+        run_secagg_round(vecs, params, drop_before_unmask=ids[:3])
+
+
+def test_client_refuses_inconsistent_unmask_request():
+    ids = [1, 2, 3, 4]
+    params = SecAggParams.create(ids, 10, neighbours=3, threshold=2)
+    server = SecAggServer(params)
+    setup = server.setup_message()
+    clients = {i: SecAggClient(i, setup) for i in ids}
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    for i, m in server.share_keys_messages().items():
+        server.receive_shares(i, clients[i].share_keys(m))
+    for i, m in server.masked_input_messages().items():
+        clients[i].masked_input(m, np.zeros(10))
+    with pytest.raises(SecAggProtocolError, match="both"):
+        clients[1].unmask({"stage": "unmask", "survivors": [1, 2, 3], "dropped": [3, 4]})
+    with pytest.raises(SecAggProtocolError, match="stage"):
+        clients[2].share_keys({"stage": "share_keys", "ids": [], "c_pks": [], "s_pks": []})  # replayed stage
+
+
+# ------------------------------------------------------------------------ Shamir
+
+
+def test_shamir_exactly_t_shares_reconstruct_and_t_minus_1_fail():
+    secret = os.urandom(32)
+    xs = list(range(1, 8))
+    t = 4
+    shares = shamir_split(secret, t, xs)
+    for subset in ([1, 2, 3, 4], [7, 5, 3, 1], [2, 4, 6, 7]):
+        assert shamir_combine({x: shares[x] for x in subset}, t, 32) == secret
+    few = {x: shares[x] for x in [1, 2, 3]}
+    with pytest.raises(ValueError, match="need 4 shares"):
+        shamir_combine(few, t, 32)
+    # Even when told a lower threshold, t-1 points interpolate to garbage, which
+    # the secret-space check reports instead of returning a wrong secret.
+    with pytest.raises(ValueError, match="inconsistent"):
+        shamir_combine(few, t - 1, 32)
+
+
+def test_shamir_uses_fresh_randomness():
+    # t-1 shares hide the secret only if the other coefficients are random and
+    # fresh; with fixed coefficients two splittings would repeat, and shares of
+    # related secrets would differ by a known offset.
+    s1, s2 = b"\x00" * 32, b"\xff" * 32
+    a, b = shamir_split(s1, 3, [1, 2, 3]), shamir_split(s2, 3, [1, 2, 3])
+    assert a[1] != shamir_split(s1, 3, [1, 2, 3])[1]  # fresh coefficients every time
+    assert a[1] != b[1] and len(a[1]) == len(b[1]) == 66
+
+
+# ------------------------------------------------------------------------- codec
+
+
+def test_codec_clips_and_counts_out_of_range():
+    codec = FixedPointCodec(clip_range=1.0, modulus_bits=16, max_summands=4, stochastic=False)
+    x = np.array([-5.0, -1.0, 0.0, 0.5, 1.0, 3.0])
+    enc = codec.encode(x)
+    assert enc.num_clipped == 2
+    assert enc.values.min() == 0 and enc.values.max() == codec.levels
+    dec = codec.decode_sum(enc.values, 1)
+    assert np.allclose(dec, np.clip(x, -1, 1), atol=codec.step / 2 + 1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        FixedPointCodec(1.0, 16, 4, stochastic=False, strict=True).encode(x)
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.encode(np.array([0.0, np.nan]))
+    # The sum of max_summands encodings of +R must not wrap the modulus.
+    total = sum(codec.encode(np.ones(3)).values.astype(np.int64) for _ in range(4))
+    assert int(total.max()) < codec.modulus
+    with pytest.raises(ValueError, match="wrapped"):
+        codec.decode_sum(enc.values, 5)
+
+
+def test_stochastic_rounding_is_unbiased():
+    codec = FixedPointCodec(clip_range=1.0, modulus_bits=8, max_summands=1, stochastic=True)
+    x = np.full(200_000, 0.3 * codec.step + 0.1)  # sits between grid points
+    dec = codec.decode_sum(codec.encode(x, np.random.default_rng(9)).values, 1)
+    assert abs(dec.mean() - x[0]) < 0.01 * codec.step
+    assert np.abs(dec - x).max() < codec.step
+
+
+def test_client_reports_clipping_locally():
+    ids = [1, 2, 3]
+    vecs = {i: np.zeros(100, np.float32) for i in ids}
+    vecs[2][:7] = 100.0
+    params = SecAggParams.create(ids, 100, clip_range=8.0)
+    result = run_secagg_round(vecs, params)
+    assert np.allclose(result.sum[:7], 8.0, atol=1e-5)  # clipped, as documented
+
+
+# ------------------------------------------------------------------------- graph
+
+
+def test_graph_is_deterministic_regular_and_symmetric():
+    seed = b"s" * 16
+    g1, g2 = neighbour_graph(30, 10, seed), neighbour_graph(30, 10, seed)
+    assert g1 == g2
+    assert all(len(nb) == 10 and i not in nb for i, nb in g1.items())
+    assert all(i in g1[j] for i, nb in g1.items() for j in nb)
+    assert neighbour_graph(30, 10, b"t" * 16) != g1
+    full = neighbour_graph(6, None, seed)
+    assert all(nb == frozenset(set(range(1, 7)) - {i}) for i, nb in full.items())
+    with pytest.raises(ValueError):
+        neighbour_graph(30, 5, seed)
+
+
+def test_client_and_server_agree_on_graph_from_setup_message():
+    ids = [5, 900, 17, 2**40, 3, 77, 64, 8, 1000, 12]
+    params = SecAggParams.create(ids, 10, neighbours=4)
+    server = SecAggServer(params)
+    setup = server.setup_message()
+    for nid in ids:
+        assert SecAggClient(nid, setup).graph_neighbours == params.neighbours_of(nid)
+    assert default_neighbours(10) == 8 and default_neighbours(30) == 10 and default_neighbours(5) == 4
+
+
+# ------------------------------------------------------------ Flower wiring
+
+
+def test_round_through_flower_records_and_stateless_clients():
+    # Every message goes through a ConfigRecord/ArrayRecord protobuf round trip
+    # and every client is rebuilt from its context-state dict between stages,
+    # as a Message-API ClientApp will be.
+    vecs = _vectors(8, 3000, seed=10)
+    ids = sorted(vecs)
+    params = SecAggParams.create(ids, 3000, neighbours=6, threshold=3)
+    result = run_secagg_round(vecs, params, drop_after_shares=[ids[1], ids[5]], via_flower_records=True)
+    assert result.dropped == (ids[1], ids[5])
+    assert np.abs(result.sum - _plain(vecs, result.survivors)).max() <= params.codec.error_bound(6)
+
+
+# ------------------------------------------------------------- double masking
+
+
+def test_late_input_of_dropped_client_stays_hidden():
+    """The server reconstructs a dropped client's pairwise-mask key; if that
+    client's masked vector then arrives late, its self mask b_i still hides it."""
+    d = 20_000
+    ids = [1, 2, 3, 4, 5, 6]
+    late = 3
+    x = np.linspace(-1, 1, d, dtype=np.float32)
+    params = SecAggParams.create(ids, d, neighbours=5, threshold=3)
+    server = SecAggServer(params)
+    setup = server.setup_message()
+    clients = {i: SecAggClient(i, setup) for i in ids}
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    for i, m in server.share_keys_messages().items():
+        server.receive_shares(i, clients[i].share_keys(m))
+    late_y = None
+    for i, m in server.masked_input_messages().items():
+        y = clients[i].masked_input(m, x)
+        if i == late:
+            late_y = y  # computed, but reaches the server only after it was declared dropped
+        else:
+            server.receive_masked_input(i, y)
+    for i, m in server.unmask_messages().items():
+        server.receive_unmask(i, clients[i].unmask(m))
+    server.finalize()
+    assert late not in server._b_shares  # honest clients never revealed b_late
+    with pytest.raises(SecAggProtocolError):
+        server.receive_masked_input(late, late_y)
+
+    # Everything the server can strip with what it learned: the pairwise masks.
+    from common.secagg_crypto import INFO_MASK, agree, private_from_bytes
+
+    sk = private_from_bytes(shamir_combine(server._sk_shares[late], params.threshold, 32))
+    prg = MaskExpander(d, params.modulus_bits)
+    stripped = late_y.copy()
+    for j in params.neighbours_of(late):
+        seed = agree(sk, server._keys[j][1], INFO_MASK, params.session_id)
+        prg.add(stripped, seed, -1 if late < j else +1)
+    assert abs(np.corrcoef(stripped.astype(np.float64), x)[0, 1]) < 5 / math.sqrt(d)
+    # ...and it is exactly the self mask that remains: with b_late it would decode.
+    prg.add(stripped, clients[late]._b, -1)  # the late client never ran unmask, so it still holds b
+    assert np.abs(params.codec.decode_sum(stripped, 1) - x).max() <= params.codec.error_bound(1)
