@@ -83,6 +83,16 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> Tenso
     return TensorDataset(input_ids, attention, labels)
 
 
+def trim_batch(input_ids, attention, labels):
+    """Drop padding columns beyond the batch's longest row.
+
+    Rows are right-padded to the dataset-wide maximum; a few PII-bearing
+    examples make that ~2x the typical length, and compute is linear in it.
+    """
+    width = max(int(attention.sum(1).max()), 1)
+    return input_ids[:, :width], attention[:, :width], labels[:, :width]
+
+
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (sum of token NLL, number of target tokens), next-token shifted."""
     logits = logits[:, :-1]
@@ -193,6 +203,7 @@ def train_local(
                 steps += 1
                 continue
             optimizer.zero_grad(set_to_none=True)
+            input_ids, attention, labels = trim_batch(input_ids, attention, labels)
             logits = net(input_ids, attention)
             nll_sum, count = per_sample_nll(logits, labels)
             # Mean over samples of each sample's mean token NLL: what Opacus'
@@ -237,7 +248,7 @@ def evaluate_nll(model: PersonalLM, data: TensorDataset, adapters: tuple[str, ..
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        input_ids, attention, labels = data[i : i + batch_size]
+        input_ids, attention, labels = trim_batch(*data[i : i + batch_size])
         s, c = per_sample_nll(model(input_ids, attention), labels)
         total += s.sum().item()
         count += int(c.sum().item())

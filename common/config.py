@@ -17,6 +17,7 @@ DEFAULTS: dict[str, object] = {
     "lora-targets": "q_proj,v_proj",
     "user-lora-rank": 4,
     "prompt-tokens": 4,
+    "lora-split": "ffa",
     # federation
     "num-server-rounds": 3,
     "num-supernodes": 20,
@@ -25,10 +26,11 @@ DEFAULTS: dict[str, object] = {
     # local training and record-level DP (Opacus)
     "local-steps": 2,
     "batch-size": 8,
-    "lr": 0.005,
+    "lr": 0.02,
+    "optimizer": "adam",
     "max-len": 64,
     "dp": True,
-    "noise-multiplier": 0.8,
+    "noise-multiplier": 1.0,
     "max-grad-norm": 1.0,
     "delta": 1e-5,
     # data and devices

@@ -207,6 +207,11 @@ class AdapterSpec:
     user_lora_rank: int = 4
     prompt_tokens: int = 4
     seed: int = 0
+    # "separate": train LoRA A and B of every adapter. "ffa": FFA-LoRA (Sun et
+    # al. 2024) freezes every A at its seeded random init and trains only B:
+    # half the DP noise dimensions, and averaging B under a shared fixed A is
+    # exactly averaging the weight update. Frozen A tensors never travel.
+    lora_split: str = "ffa"
     # Adapters whose weights are shared with the server (tier name -> adapter name).
     shared_adapters: tuple[str, ...] = field(default=("global",))
 
@@ -220,6 +225,7 @@ class AdapterSpec:
             user_lora_rank=int(rc.get("user-lora-rank", cls.user_lora_rank)),
             prompt_tokens=int(rc.get("prompt-tokens", cls.prompt_tokens)),
             seed=int(rc.get("seed", cls.seed)),
+            lora_split=str(rc.get("lora-split", cls.lora_split)),
         )
 
 
@@ -239,6 +245,9 @@ class PersonalLM(nn.Module):
     def __init__(self, spec: AdapterSpec):
         super().__init__()
         from peft import LoraConfig, get_peft_model
+
+        if spec.lora_split not in ("separate", "ffa"):
+            raise ValueError(f"unknown lora-split {spec.lora_split!r} (separate or ffa)")
 
         base, tok = load_base_model(spec.base_model)
         self.spec = spec
@@ -275,7 +284,10 @@ class PersonalLM(nn.Module):
         # trainable so Opacus sees a stable parameter set across users.
         for name, p in self.named_parameters():
             if "lora_" in name or name.startswith(PROMPT_KEY):
-                p.requires_grad_(True)
+                p.requires_grad_(not self._frozen(name))
+
+    def _frozen(self, name: str) -> bool:
+        return self.spec.lora_split == "ffa" and ".lora_A." in name
 
     # -- forward -----------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -300,10 +312,10 @@ class PersonalLM(nn.Module):
 
     # -- state -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """All trainable tensors, under stable wire-friendly names."""
+        """All trainable tensors, under stable wire-friendly names (frozen FFA A's excluded)."""
         state = {}
         for name, p in self.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name and not self._frozen(name):
                 state[canonical_lora_name(name)] = p
         state[PROMPT_KEY] = self.user_embedding.weight
         return state

@@ -237,7 +237,7 @@ class DatasetSpec:
     num_personas: int = 4
     seed: int = 0
     pii_share: float = 0.3
-    train_tasks: int = 24
+    train_tasks: int = 40
     test_tasks: int = 6
     documents: int = 12
     interactions: int = 20

@@ -27,11 +27,11 @@ def test_train_reply_sends_exactly_the_global_adapter(setup):
     from client.app import app
 
     cfg, model, ctx = setup
-    # The contract, spelled out: LoRA A and B of the global adapter on q_proj and
-    # v_proj of both tiny layers, and nothing else.
-    expected = {
-        f"global/layers.{layer}.self_attn.{proj}.lora_{ab}" for layer in (0, 1) for proj in ("q_proj", "v_proj") for ab in "AB"
-    }
+    # The contract, spelled out: with the default FFA split, LoRA B of the global
+    # adapter on q_proj and v_proj of both tiny layers, and nothing else (A is
+    # frozen at its seeded init on every party and never travels).
+    assert cfg["lora-split"] == "ffa"
+    expected = {f"global/layers.{layer}.self_attn.{proj}.lora_B" for layer in (0, 1) for proj in ("q_proj", "v_proj")}
     reply = app(_message(cfg, model, "train"), ctx)
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     sent = set(reply.content["arrays"].keys())
@@ -39,6 +39,19 @@ def test_train_reply_sends_exactly_the_global_adapter(setup):
     assert PROMPT_KEY not in sent and not any(k.startswith("user/") for k in sent)
     assert set(reply.content["metrics"].keys()) == {"train-loss", "num-examples", "steps", "epsilon"}
     assert reply.content["metrics"]["epsilon"] > 0
+
+
+def test_separate_split_sends_a_and_b(tiny_data, task_identity, tmp_path):
+    from client.app import app
+
+    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lora-split": "separate"})
+    model = personal_model(AdapterSpec.from_run_config(cfg))
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config={})
+    reply = app(_message(cfg, model, "train"), ctx)
+    expected = {
+        f"global/layers.{layer}.self_attn.{proj}.lora_{ab}" for layer in (0, 1) for proj in ("q_proj", "v_proj") for ab in "AB"
+    }
+    assert set(reply.content["arrays"].keys()) == expected
 
 
 def test_user_tier_stays_on_device_and_persists(setup):

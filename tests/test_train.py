@@ -14,9 +14,9 @@ from common.models import AdapterSpec, personal_model, tier_of
 PAIRS = [(f"Write a short note about topic {i}.", f"Status: ok. Topic: {i}. Next: ship it. EOM.") for i in range(24)]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return personal_model(AdapterSpec(base_model="tiny-random"))
+@pytest.fixture(scope="module", params=["separate", "ffa"])
+def model(request):
+    return personal_model(AdapterSpec(base_model="tiny-random", lora_split=request.param))
 
 
 def _snapshot(model):
@@ -36,6 +36,17 @@ def test_dp_step_changes_every_trainable_tensor(model):
     # Both tiers' LoRA B matrices (initialised to zero by peft) must move.
     assert any(tier_of(k) == "global" and "lora_B" in k and after[k].abs().sum() > 0 for k in after)
     assert any(tier_of(k) == "user" and "lora_B" in k and after[k].abs().sum() > 0 for k in after)
+
+
+def test_ffa_keeps_every_lora_a_frozen(model):
+    if model.spec.lora_split != "ffa":
+        pytest.skip("FFA only")
+    model.reset_to_initial()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    assert frozen and not any(k.endswith("lora_A") for k in model.trainable_state())
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    train_local(model, data, TrainConfig(local_steps=2, batch_size=8), None, None)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_accountant_persists_across_rounds(model):
