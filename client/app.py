@@ -10,6 +10,7 @@ guard mod before it leaves.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -45,6 +46,13 @@ def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
         EgressGuard(schema).check(reply.content, kind="train" if msg.metadata.message_type == "train" else "evaluate")
     return reply
 
+
+# Two known-harmless warnings, once per user and round, that would bury the log:
+# Opacus' secure-RNG notice (see the README's threat model) and torch's note
+# that full backward hooks fire on module outputs (the embedding input of the
+# frozen base never requires grad).
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 app = ClientApp(mods=[egress_guard_mod])
 

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, object] = {
     "batch-size": 8,
     "lr": 0.02,
     "optimizer": "adam",
-    "max-len": 64,
+    "max-len": 56,
     "dp": True,
     "noise-multiplier": 1.0,
     "max-grad-norm": 1.0,

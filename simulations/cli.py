@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import typer
@@ -39,7 +38,6 @@ def simulate(
     """Run a federated simulation on the embedded persona dataset and write a report."""
     from simulations.run import prepare, simulate as run_sim
 
-    logging.basicConfig(level=logging.WARNING)
     cfg = prepare("full" if full else profile, _parse_overrides(set_), run_dir)
     console.print(
         f"[bold]fedpersona[/] {cfg['num-supernodes']} users, {cfg['num-server-rounds']} rounds, "
