@@ -15,6 +15,8 @@ import warnings
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import device
 from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
@@ -47,6 +49,17 @@ def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
+def user_level_clip_mod(msg: Message, context: Context, call_next) -> Message:
+    """Device half of DP-FedAvg: clip the whole shared update to the server's C.
+
+    Delegates to Flower's ``fixedclipping_mod`` when the server's DP wrapper sent
+    a clipping norm; without user-level DP there is nothing to clip.
+    """
+    if CONFIG in msg.content.keys() and KEY_CLIPPING_NORM in msg.content[CONFIG]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 # Two known-harmless warnings, once per user and round, that would bury the log:
 # Opacus' secure-RNG notice (see the README's threat model) and torch's note
 # that full backward hooks fire on module outputs (the embedding input of the
@@ -57,7 +70,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 app = ClientApp(mods=[egress_guard_mod])
 
 
-@app.train()
+@app.train(mods=[user_level_clip_mod])
 def train(msg: Message, context: Context) -> Message:
     config, spec, model, store = _setup(msg, context)
     cfg = TrainConfig.from_run_config(config)

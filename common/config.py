@@ -25,7 +25,7 @@ DEFAULTS: dict[str, object] = {
     "round-timeout": 3600.0,
     # local training and record-level DP (Opacus)
     "local-steps": 2,
-    "batch-size": 8,
+    "batch-size": 6,
     "lr": 0.02,
     "optimizer": "adam",
     "max-len": 56,
@@ -33,6 +33,12 @@ DEFAULTS: dict[str, object] = {
     "noise-multiplier": 1.0,
     "max-grad-norm": 1.0,
     "delta": 1e-5,
+    # user-level DP-FedAvg on the shared tier (Flower's client-side fixed clipping)
+    "user-dp": False,
+    "user-noise-multiplier": 1.0,
+    "user-clip-norm": 1.0,
+    "user-delta": 1e-3,
+    "user-max-epsilon": 0.0,  # 0 = no budget; else stop before a round would exceed it
     # data and devices
     "data-dir": "data/default",
     "store-dir": "",

@@ -14,12 +14,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from common.config import client_config
+from common.dp import make_user_accountant, rounds_within_budget
 from common.models import AdapterSpec, personal_model
 from common.wire import WireSchema
 from server.report import write_report
-from server.strategy import GuardedFedAvg
+from server.strategy import EvalAtEndFedAvg, GuardedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,49 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     spec = AdapterSpec.from_run_config(rc)
     initial = personal_model(spec).shared_state()
-    num_rounds = int(rc.get("num-server-rounds", 3))
+    planned_rounds = int(rc.get("num-server-rounds", 3))
     num_nodes = int(rc.get("num-supernodes", 2))
-    strategy = GuardedFedAvg(
-        schema=WireSchema.from_tensors(initial),
+    user_dp = bool(rc.get("user-dp", False))
+    fraction = float(rc.get("fraction-train", 1.0))
+    accountant, num_rounds = None, planned_rounds
+    if user_dp:
+        if fraction < 1.0:
+            raise ValueError("user-dp needs fraction-train = 1.0: Flower's fixed-clipping accountant has no sampling amplification")
+        budget = float(rc.get("user-max-epsilon", 0.0)) or None
+        accountant = make_user_accountant(num_nodes, float(rc["user-delta"]), budget)
+        num_rounds = rounds_within_budget(accountant, float(rc["user-noise-multiplier"]), num_nodes, planned_rounds)
+        if num_rounds < planned_rounds:
+            log.warning("user-level budget allows %d of %d rounds; stopping there", num_rounds, planned_rounds)
+        if num_rounds == 0:
+            raise RuntimeError("the user-level privacy budget does not allow a single round")
+    inner = EvalAtEndFedAvg(
         num_rounds=num_rounds,
-        fraction_train=float(rc.get("fraction-train", 1.0)),
+        fraction_train=fraction,
         fraction_evaluate=1.0,
         min_train_nodes=min(2, num_nodes),
         min_evaluate_nodes=min(2, num_nodes),
-        min_available_nodes=min(2, num_nodes),
+        # The accounted DP wrapper needs exactly num_nodes replies per round.
+        min_available_nodes=num_nodes if user_dp else min(2, num_nodes),
+        # DP-FedAvg needs uniform client weights; every client runs the same
+        # number of local steps, so weighting by steps is uniform (and Flower's
+        # accounted wrapper checks it).
+        weighted_by_key="steps" if user_dp else "num-examples",
+    )
+    strategy = inner
+    if user_dp:
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            inner,
+            noise_multiplier=float(rc["user-noise-multiplier"]),
+            clipping_norm=float(rc["user-clip-norm"]),
+            num_sampled_clients=num_nodes,
+            accountant=accountant,
+        )
+    strategy = GuardedStrategy(
+        strategy,
+        schema=WireSchema.from_tensors(initial),
+        num_rounds=num_rounds,
+        accountant=accountant,
+        user_delta=float(rc.get("user-delta", 1e-3)),
     )
     config = ConfigRecord(client_config(rc))
     result = strategy.start(
@@ -53,5 +88,5 @@ def main(grid: Grid, context: Context) -> None:
         timeout=float(rc.get("round-timeout", 3600)),
     )
     run_dir = Path(str(rc.get("run-dir", "runs/latest")))
-    write_report(run_dir, rc, strategy, result, wall_s=time.time() - started)
+    write_report(run_dir, rc, strategy, result, wall_s=time.time() - started, planned_rounds=planned_rounds)
     log.info("report written to %s", run_dir)

@@ -29,7 +29,7 @@ def summarise(client_eval: list[dict]) -> dict:
     return out
 
 
-def build_report(rc: dict, strategy, result, wall_s: float) -> dict:
+def build_report(rc: dict, strategy, result, wall_s: float, planned_rounds: int | None = None) -> dict:
     per_round = []
     for rnd in sorted(strategy.client_train_metrics):
         agg = result.train_metrics_clientapp.get(rnd)
@@ -56,6 +56,25 @@ def build_report(rc: dict, strategy, result, wall_s: float) -> dict:
         for m in clients
     ]
     eps = [u["epsilon_record_level"] for u in users if u["epsilon_record_level"] is not None]
+    user_level = {"dp": bool(rc.get("user-dp"))}
+    if user_level["dp"]:
+        from common.dp import independent_user_epsilon
+
+        z = float(rc["user-noise-multiplier"])
+        user_level.update(
+            {
+                "noise_multiplier": z,
+                "clip_norm": float(rc["user-clip-norm"]),
+                "delta": float(rc["user-delta"]),
+                "sampling": "all clients every round (no amplification)",
+                "epsilon_per_round": {str(k): v for k, v in sorted(strategy.user_epsilon.items())},
+                # The same figure through Opacus' RDP code, as a cross-check.
+                "epsilon_independent": independent_user_epsilon(z, len(strategy.user_epsilon), float(rc["user-delta"])),
+                "max_epsilon": float(rc.get("user-max-epsilon", 0.0)) or None,
+                "rounds_planned": planned_rounds,
+                "rounds_run": len(strategy.user_epsilon),
+            }
+        )
     return {
         "config": rc,
         "wall_time_s": wall_s,
@@ -69,6 +88,7 @@ def build_report(rc: dict, strategy, result, wall_s: float) -> dict:
             "mean": _mean(eps) if eps else None,
             "dp": bool(rc.get("dp")),
         },
+        "user_level": user_level,
     }
 
 
@@ -112,17 +132,33 @@ def render_markdown(report: dict) -> str:
         "| user | records | NLL base | NLL global | NLL personal | epsilon |",
         "|---|---|---|---|---|---|",
     ]
+    ul = report["user_level"]
     for x in report["users"]:
         eps = "inf" if x["epsilon_record_level"] is None else f"{x['epsilon_record_level']:.2f}"
         lines.append(
             f"| {x['user_index']} | {x['records']} | {x['nll_base']:.3f} | {x['nll_global']:.3f} | {x['nll_personal']:.3f} | {eps} |"
         )
+    lines += ["", "## User-level DP (DP-FedAvg on the shared tier)", ""]
+    if not ul["dp"]:
+        lines.append("Off: no user-level clipping or noise on the shared tier (user-level epsilon = inf).")
+    else:
+        lines += [
+            f"Clip norm C = {ul['clip_norm']}, noise multiplier z = {ul['noise_multiplier']} (std z*C on the sum), "
+            f"delta = {ul['delta']}, {ul['sampling']}; {ul['rounds_run']} of {ul['rounds_planned']} planned rounds run"
+            + (f" (budget {ul['max_epsilon']})" if ul["max_epsilon"] else "")
+            + ".",
+            "",
+            "| round | user-level epsilon (Flower RdpAccountant) |",
+            "|---|---|",
+        ]
+        lines += [f"| {r} | {e:.3f} |" for r, e in ul["epsilon_per_round"].items()]
+        lines += ["", f"Independent recomputation (Opacus RDP analysis): {ul['epsilon_independent']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: Path, rc: dict, strategy, result, wall_s: float) -> dict:
+def write_report(run_dir: Path, rc: dict, strategy, result, wall_s: float, planned_rounds: int | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(rc, strategy, result, wall_s)
+    report = build_report(rc, strategy, result, wall_s, planned_rounds)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (run_dir / "report.md").write_text(render_markdown(report))
     return report

@@ -1,9 +1,18 @@
-"""Server-side aggregation: Flower's FedAvg, guarded and instrumented.
+"""Server-side aggregation: Flower's FedAvg, optionally DP-FedAvg, guarded and instrumented.
 
-The server half of the egress guard runs here: a reply that breaks the wire
-contract is dropped, never averaged. The strategy also records what the report
-needs, which the stock FedAvg folds away: bytes received per client and round,
-and each client's final evaluation metrics.
+The strategy is a stack of Flower strategies, outermost first:
+
+1. :class:`GuardedStrategy`: the server half of the egress guard (a reply that
+   breaks the wire contract is dropped, never averaged) plus the bookkeeping the
+   report needs: bytes per client and round, per-client metrics, and user-level
+   epsilon per round.
+2. Flower's ``DifferentialPrivacyClientSideFixedClipping`` when user-level DP is
+   on (DP-FedAvg): clients clip their whole shared update to ``C`` with
+   ``fixedclipping_mod``, and the wrapper adds Gaussian noise with
+   std ``z*C/n`` to the average and composes Flower's ``PrivacyAccountant``.
+3. :class:`EvalAtEndFedAvg`: stock FedAvg aggregation (Flower's accounted DP
+   wrapper requires ``FedAvg.aggregate_train`` unchanged), evaluating per client
+   only after the final round.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common.wire import METRICS, EgressGuard, EgressViolation, WireSchema, reply_nbytes
 
@@ -23,15 +32,46 @@ log = logging.getLogger(__name__)
 ROUND_HOOKS: list = []
 
 
-class GuardedFedAvg(FedAvg):
-    def __init__(self, schema: WireSchema, num_rounds: int, **kwargs):
+class EvalAtEndFedAvg(FedAvg):
+    def __init__(self, num_rounds: int, **kwargs):
         super().__init__(**kwargs)
+        self.num_rounds = num_rounds
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        config = ConfigRecord({**config, "server-round": server_round})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        # Per-client evaluation costs three forward passes per user; run it once,
+        # on the final model, instead of after every round.
+        if server_round < self.num_rounds:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        # FedAvg weights evaluation with the training key; DP-FedAvg trains with
+        # uniform weights, but held-out metrics stay weighted by examples.
+        train_key, self.weighted_by_key = self.weighted_by_key, "num-examples"
+        try:
+            return super().aggregate_evaluate(server_round, replies)
+        finally:
+            self.weighted_by_key = train_key
+
+
+class GuardedStrategy(Strategy):
+    """Outermost wrapper: refuse malformed replies, record what the report needs."""
+
+    def __init__(self, inner: Strategy, schema: WireSchema, num_rounds: int, accountant=None, user_delta: float | None = None):
+        self.inner = inner
         self.guard = EgressGuard(schema)
         self.num_rounds = num_rounds
+        self.accountant = accountant
+        self.user_delta = user_delta
         self.bytes_received: dict[int, list[int]] = {}
         self.rejected: dict[int, int] = {}
         self.client_train_metrics: dict[int, list[dict]] = {}
         self.client_eval_metrics: list[dict] = []
+        self.user_epsilon: dict[int, float] = {}
 
     def _valid(self, server_round: int, replies: Iterable[Message], kind: str) -> list[Message]:
         valid = []
@@ -47,32 +87,27 @@ class GuardedFedAvg(FedAvg):
             valid.append(reply)
         return valid
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        # Per-client evaluation costs three forward passes per user; run it once,
-        # on the final model, instead of after every round.
-        if server_round < self.num_rounds:
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config = ConfigRecord({**config, "server-round": server_round})
-        return super().configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        valid = self._valid(server_round, replies, "train")
+        valid = self._valid(server_round, list(replies), "train")
         self.bytes_received[server_round] = [reply_nbytes(r.content) for r in valid]
         self.client_train_metrics[server_round] = [dict(r.content[METRICS]) for r in valid]
-        if not valid:
-            return None, None
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if self.accountant is not None:
+            self.user_epsilon[server_round] = self.accountant.get_epsilon(self.user_delta)
         for hook in ROUND_HOOKS:
             hook(server_round, self.num_rounds, dict(metrics or {}))
         return arrays, metrics
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self._valid(server_round, list(replies), "evaluate")
         self.client_eval_metrics = [dict(r.content[METRICS]) for r in valid]
-        if not valid:
-            return None
-        return super().aggregate_evaluate(server_round, valid)
+        return self.inner.aggregate_evaluate(server_round, valid) if valid else None
+
+    def summary(self) -> None:
+        self.inner.summary()

@@ -32,3 +32,24 @@ def test_quick_simulation_writes_a_three_way_report(tmp_path):
     sidecar = (tmp_path / "run" / "data" / "pii_sidecar.jsonl").read_text().splitlines()
     planted = [json.loads(line)["value"] for line in sidecar]
     assert planted and not any(value in text for value in planted)
+
+
+def test_user_level_dp_simulation_accounts_each_round_and_stops_at_budget(tmp_path):
+    from simulations.run import prepare, simulate
+
+    overrides = {
+        "num-supernodes": 3,
+        "num-server-rounds": 4,
+        "scrub-mode": "patterns",
+        "user-dp": True,
+        "user-noise-multiplier": 1.0,
+        "user-max-epsilon": 8.0,
+        "user-delta": 1e-3,
+    }
+    report = simulate(prepare("quick", overrides, tmp_path / "run"))
+    ul = report["user_level"]
+    eps = [ul["epsilon_per_round"][k] for k in sorted(ul["epsilon_per_round"], key=int)]
+    assert ul["rounds_planned"] == 4 and 0 < ul["rounds_run"] < 4  # budget 8 stops it early
+    assert eps == sorted(eps) and eps[-1] <= 8.0
+    assert eps[-1] == pytest.approx(ul["epsilon_independent"], rel=0.02)
+    assert len(report["rounds"]) == ul["rounds_run"]

@@ -1,0 +1,67 @@
+"""User-level DP accounting for DP-FedAvg (shared by the server and the audits).
+
+Two granularities of privacy run in fedpersona:
+
+* **record level**: each device's Opacus DP-SGD, accounted on the device
+  (``client/train.py``) over that user's own records;
+* **user level**: DP-FedAvg on the shared tier: each client clips its whole
+  shared update to ``C`` and the server adds Gaussian noise ``z*C`` to the sum
+  (Flower's ``DifferentialPrivacyClientSideFixedClipping``). Accounted here with
+  Flower 1.41's client-level ``RdpAccountant`` (over Google's dp-accounting).
+
+Flower's fixed-clipping accountant supports only ``no-amplification`` sampling,
+so user-level accounting requires every client in every round
+(``fraction-train = 1``). :func:`independent_user_epsilon` recomputes the same
+epsilon through Opacus' RDP analysis, a separate implementation, so the report
+and the audit can cross-check the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def make_user_accountant(population: int, delta: float, max_epsilon: float | None):
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=max_epsilon,
+        )
+    )
+
+
+def rounds_within_budget(accountant, noise_multiplier: float, sample_size: int, planned: int) -> int:
+    """How many of the planned rounds fit the accountant's ``max_epsilon``.
+
+    Uses Flower's ``would_exceed`` on a copy of the accountant's history; the
+    accountant itself is not changed.
+    """
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    if accountant.config.max_epsilon is None:
+        return planned
+    event = GaussianPrivacyEvent(
+        noise_multiplier=noise_multiplier, sample_size=sample_size, population_size=accountant.config.population_size
+    )
+    rounds = 0
+    while rounds < planned and not accountant.would_exceed(event, count=rounds + 1):
+        rounds += 1
+    return rounds
+
+
+def independent_user_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """User-level epsilon of ``rounds`` un-subsampled Gaussian releases, via Opacus' RDP code."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    if rounds == 0:
+        return 0.0
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps) if math.isfinite(eps) else math.inf
