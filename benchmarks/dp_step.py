@@ -63,20 +63,18 @@ def main(argv=None) -> dict:
     ids, mask, labels = _batch(model, args.batch, args.seq)
     gsm = _grad_sample_module(model)
 
-    def loss_of(net):
-        s, c = per_sample_nll(net(ids, mask), labels)
-        return (s / c.clamp(min=1)).mean()
+    def make_step(net, opt):
+        def step():
+            opt.zero_grad(set_to_none=True)
+            s, c = per_sample_nll(net(ids, mask), labels)
+            (s / c.clamp(min=1)).mean().backward()
+            opt.step()
+
+        return step
 
     # Non-DP arm: plain Adam, Opacus hooks off.
     gsm.disable_hooks()
-    plain_opt = torch.optim.Adam(_trainable(model), lr=1e-4)
-
-    def plain_step():
-        plain_opt.zero_grad(set_to_none=True)
-        loss_of(model).backward()
-        plain_opt.step()
-
-    plain = _time_steps(plain_step, args.steps)
+    plain = _time_steps(make_step(model, torch.optim.Adam(_trainable(model), lr=1e-4)), args.steps)
 
     # DP arm: same batch every step (no Poisson sampling) so only the mechanism differs.
     gsm.enable_hooks()
@@ -91,13 +89,7 @@ def main(argv=None) -> dict:
             max_grad_norm=1.0,
             poisson_sampling=False,
         )
-
-    def dp_step():
-        dp_opt.zero_grad(set_to_none=True)
-        loss_of(net).backward()
-        dp_opt.step()
-
-    dp = _time_steps(dp_step, args.steps)
+    dp = _time_steps(make_step(net, dp_opt), args.steps)
     gsm.disable_hooks()
     model.reset_to_initial()
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -21,7 +22,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client import device
 from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
 from common.models import AdapterSpec, personal_model, tier_of
-from common.wire import ARRAYS, CONFIG, METRICS, EgressGuard, WireSchema
+from common.secagg import SecAggClient
+from common.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, EgressGuard, WireSchema
 
 
 def _setup(msg: Message, context: Context):
@@ -43,9 +45,14 @@ def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
     """Device half of the egress guard: check every reply before it is sent."""
     reply = call_next(msg, context)
     if reply.has_content():
+        kind = msg.metadata.message_type
+        if kind == "query":
+            EgressGuard.check_secagg(reply.content)
+            return reply
         config = {**context.run_config, **(dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {})}
-        schema = WireSchema.from_tensors(personal_model(AdapterSpec.from_run_config(config)).shared_state())
-        EgressGuard(schema).check(reply.content, kind="train" if msg.metadata.message_type == "train" else "evaluate")
+        shared = personal_model(AdapterSpec.from_run_config(config)).shared_state()
+        schema = WireSchema.masked(shared) if SECAGG in msg.content.keys() else WireSchema.from_tensors(shared)
+        EgressGuard(schema).check(reply.content, kind=kind)
     return reply
 
 
@@ -80,9 +87,13 @@ def train(msg: Message, context: Context) -> Message:
         model, data, cfg, device.accountant_history(store), store.get_state(device.OPTIMIZER), generator=gen
     )
     device.swap_out_user(model, store, history, opt_state)
+    if SECAGG in msg.content.keys():
+        arrays = _masked_update(msg, context, model, config)
+    else:
+        arrays = ArrayRecord(model.shared_state())
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.shared_state()),
+            ARRAYS: arrays,
             METRICS: MetricRecord(
                 {
                     "train-loss": float(result.loss),
@@ -94,6 +105,50 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _masked_update(msg: Message, context: Context, model, config: dict) -> ArrayRecord:
+    """Secure-aggregation stage 2: this client's shared update, clipped, then masked.
+
+    The update is the change of the shared tier in the order of the keys the
+    server sent, so the server can un-flatten the sum. With user-level DP the
+    whole update is clipped to C here, on the device, before masking.
+    """
+    sent = msg.content[ARRAYS]
+    new = model.shared_state()
+    update = np.concatenate([(new[k].numpy() - sent[k].numpy()).reshape(-1) for k in sent.keys()]).astype(np.float64)
+    if bool(config.get("user-dp", False)):
+        clip = float(config["user-clip-norm"])
+        norm = float(np.linalg.norm(update))
+        if norm > clip:
+            update *= clip / norm
+    client = SecAggClient.from_state(dict(context.state[SECAGG]))
+    masked = client.masked_input(dict(msg.content[SECAGG]), update)
+    context.state[SECAGG] = ConfigRecord(client.to_state())
+    return ArrayRecord({MASKED: Array(masked)})
+
+
+@app.query()
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """Secure-aggregation stages 0, 1 and 3 (key advertisement, shares, unmasking).
+
+    The protocol state (including this device's private keys) lives in
+    ``context.state`` between stages and never leaves the device.
+    """
+    request = dict(msg.content[SECAGG])
+    if request["stage"] == "setup":
+        client = SecAggClient(context.node_id, request)
+        reply = client.advertise_keys()
+    else:
+        client = SecAggClient.from_state(dict(context.state[SECAGG]))
+        if request["stage"] == "share_keys":
+            reply = client.share_keys(request)
+        elif request["stage"] == "unmask":
+            reply = client.unmask(request)
+        else:
+            raise ValueError("unknown secure-aggregation stage")
+    context.state[SECAGG] = ConfigRecord(client.to_state())
+    return Message(content=RecordDict({SECAGG: ConfigRecord(reply)}), reply_to=msg)
 
 
 @app.evaluate()

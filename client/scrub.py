@@ -124,7 +124,35 @@ class OfflineEmailRecognizer(EmailRecognizer):
         return _offline_email_validate(pattern_text)
 
 
-class OfflineUrlRecognizer(PatternRecognizer):
+class _ClassDefaultsRecognizer(PatternRecognizer):
+    """A PatternRecognizer whose patterns, context and entity default to class attributes.
+
+    Presidio builds recognizers from YAML by calling the constructor with
+    optional overrides, so subclasses keep the same keyword signature.
+    """
+
+    PATTERNS: list[Pattern] = []
+    CONTEXT: list[str] = []
+    ENTITY = ""
+
+    def __init__(
+        self,
+        patterns: list[Pattern] | None = None,
+        context: list[str] | None = None,
+        supported_language: str = "en",
+        supported_entity: str | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(
+            supported_entity=supported_entity or self.ENTITY,
+            patterns=patterns or self.PATTERNS,
+            context=context or self.CONTEXT,
+            supported_language=supported_language,
+            name=name,
+        )
+
+
+class OfflineUrlRecognizer(_ClassDefaultsRecognizer):
     """URLs and bare domains, validated against the public-suffix list.
 
     Replaces Presidio's UrlRecognizer for speed: its schemeless pattern
@@ -147,21 +175,7 @@ class OfflineUrlRecognizer(PatternRecognizer):
     ]
     CONTEXT = ["url", "website", "link", "site", "web", "page", "domain"]
 
-    def __init__(
-        self,
-        patterns: list[Pattern] | None = None,
-        context: list[str] | None = None,
-        supported_language: str = "en",
-        supported_entity: str = "URL",
-        name: str | None = None,
-    ):
-        super().__init__(
-            supported_entity=supported_entity,
-            patterns=patterns or self.PATTERNS,
-            context=context or self.CONTEXT,
-            supported_language=supported_language,
-            name=name,
-        )
+    ENTITY = "URL"
 
     def validate_result(self, pattern_text: str) -> bool:  # noqa: D102
         # Strip sentence punctuation the greedy path part may have taken.
@@ -169,7 +183,7 @@ class OfflineUrlRecognizer(PatternRecognizer):
         return bool(ext.suffix and ext.domain)
 
 
-class LuhnCardRecognizer(PatternRecognizer):
+class LuhnCardRecognizer(_ClassDefaultsRecognizer):
     """Card numbers in shapes Presidio's CreditCardRecognizer regex misses.
 
     Presidio's pattern only accepts numbers starting 4/5[0-5]/6/1/3 in
@@ -188,21 +202,7 @@ class LuhnCardRecognizer(PatternRecognizer):
     CONTEXT = ["credit", "card", "visa", "mastercard", "cc", "amex", "discover",
                "jcb", "diners", "maestro", "debit", "payment", "pay"]
 
-    def __init__(
-        self,
-        patterns: list[Pattern] | None = None,
-        context: list[str] | None = None,
-        supported_language: str = "en",
-        supported_entity: str = "CREDIT_CARD",
-        name: str | None = None,
-    ):
-        super().__init__(
-            supported_entity=supported_entity,
-            patterns=patterns or self.PATTERNS,
-            context=context or self.CONTEXT,
-            supported_language=supported_language,
-            name=name,
-        )
+    ENTITY = "CREDIT_CARD"
 
     def validate_result(self, pattern_text: str) -> bool:  # noqa: D102
         digits = re.sub(r"[ -]", "", pattern_text)

@@ -39,6 +39,10 @@ DEFAULTS: dict[str, object] = {
     "user-clip-norm": 1.0,
     "user-delta": 1e-3,
     "user-max-epsilon": 0.0,  # 0 = no budget; else stop before a round would exceed it
+    # secure aggregation (SecAgg+ stages over the Message API; server sees sums only)
+    "secagg": False,
+    "secagg-clip-range": 1.0,  # fixed-point range per update coordinate; larger values are clipped on the device
+    "secagg-modulus-bits": 32,
     # data and devices
     "data-dir": "data/default",
     "store-dir": "",

@@ -25,6 +25,10 @@ import numpy as np
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
+SECAGG = "secagg"  # secure-aggregation stage messages (ConfigRecord of bytes and ints)
+MASKED = "masked"  # the one array of a masked train reply (uint32, mod 2**bits)
+SECAGG_REPLY_STAGES = frozenset({"advertise_keys", "shares", "unmask_shares"})
+SECAGG_REPLY_FIELDS = frozenset({"stage", "c_pk", "s_pk", "dst", "ciphertexts", "b_ids", "b_shares", "sk_ids", "sk_shares"})
 
 TRAIN_METRICS = frozenset({"train-loss", "num-examples", "steps", "epsilon"})
 EVAL_METRICS = frozenset(
@@ -43,16 +47,22 @@ def _fingerprint(value: object) -> str:
 
 @dataclass(frozen=True)
 class WireSchema:
-    """Expected shared tensors (name -> shape), all float32."""
+    """Expected arrays of a train reply (name -> shape), all of one dtype.
+
+    Plain rounds send the shared tensors as float32; secure-aggregation rounds
+    send one masked uint32 vector instead.
+    """
 
     arrays: dict[str, tuple[int, ...]]
+    dtype: str = "float32"
 
     @classmethod
     def from_tensors(cls, tensors: dict) -> "WireSchema":
         return cls({k: tuple(v.shape) for k, v in tensors.items()})
 
-    def nbytes(self) -> int:
-        return 4 * sum(math.prod(s) for s in self.arrays.values())
+    @classmethod
+    def masked(cls, tensors: dict) -> "WireSchema":
+        return cls({MASKED: (sum(math.prod(v.shape) for v in tensors.values()),)}, dtype="uint32")
 
 
 class EgressGuard:
@@ -62,9 +72,14 @@ class EgressGuard:
     def check(self, content, kind: str) -> None:
         """Raise :class:`EgressViolation` unless ``content`` (a RecordDict) fits ``kind``.
 
-        ``kind`` is ``"train"`` (arrays + train metrics) or ``"evaluate"`` (metrics only).
+        ``kind`` is ``"train"`` (arrays + train metrics), ``"evaluate"`` (metrics
+        only) or ``"query"`` (a secure-aggregation stage reply).
         """
         from flwr.app import ArrayRecord, MetricRecord
+
+        if kind == "query":
+            self.check_secagg(content)
+            return
 
         allowed_metrics = TRAIN_METRICS if kind == "train" else EVAL_METRICS
         expected_records = {ARRAYS, METRICS} if kind == "train" else {METRICS}
@@ -98,15 +113,39 @@ class EgressGuard:
             )
         for key in sorted(keys):
             arr = record[key]
-            if arr.dtype != "float32" or arr.stype != "numpy.ndarray":
-                raise EgressViolation(f"array {key}: only float32 numpy arrays may leave the device")
+            if arr.dtype != self.schema.dtype or arr.stype != "numpy.ndarray":
+                raise EgressViolation(f"array {key}: only {self.schema.dtype} numpy arrays may leave the device")
             if tuple(arr.shape) != self.schema.arrays[key]:
                 raise EgressViolation(f"array {key}: shape {tuple(arr.shape)} != {self.schema.arrays[key]}")
             decoded = arr.numpy()  # the payload itself must agree with the declared header
-            if decoded.dtype != np.float32 or decoded.shape != self.schema.arrays[key]:
+            if decoded.dtype != np.dtype(self.schema.dtype) or decoded.shape != self.schema.arrays[key]:
                 raise EgressViolation(f"array {key}: payload does not match its declared dtype/shape")
-            if not np.isfinite(decoded).all():
+            if decoded.dtype.kind == "f" and not np.isfinite(decoded).all():
                 raise EgressViolation(f"array {key}: non-finite values")
+
+    @staticmethod
+    def check_secagg(content) -> None:
+        """A secure-aggregation stage reply: public keys, ciphertexts, shares, ids.
+
+        Only bytes and integers pass (keys, encrypted shares and node ids are all
+        one or the other); the one string allowed is the stage name, from a fixed
+        set. So no free text can ride along.
+        """
+        from flwr.app import ConfigRecord
+
+        if set(content.keys()) != {SECAGG} or not isinstance(content[SECAGG], ConfigRecord):
+            raise EgressViolation(f"a query reply must hold exactly one ConfigRecord '{SECAGG}'")
+        unexpected = set(content[SECAGG].keys()) - SECAGG_REPLY_FIELDS
+        if unexpected:
+            raise EgressViolation(f"{len(unexpected)} secagg field name(s) not on the allow-list (fingerprint {_fingerprint(sorted(unexpected))})")
+        for key, value in content[SECAGG].items():
+            if key == "stage":
+                if value not in SECAGG_REPLY_STAGES:
+                    raise EgressViolation("unknown secure-aggregation stage name")
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (bytes, int)) and not isinstance(v, bool) for v in values):
+                raise EgressViolation(f"secagg field {key}: only bytes and integers may leave the device")
 
     @staticmethod
     def _check_metrics(record, allowed: frozenset[str]) -> None:

@@ -21,6 +21,7 @@ from common.dp import make_user_accountant, rounds_within_budget
 from common.models import AdapterSpec, personal_model
 from common.wire import WireSchema
 from server.report import write_report
+from server.secure_strategy import SecAggFedAvg
 from server.strategy import EvalAtEndFedAvg, GuardedStrategy
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def main(grid: Grid, context: Context) -> None:
             log.warning("user-level budget allows %d of %d rounds; stopping there", num_rounds, planned_rounds)
         if num_rounds == 0:
             raise RuntimeError("the user-level privacy budget does not allow a single round")
-    inner = EvalAtEndFedAvg(
+    secagg = bool(rc.get("secagg", False))
+    fedavg_args = dict(
         num_rounds=num_rounds,
         fraction_train=fraction,
         fraction_evaluate=1.0,
@@ -62,18 +64,30 @@ def main(grid: Grid, context: Context) -> None:
         # accounted wrapper checks it).
         weighted_by_key="steps" if user_dp else "num-examples",
     )
-    strategy = inner
-    if user_dp:
-        strategy = DifferentialPrivacyClientSideFixedClipping(
-            inner,
-            noise_multiplier=float(rc["user-noise-multiplier"]),
-            clipping_norm=float(rc["user-clip-norm"]),
-            num_sampled_clients=num_nodes,
+    if secagg:
+        # The server only ever holds the unmasked sum; user-level noise is added
+        # to that sum here, since no single update is visible to clip or wrap.
+        dp = {"noise_multiplier": float(rc["user-noise-multiplier"]), "clip_norm": float(rc["user-clip-norm"])} if user_dp else None
+        strategy = SecAggFedAvg(
+            clip_range=float(rc.get("secagg-clip-range", 1.0)),
+            modulus_bits=int(rc.get("secagg-modulus-bits", 32)),
+            user_dp=dp,
             accountant=accountant,
+            **fedavg_args,
         )
+    else:
+        strategy = EvalAtEndFedAvg(**fedavg_args)
+        if user_dp:
+            strategy = DifferentialPrivacyClientSideFixedClipping(
+                strategy,
+                noise_multiplier=float(rc["user-noise-multiplier"]),
+                clipping_norm=float(rc["user-clip-norm"]),
+                num_sampled_clients=num_nodes,
+                accountant=accountant,
+            )
     strategy = GuardedStrategy(
         strategy,
-        schema=WireSchema.from_tensors(initial),
+        schema=WireSchema.masked(initial) if secagg else WireSchema.from_tensors(initial),
         num_rounds=num_rounds,
         accountant=accountant,
         user_delta=float(rc.get("user-delta", 1e-3)),

@@ -53,3 +53,28 @@ def test_user_level_dp_simulation_accounts_each_round_and_stops_at_budget(tmp_pa
     assert eps == sorted(eps) and eps[-1] <= 8.0
     assert eps[-1] == pytest.approx(ul["epsilon_independent"], rel=0.02)
     assert len(report["rounds"]) == ul["rounds_run"]
+
+
+def test_secure_aggregation_with_user_dp_runs_on_the_simulation_engine(tmp_path):
+    from simulations.run import prepare, simulate
+
+    overrides = {
+        "num-supernodes": 4,
+        "scrub-mode": "patterns",
+        "secagg": True,
+        "user-dp": True,
+        "user-noise-multiplier": 1.0,
+        "user-clip-norm": 0.5,
+    }
+    report = simulate(prepare("quick", overrides, tmp_path / "run"))
+    assert [r["clients"] for r in report["rounds"]] == [4, 4]
+    assert all(r["rejected_replies"] == 0 for r in report["rounds"])
+    # Each train reply is one masked uint32 vector (plus the .npy header), not float tensors.
+    from common.models import AdapterSpec, personal_model
+    from common.config import build_config
+
+    length = sum(v.numel() for v in personal_model(AdapterSpec.from_run_config(build_config("quick"))).shared_state().values())
+    assert all(4 * length <= b < 4 * length + 256 for r in report["rounds"] for b in r["bytes_per_client"])
+    eps = list(report["user_level"]["epsilon_per_round"].values())
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    assert len(report["users"]) == 4
