@@ -37,6 +37,19 @@ def _plain(vectors, ids) -> np.ndarray:
 # ------------------------------------------------------------------ round correctness
 
 
+def _keyed_session(ids, length, **kwargs):
+    """A session through stages 0 and 1 (keys advertised, shares exchanged)."""
+    params = SecAggParams.create(ids, length, **kwargs)
+    server = SecAggServer(params)
+    setup = server.setup_message()
+    clients = {i: SecAggClient(i, setup) for i in ids}
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    for i, m in server.share_keys_messages().items():
+        server.receive_shares(i, clients[i].share_keys(m))
+    return params, server, clients
+
+
 @pytest.mark.parametrize("drop_frac", [0.0, 0.3])
 @pytest.mark.parametrize("neighbours", [None, 4], ids=["full", "sparse-k4"])
 def test_masked_sum_matches_plain_sum(drop_frac, neighbours):
@@ -156,14 +169,7 @@ def test_single_masked_vector_looks_uniform_and_uncorrelated():
     ids = [11, 22, 33, 44, 55]
     # A highly structured input: a ramp. Unmasked, its encoding is a ramp too.
     ramp = np.linspace(-1, 1, d, dtype=np.float32)
-    params = SecAggParams.create(ids, d)
-    server = SecAggServer(params)
-    setup = server.setup_message()
-    clients = {i: SecAggClient(i, setup) for i in ids}
-    for i, c in clients.items():
-        server.receive_keys(i, c.advertise_keys())
-    for i, m in server.share_keys_messages().items():
-        server.receive_shares(i, clients[i].share_keys(m))
+    params, server, clients = _keyed_session(ids, d)
     msgs = server.masked_input_messages()
     y = clients[ids[0]].masked_input(msgs[ids[0]], ramp)
     enc = params.codec.encode(ramp, np.random.default_rng(0)).values
@@ -212,14 +218,7 @@ def test_too_many_unmask_dropouts_raises():
 
 def test_client_refuses_inconsistent_unmask_request():
     ids = [1, 2, 3, 4]
-    params = SecAggParams.create(ids, 10, neighbours=3, threshold=2)
-    server = SecAggServer(params)
-    setup = server.setup_message()
-    clients = {i: SecAggClient(i, setup) for i in ids}
-    for i, c in clients.items():
-        server.receive_keys(i, c.advertise_keys())
-    for i, m in server.share_keys_messages().items():
-        server.receive_shares(i, clients[i].share_keys(m))
+    params, server, clients = _keyed_session(ids, 10, neighbours=3, threshold=2)
     for i, m in server.masked_input_messages().items():
         clients[i].masked_input(m, np.zeros(10))
     with pytest.raises(SecAggProtocolError, match="both"):
@@ -347,14 +346,7 @@ def test_late_input_of_dropped_client_stays_hidden():
     ids = [1, 2, 3, 4, 5, 6]
     late = 3
     x = np.linspace(-1, 1, d, dtype=np.float32)
-    params = SecAggParams.create(ids, d, neighbours=5, threshold=3)
-    server = SecAggServer(params)
-    setup = server.setup_message()
-    clients = {i: SecAggClient(i, setup) for i in ids}
-    for i, c in clients.items():
-        server.receive_keys(i, c.advertise_keys())
-    for i, m in server.share_keys_messages().items():
-        server.receive_shares(i, clients[i].share_keys(m))
+    params, server, clients = _keyed_session(ids, d, neighbours=5, threshold=3)
     late_y = None
     for i, m in server.masked_input_messages().items():
         y = clients[i].masked_input(m, x)
