@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent, Grid
 
 from common.secagg import SecAggParams, SecAggProtocolError, SecAggServer
