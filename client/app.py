@@ -10,7 +10,9 @@ guard mod before it leaves.
 from __future__ import annotations
 
 import math
+import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,18 +44,33 @@ def _setup(msg: Message, context: Context):
 
 
 def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
-    """Device half of the egress guard: check every reply before it is sent."""
+    """Device half of the egress guard: check every reply before it is sent.
+
+    With ``wire-audit-dir`` set, the reply is also recorded there in Flower's
+    protobuf wire format, for the wire audit (``fedpersona audit``).
+    """
     reply = call_next(msg, context)
-    if reply.has_content():
-        kind = msg.metadata.message_type
-        if kind == "query":
-            EgressGuard.check_secagg(reply.content)
-            return reply
-        config = {**context.run_config, **(dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {})}
+    if not reply.has_content():
+        return reply
+    config = {**context.run_config, **(dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {})}
+    kind = msg.metadata.message_type
+    if kind == "query":
+        EgressGuard.check_secagg(reply.content)
+    else:
         shared = personal_model(AdapterSpec.from_run_config(config)).shared_state()
         schema = WireSchema.masked(shared) if SECAGG in msg.content.keys() else WireSchema.from_tensors(shared)
         EgressGuard(schema).check(reply.content, kind=kind)
+    if config.get("wire-audit-dir"):
+        _record_wire(reply, Path(str(config["wire-audit-dir"])), context.node_id, kind)
     return reply
+
+
+def _record_wire(reply: Message, folder: Path, node_id: int, kind: str) -> None:
+    from flwr.common.serde import recorddict_to_proto
+
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = recorddict_to_proto(reply.content).SerializeToString()
+    (folder / f"{node_id}-{kind}-{uuid.uuid4().hex[:12]}.bin").write_bytes(blob)
 
 
 def user_level_clip_mod(msg: Message, context: Context, call_next) -> Message:

@@ -43,6 +43,8 @@ DEFAULTS: dict[str, object] = {
     "secagg": False,
     "secagg-clip-range": 1.0,  # fixed-point range per update coordinate; larger values are clipped on the device
     "secagg-modulus-bits": 32,
+    # audits: record every client reply here (protobuf wire bytes) for the wire audit; "" = off
+    "wire-audit-dir": "",
     # data and devices
     "data-dir": "data/default",
     "store-dir": "",

@@ -34,11 +34,15 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set num-server-rounds=5"),
     run_dir: Path = typer.Option(None, help="Output folder (default runs/<timestamp>)."),
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
+    audit: bool = typer.Option(False, "--audit/--no-audit", help="Record the wire and run the privacy audits at the end."),
 ) -> None:
     """Run a federated simulation on the embedded persona dataset and write a report."""
     from simulations.run import prepare, simulate as run_sim
 
-    cfg = prepare("full" if full else profile, _parse_overrides(set_), run_dir)
+    overrides = _parse_overrides(set_)
+    cfg = prepare("full" if full else profile, overrides, run_dir)
+    if audit:
+        cfg["wire-audit-dir"] = str(Path(cfg["run-dir"]) / "wire")
     console.print(
         f"[bold]fedpersona[/] {cfg['num-supernodes']} users, {cfg['num-server-rounds']} rounds, "
         f"model {cfg['model']}, DP {'on' if cfg['dp'] else 'off'} -> {cfg['run-dir']}"
@@ -60,6 +64,38 @@ def simulate(
     console.print(table)
     eps = report["epsilon_record_level"]
     console.print(f"record-level epsilon: max {eps['max']} (delta {eps['delta']}); report: {cfg['run-dir']}/report.md")
+    if audit:
+        _audit(Path(cfg["run-dir"]))
+
+
+def _audit(run_dir: Path) -> None:
+    from simulations.audit import AuditFailure, run_audits
+
+    try:
+        result = run_audits(run_dir)
+    except AuditFailure as err:
+        console.print(f"[bold red]AUDIT FAILED[/] {err}")
+        raise typer.Exit(code=1) from None
+    ledger = result["ledger"]
+    table = Table(title="epsilon ledger (reported vs independent recomputation)")
+    for col in ("user", "reported", "independent", "agrees"):
+        table.add_column(col)
+    for row in ledger["record_level"]:
+        rep = "inf" if row["epsilon_reported"] is None else f"{row['epsilon_reported']:.3f}"
+        table.add_row(str(row["user_index"]), rep, f"{row['epsilon_independent']:.3f}", str(row["agrees"]))
+    console.print(table)
+    if "wire" in result:
+        w = result["wire"]
+        console.print(
+            f"wire audit: {w['hits']} hits for {w['planted_values']} planted PII values in {w['messages']} messages, "
+            f"{w['bytes_scanned']:,} bytes scanned ({', '.join(w['encodings'])})"
+        )
+
+
+@app.command()
+def audit(run_dir: Path = typer.Argument(..., help="A finished run directory (runs/<id>).")) -> None:
+    """Privacy audits of a finished run: epsilon ledger, and the wire audit if the wire was recorded."""
+    _audit(run_dir)
 
 
 @app.command()

@@ -1,0 +1,159 @@
+"""Built-in privacy audits that read a finished simulation run.
+
+Two audits so far (issue #6 lists more):
+
+* **epsilon ledger**: for every user, recompute the record-level epsilon from the
+  mechanism parameters the device logged (its accountant history: noise
+  multiplier, sampling rate, steps) through an *independent* implementation
+  (Google's dp-accounting, where the device used Opacus), and the user-level
+  epsilon (Opacus' RDP analysis, where the server used Flower's accountant). Any
+  disagreement beyond tolerance fails the audit loudly.
+* **wire audit**: every message a client sent during the run was recorded in
+  Flower's protobuf wire format (``wire-audit=true``). Scan those bytes for every
+  planted PII string, in UTF-8 and UTF-16 and as the model's token-id sequences
+  (int32 and int64). The expected count is zero.
+
+The orchestrator can read the device stores because a simulation holds every
+device on one machine; on a real deployment each device would run its own
+ledger check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+LEDGER_TOLERANCE = 0.05  # relative; the two RDP implementations use the same orders
+OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+class AuditFailure(RuntimeError):
+    pass
+
+
+def record_level_epsilon_independent(history: list[list[float]], delta: float) -> float:
+    """Record-level epsilon of an Opacus accountant history, via dp-accounting."""
+    import logging
+
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    # dp-accounting logs each RDP order it cannot evaluate and then excludes it;
+    # epsilon is the minimum over the remaining orders, so this is noise here.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    acc = RdpAccountant(OPACUS_ORDERS)
+    for noise, rate, steps in history:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), int(steps))
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_ledger(run_dir: Path) -> dict:
+    from client.device import ACCOUNTANT
+    from client.store import DeviceStore
+
+    run_dir = Path(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    cfg = report["config"]
+    delta = float(cfg["delta"])
+    stores = sorted(Path(cfg["store-dir"]).glob("*.sqlite"))
+    reported = {u["user_index"]: u["epsilon_record_level"] for u in report["users"]}
+    rows, failures = [], []
+    for index, path in enumerate(stores):
+        blob = DeviceStore(path).get_state(ACCOUNTANT)
+        history = json.loads(blob.decode()) if blob else []
+        independent = record_level_epsilon_independent(history, delta) if history else 0.0
+        claimed = reported.get(index)
+        ok = (claimed is None and not cfg["dp"]) or (
+            claimed is not None and math.isclose(claimed, independent, rel_tol=LEDGER_TOLERANCE, abs_tol=1e-9)
+        )
+        rows.append(
+            {
+                "user_index": index,
+                "delta": delta,
+                "mechanism": [{"noise_multiplier": h[0], "sample_rate": h[1], "steps": int(h[2])} for h in history],
+                "epsilon_reported": claimed,
+                "epsilon_independent": independent,
+                "agrees": ok,
+            }
+        )
+        if not ok:
+            failures.append(index)
+    user = report.get("user_level", {})
+    user_row = None
+    if user.get("dp"):
+        from common.dp import independent_user_epsilon
+
+        per_round = user["epsilon_per_round"]
+        last = per_round[max(per_round, key=int)] if per_round else 0.0
+        again = independent_user_epsilon(float(user["noise_multiplier"]), len(per_round), float(user["delta"]))
+        user_row = {"epsilon_reported": last, "epsilon_independent": again, "agrees": math.isclose(last, again, rel_tol=LEDGER_TOLERANCE)}
+        if not user_row["agrees"]:
+            failures.append("user-level")
+    return {"record_level": rows, "user_level": user_row, "failures": failures}
+
+
+# --------------------------------------------------------------------------- #
+# Wire audit
+# --------------------------------------------------------------------------- #
+
+
+def _needles(values: list[str], tokenizer) -> list[bytes]:
+    out = []
+    for value in values:
+        out.append(value.encode("utf-8"))
+        out.append(value.encode("utf-16-le"))
+        out.append(value.encode("utf-16-be"))
+        if tokenizer is not None:
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+            if len(ids) >= 2:  # one token id alone is far too common to mean anything
+                out.append(np.asarray(ids, dtype="<i4").tobytes())
+                out.append(np.asarray(ids, dtype="<i8").tobytes())
+    return out
+
+
+def wire_audit(run_dir: Path, tokenizer=None) -> dict:
+    run_dir = Path(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    data_dir = Path(report["config"]["data-dir"])
+    sidecar = data_dir / "pii_sidecar.jsonl"
+    planted = sorted({json.loads(line)["value"] for line in sidecar.read_text().splitlines() if line.strip()})
+    messages = sorted((run_dir / "wire").glob("*.bin"))
+    if not messages:
+        raise AuditFailure(f"no recorded messages under {run_dir / 'wire'}: run with --set wire-audit=true")
+    needles = _needles(planted, tokenizer)
+    # One alternation, one pass per message: the regex engine does the multi-pattern search.
+    pattern = re.compile(b"|".join(re.escape(n) for n in sorted(set(needles), key=len, reverse=True)))
+    hits, scanned = 0, 0
+    for path in messages:
+        blob = path.read_bytes()
+        scanned += len(blob)
+        hits += sum(1 for _ in pattern.finditer(blob))
+    return {
+        "messages": len(messages),
+        "bytes_scanned": scanned,
+        "planted_values": len(planted),
+        "patterns": len(set(needles)),
+        "encodings": ["utf-8", "utf-16-le", "utf-16-be"] + (["token-ids int32", "token-ids int64"] if tokenizer else []),
+        "hits": hits,
+    }
+
+
+def run_audits(run_dir: Path) -> dict:
+    from common.models import AdapterSpec, personal_model
+
+    run_dir = Path(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    result = {"ledger": epsilon_ledger(run_dir)}
+    if (run_dir / "wire").is_dir():
+        tokenizer = personal_model(AdapterSpec.from_run_config(report["config"])).tokenizer
+        result["wire"] = wire_audit(run_dir, tokenizer)
+    (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
+    if result["ledger"]["failures"]:
+        raise AuditFailure(f"epsilon ledger disagrees for {result['ledger']['failures']}; see {run_dir / 'audit.json'}")
+    if result.get("wire", {}).get("hits"):
+        raise AuditFailure(f"wire audit found {result['wire']['hits']} planted PII occurrence(s) in sent messages")
+    return result
