@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +114,34 @@ def _needles(values: list[str], tokenizer) -> list[bytes]:
     return out
 
 
+class NeedleFinder:
+    """Count occurrences of many byte strings in a blob, in one vectorised pass.
+
+    Every 4-byte window of the blob is read as a uint32 and matched against the
+    needles' 4-byte prefixes with ``np.isin``; only those rare candidate
+    positions get an exact comparison. (A regex alternation of ~2,000 needles
+    tries each one at every position and takes minutes on a run's wire.)
+    """
+
+    def __init__(self, needles: list[bytes]):
+        if any(len(n) < 4 for n in needles):
+            raise ValueError("needles must be at least 4 bytes long")
+        self.by_prefix: dict[int, list[bytes]] = {}
+        for n in needles:
+            self.by_prefix.setdefault(int.from_bytes(n[:4], "little"), []).append(n)
+        self.prefixes = np.array(sorted(self.by_prefix), dtype=np.uint32)
+
+    def count(self, blob: bytes) -> int:
+        if len(blob) < 4:
+            return 0
+        b = np.frombuffer(blob, dtype=np.uint8).astype(np.uint32)
+        windows = b[:-3] | (b[1:-2] << 8) | (b[2:-1] << 16) | (b[3:] << 24)
+        hits = 0
+        for pos in np.flatnonzero(np.isin(windows, self.prefixes)):
+            hits += sum(blob.startswith(n, int(pos)) for n in self.by_prefix[int(windows[pos])])
+        return hits
+
+
 def wire_audit(run_dir: Path, tokenizer=None) -> dict:
     run_dir = Path(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
@@ -124,14 +151,13 @@ def wire_audit(run_dir: Path, tokenizer=None) -> dict:
     messages = sorted((run_dir / "wire").glob("*.bin"))
     if not messages:
         raise AuditFailure(f"no recorded messages under {run_dir / 'wire'}: run with --set wire-audit=true")
-    needles = _needles(planted, tokenizer)
-    # One alternation, one pass per message: the regex engine does the multi-pattern search.
-    pattern = re.compile(b"|".join(re.escape(n) for n in sorted(set(needles), key=len, reverse=True)))
+    needles = sorted(set(_needles(planted, tokenizer)))
+    finder = NeedleFinder(needles)
     hits, scanned = 0, 0
     for path in messages:
         blob = path.read_bytes()
         scanned += len(blob)
-        hits += sum(1 for _ in pattern.finditer(blob))
+        hits += finder.count(blob)
     return {
         "messages": len(messages),
         "bytes_scanned": scanned,

@@ -71,3 +71,13 @@ def test_ledger_fails_loudly_on_a_wrong_epsilon(audited_run, tmp_path):
     (run / "report.json").write_text(json.dumps(report))
     with pytest.raises(AuditFailure, match="ledger"):
         run_audits(run)
+
+
+def test_needle_finder_counts_overlapping_and_repeated_occurrences():
+    from simulations.audit import NeedleFinder
+
+    blob = b"xxabcdabcdyyabcd" + "Jane".encode("utf-16-le") + b"\x00"
+    finder = NeedleFinder([b"abcd", b"abcdabcd", "Jane".encode("utf-16-le"), b"zzzz"])
+    # abcd x3, abcdabcd x1, UTF-16 "Jane" x1
+    assert finder.count(blob) == 5
+    assert finder.count(b"abc") == 0
