@@ -25,12 +25,16 @@ from client import device
 from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
 from common.models import AdapterSpec, personal_model, tier_of
 from common.secagg import SecAggClient
-from common.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, EgressGuard, WireSchema
+from common.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, EgressGuard, WireSchema, flatten
+
+
+def _config(msg: Message, context: Context) -> dict:
+    """The run config with the server's per-message ConfigRecord on top."""
+    return {**context.run_config, **(dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {})}
 
 
 def _setup(msg: Message, context: Context):
-    config = dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {}
-    config = {**context.run_config, **config}
+    config = _config(msg, context)
     spec = AdapterSpec.from_run_config(config)
     model = personal_model(spec)
     store = device.open_store(config, context.node_config)
@@ -52,12 +56,12 @@ def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     if not reply.has_content():
         return reply
-    config = {**context.run_config, **(dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {})}
+    config = _config(msg, context)
     kind = msg.metadata.message_type
     if kind == "query":
         EgressGuard.check_secagg(reply.content)
     else:
-        shared = personal_model(AdapterSpec.from_run_config(config)).shared_state()
+        shared = personal_model(AdapterSpec.from_run_config(config)).shared_params()
         schema = WireSchema.masked(shared) if SECAGG in msg.content.keys() else WireSchema.from_tensors(shared)
         EgressGuard(schema).check(reply.content, kind=kind)
     if config.get("wire-audit-dir"):
@@ -132,8 +136,7 @@ def _masked_update(msg: Message, context: Context, model, config: dict) -> Array
     whole update is clipped to C here, on the device, before masking.
     """
     sent = msg.content[ARRAYS]
-    new = model.shared_state()
-    update = np.concatenate([(new[k].numpy() - sent[k].numpy()).reshape(-1) for k in sent.keys()]).astype(np.float64)
+    update = flatten(ArrayRecord(model.shared_state()), sent.keys()) - flatten(sent)
     if bool(config.get("user-dp", False)):
         clip = float(config["user-clip-norm"])
         norm = float(np.linalg.norm(update))

@@ -21,7 +21,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -212,8 +212,6 @@ class AdapterSpec:
     # half the DP noise dimensions, and averaging B under a shared fixed A is
     # exactly averaging the weight update. Frozen A tensors never travel.
     lora_split: str = "ffa"
-    # Adapters whose weights are shared with the server (tier name -> adapter name).
-    shared_adapters: tuple[str, ...] = field(default=("global",))
 
     @classmethod
     def from_run_config(cls, rc: dict) -> "AdapterSpec":
@@ -320,11 +318,15 @@ class PersonalLM(nn.Module):
         state[PROMPT_KEY] = self.user_embedding.weight
         return state
 
+    def shared_params(self) -> dict[str, torch.Tensor]:
+        """The live tensors outside the user tier (for shapes; nothing is copied)."""
+        return {k: v for k, v in self.trainable_state().items() if tier_of(k) != USER}
+
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of every tensor outside the user tier: what may be sent."""
-        return {k: v.detach().contiguous().clone() for k, v in self.trainable_state().items() if tier_of(k) != USER}
+        return {k: v.detach().contiguous().clone() for k, v in self.shared_params().items()}
 
-    def load_trainable(self, tensors: dict[str, torch.Tensor], strict_keys: set[str] | None = None) -> None:
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.trainable_state()
         unknown = set(tensors) - set(own)
         if unknown:

@@ -160,6 +160,28 @@ class EgressGuard:
                 raise EgressViolation(f"metric {key}: only numbers may leave the device")
 
 
+def flatten(record, keys=None) -> np.ndarray:
+    """One float64 vector of an ArrayRecord's arrays, in ``keys`` order (default: its own).
+
+    The secure-aggregation vector layout: the client flattens its update in the
+    key order the server sent, and the server un-flattens the sum with it.
+    """
+    keys = list(record.keys()) if keys is None else list(keys)
+    return np.concatenate([record[k].numpy().reshape(-1) for k in keys]).astype(np.float64)
+
+
+def unflatten(vector: np.ndarray, like):
+    """The inverse of :func:`flatten`: float32 arrays shaped and keyed like ``like``."""
+    from flwr.app import Array, ArrayRecord
+
+    out, start = {}, 0
+    for key, arr in like.items():
+        size = math.prod(arr.shape)
+        out[key] = Array(vector[start : start + size].reshape(arr.shape).astype(np.float32))
+        start += size
+    return ArrayRecord(out)
+
+
 def reply_nbytes(content) -> int:
     """Payload bytes of a reply's arrays (what the report counts as 'sent')."""
     if ARRAYS not in content.keys():

@@ -23,27 +23,14 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent, Grid
 
 from common.secagg import SecAggParams, SecAggProtocolError, SecAggServer
-from common.wire import ARRAYS, MASKED, SECAGG, EgressGuard, EgressViolation
+from common.wire import ARRAYS, MASKED, SECAGG, EgressGuard, EgressViolation, flatten, unflatten
 from server.strategy import EvalAtEndFedAvg
 
 log = logging.getLogger(__name__)
-
-
-def flatten(arrays: ArrayRecord) -> np.ndarray:
-    return np.concatenate([a.reshape(-1) for a in arrays.to_numpy_ndarrays()]).astype(np.float64)
-
-
-def unflatten(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
-    out, start = {}, 0
-    for key, arr in like.items():
-        size = math.prod(arr.shape)
-        out[key] = Array(vector[start : start + size].reshape(arr.shape).astype(np.float32))
-        start += size
-    return ArrayRecord(out)
 
 
 class SecAggFedAvg(EvalAtEndFedAvg):
@@ -66,12 +53,11 @@ class SecAggFedAvg(EvalAtEndFedAvg):
         self._round: dict = {}
         self.dropped: dict[int, int] = {}
 
-    def _query(self, grid: Grid, payloads: dict[int, dict], server: SecAggServer, receive) -> set[int]:
+    def _query(self, grid: Grid, payloads: dict[int, dict], server: SecAggServer, receive) -> None:
         """Send one stage to each node; hand every valid reply to ``receive``."""
         messages = [
             Message(RecordDict({SECAGG: ConfigRecord(p)}), dst_node_id=nid, message_type="query") for nid, p in payloads.items()
         ]
-        answered = set()
         for reply in grid.send_and_receive(messages):
             nid = reply.metadata.src_node_id
             if not reply.has_content():
@@ -79,10 +65,8 @@ class SecAggFedAvg(EvalAtEndFedAvg):
             try:
                 EgressGuard.check_secagg(reply.content)
                 receive(nid, dict(reply.content[SECAGG]))
-                answered.add(nid)
             except (EgressViolation, SecAggProtocolError) as err:
                 log.warning("secure aggregation: dropped a reply from a client: %s", err)
-        return answered
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))

@@ -70,7 +70,7 @@ def _strategy(cfg, **extra):
 
 
 def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup):
-    from server.secure_strategy import flatten
+    from common.wire import flatten
 
     app, cfg, model, contexts, updates = round_setup
     initial = ArrayRecord(model.shared_state())
@@ -96,7 +96,7 @@ def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup):
 
 
 def test_sum_survives_a_client_dropping_before_its_masked_input(round_setup, tiny_data, tmp_path):
-    from server.secure_strategy import flatten
+    from common.wire import flatten
 
     app, cfg, model, _, updates = round_setup
     # Five devices (two reuse a user file with their own store): with 3 clients
