@@ -9,6 +9,7 @@ sides agree on names and shapes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -55,8 +56,12 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=num_rounds,
         fraction_train=fraction,
         fraction_evaluate=1.0,
-        min_train_nodes=min(2, num_nodes),
-        min_evaluate_nodes=min(2, num_nodes),
+        # FedAvg sizes its sample from the nodes connected *at that instant*,
+        # floored by min_train_nodes; if round 1 starts while nodes are still
+        # registering it would train on a subset. The floor carries the sample
+        # this config intends instead.
+        min_train_nodes=min(num_nodes, max(2, math.ceil(fraction * num_nodes))),
+        min_evaluate_nodes=num_nodes,  # the report scores every user (fraction-evaluate is 1)
         # The accounted DP wrapper needs exactly num_nodes replies per round.
         min_available_nodes=num_nodes if user_dp else min(2, num_nodes),
         # DP-FedAvg needs uniform client weights; every client runs the same
