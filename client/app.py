@@ -1,10 +1,12 @@
 """fedpersona ClientApp: the device side of one federated round.
 
-Train: load the shared tier the server sent, swap in this user's private tier,
-run DP-SGD locally, keep the private tier on the device, reply with the shared
-tier only. Evaluate: score the held-out split with the base model, the shared
-(global) adapter, and global + personal parts. Every reply passes the egress
-guard mod before it leaves.
+Train: load the shared tiers the server sent, choose this device's persona slot
+locally (IFCA), swap in this user's private tier, run DP-SGD, keep the private
+tier on the device, reply with the shared update only (K-slot when the persona
+tier is on; masked under secure aggregation). Evaluate: score the held-out
+split with the base model and each tier stack (global; global + persona;
+global + persona + user) and with the stack the user's routing group is served.
+Every reply passes the egress guard mod before it leaves.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import device
+from client.persona import add_noise_share, pick_and_load, slot_update, split_slots
 from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
 from common.models import AdapterSpec, personal_model, tier_of
 from common.secagg import SecAggClient
-from common.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, EgressGuard, WireSchema, flatten
+from common.tiers import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, routing_group
+from common.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, EgressGuard, WireSchema, train_reply_schema
 
 
 def _config(msg: Message, context: Context) -> dict:
@@ -34,17 +38,25 @@ def _config(msg: Message, context: Context) -> dict:
 
 
 def _setup(msg: Message, context: Context):
+    """Load what the server sent; returns (config, model, store, persona slots)."""
     config = _config(msg, context)
-    spec = AdapterSpec.from_run_config(config)
-    model = personal_model(spec)
+    model = personal_model(AdapterSpec.from_run_config(config))
     store = device.open_store(config, context.node_config)
     device.swap_in_user(model, store)
+    slots = {}
     if ARRAYS in msg.content.keys():
-        shared = msg.content[ARRAYS].to_torch_state_dict()
-        if any(tier_of(k) == "user" for k in shared):
+        direct, slots = split_slots(msg.content[ARRAYS].to_torch_state_dict())
+        if any(tier_of(k) == USER for k in direct):
             raise ValueError("the server sent a user-tier tensor; refusing to overwrite private state")
-        model.load_trainable(shared)
-    return config, spec, model, store
+        model.load_trainable(direct)
+    return config, model, store, slots
+
+
+def _wire_schema(msg: Message, config: dict) -> WireSchema:
+    """What a train reply to ``msg`` may hold, derived from the model spec (not from the message)."""
+    shared = personal_model(AdapterSpec.from_run_config(config)).shared_params()
+    shapes = {k: tuple(v.shape) for k, v in shared.items()}
+    return train_reply_schema(shapes, int(config.get("persona-slots", 0)), masked=SECAGG in msg.content.keys())
 
 
 def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
@@ -61,9 +73,7 @@ def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
     if kind == "query":
         EgressGuard.check_secagg(reply.content)
     else:
-        shared = personal_model(AdapterSpec.from_run_config(config)).shared_params()
-        schema = WireSchema.masked(shared) if SECAGG in msg.content.keys() else WireSchema.from_tensors(shared)
-        EgressGuard(schema).check(reply.content, kind=kind)
+        EgressGuard(_wire_schema(msg, config)).check(reply.content, kind=kind)
     if config.get("wire-audit-dir"):
         _record_wire(reply, Path(str(config["wire-audit-dir"])), context.node_id, kind)
     return reply
@@ -100,17 +110,23 @@ app = ClientApp(mods=[egress_guard_mod])
 
 @app.train(mods=[user_level_clip_mod])
 def train(msg: Message, context: Context) -> Message:
-    config, spec, model, store = _setup(msg, context)
+    config, model, store, slots = _setup(msg, context)
     cfg = TrainConfig.from_run_config(config)
     data = encode_pairs(model.tokenizer, store.tasks("train"), cfg.max_len)
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)) * 1000 + int(config.get("server-round", 0)))
+    server_round = int(config.get("server-round", 0))
+    chosen = pick_and_load(model, slots, data, config, store, server_round, "train") if slots else None
+    gen = torch.Generator().manual_seed(int(config.get("seed", 0)) * 1000 + server_round)
     result, history, opt_state = train_local(
         model, data, cfg, device.accountant_history(store), store.get_state(device.OPTIMIZER), generator=gen
     )
     device.swap_out_user(model, store, history, opt_state)
     if SECAGG in msg.content.keys():
-        arrays = _masked_update(msg, context, model, config)
+        arrays = _masked_update(msg, context, model, config, chosen)
+    elif slots:
+        arrays = ArrayRecord({k: Array(v) for k, v in _update(msg, model, config, chosen).items()})
     else:
+        # No persona tier, no secure aggregation: the new global values, as
+        # Flower's FedAvg (and its DP wrapper with fixedclipping_mod) expect.
         arrays = ArrayRecord(model.shared_state())
     content = RecordDict(
         {
@@ -128,22 +144,27 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _masked_update(msg: Message, context: Context, model, config: dict) -> ArrayRecord:
-    """Secure-aggregation stage 2: this client's shared update, clipped, then masked.
+def _update(msg: Message, model, config: dict, chosen: int | None) -> dict[str, np.ndarray]:
+    """This device's update in the wire layout (K-slot when the persona tier is on), clipped for user-level DP."""
+    sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+    trained = {k: v.numpy() for k, v in model.shared_state().items()}
+    clip = float(config["user-clip-norm"]) if bool(config.get("user-dp", False)) else None
+    return slot_update(sent, trained, chosen, int(config.get("persona-slots", 0)), clip)
 
-    The update is the change of the shared tier in the order of the keys the
-    server sent, so the server can un-flatten the sum. With user-level DP the
-    whole update is clipped to C here, on the device, before masking.
+
+def _masked_update(msg: Message, context: Context, model, config: dict, chosen: int | None) -> ArrayRecord:
+    """Secure-aggregation stage 2: this client's update, clipped, noised (distributed DP), then masked.
+
+    The update is flattened in the key order the server sent (+ the count
+    vector), so the server can un-flatten the sum.
     """
-    sent = msg.content[ARRAYS]
-    update = flatten(ArrayRecord(model.shared_state()), sent.keys()) - flatten(sent)
-    if bool(config.get("user-dp", False)):
-        clip = float(config["user-clip-norm"])
-        norm = float(np.linalg.norm(update))
-        if norm > clip:
-            update *= clip / norm
     client = SecAggClient.from_state(dict(context.state[SECAGG]))
-    masked = client.masked_input(dict(msg.content[SECAGG]), update)
+    update = _update(msg, model, config, chosen)
+    if bool(config.get("user-dp", False)) and str(config.get("secagg-noise", "distributed")) == "distributed":
+        std = float(config["user-noise-multiplier"]) * float(config["user-clip-norm"])
+        update = add_noise_share(update, std, client.params.min_survivors, np.random.default_rng())
+    vector = np.concatenate([v.reshape(-1) for v in update.values()]).astype(np.float64)
+    masked = client.masked_input(dict(msg.content[SECAGG]), vector)
     context.state[SECAGG] = ConfigRecord(client.to_state())
     return ArrayRecord({MASKED: Array(masked)})
 
@@ -173,18 +194,25 @@ def secagg_stage(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, spec, model, store = _setup(msg, context)
+    """Score the held-out split with each tier stack, and with the stack this user's routing group is served."""
+    config, model, store, slots = _setup(msg, context)
     cfg = TrainConfig.from_run_config(config)
-    data = encode_pairs(model.tokenizer, store.tasks("test"), cfg.max_len)
-    base, tokens = evaluate_nll(model, data, ())
-    glob, _ = evaluate_nll(model, data, ("global",))
-    pers, _ = evaluate_nll(model, data, ("global", "user"))
+    test = encode_pairs(model.tokenizer, store.tasks("test"), cfg.max_len)
+    train_pairs = store.tasks("train")
+    if slots:
+        pick_and_load(model, slots, encode_pairs(model.tokenizer, train_pairs, cfg.max_len), config, store, int(config.get("server-round", 0)), "evaluate")
+    base, tokens = evaluate_nll(model, test, ())
+    stacks = {"nll-global": (GLOBAL,), "nll-persona": (GLOBAL, PERSONA) if slots else (GLOBAL,), "nll-personal": (*model.tiers,) if slots else (GLOBAL, USER)}
+    scores = {name: evaluate_nll(model, test, adapters)[0] for name, adapters in stacks.items()}
+    group = routing_group(len(train_pairs), int(config.get("cold-start-below", 5)), int(config.get("frequent-from", 20)))
+    served = {COLD_START: "nll-global", OCCASIONAL: "nll-persona", FREQUENT: "nll-personal"}[group]
     eps = epsilon_from_history(device.accountant_history(store), cfg.delta) if cfg.dp else math.inf
     metrics = {
         "nll-base": base,
-        "nll-global": glob,
-        "nll-personal": pers,
-        "num-examples": len(data),
+        **scores,
+        "nll-served": scores[served],
+        "routing-group": group,
+        "num-examples": len(test),
         "num-tokens": tokens,
         "epsilon": _finite(eps),
         "user-index": int(context.node_config.get("partition-id", -1)),

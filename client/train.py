@@ -159,7 +159,7 @@ def train_local(
     """
     from opacus import PrivacyEngine
 
-    model.use("global", "user")
+    model.use(*model.tiers)
     model.train()
     params = _trainable(model)
     optimizer = make_optimizer(params, cfg)
@@ -252,5 +252,5 @@ def evaluate_nll(model: PersonalLM, data: TensorDataset, adapters: tuple[str, ..
         s, c = per_sample_nll(model(input_ids, attention), labels)
         total += s.sum().item()
         count += int(c.sum().item())
-    model.use("global", "user")
+    model.use(*model.tiers)
     return (total / count if count else float("nan")), count

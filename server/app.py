@@ -1,7 +1,7 @@
 """fedpersona ServerApp (Flower Message API).
 
-The server only ever holds the shared tier (the global adapter), averaged
-updates, numeric metrics and its own report. It builds the shared tier's
+The server only ever holds the shared tiers (the global adapter and K persona
+slots), summed or averaged updates, numeric metrics and its own report. It builds the shared tier's
 initial values from the same model construction code the clients use, so both
 sides agree on names and shapes.
 """
@@ -13,16 +13,18 @@ import math
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from common.config import client_config
 from common.dp import make_user_accountant, rounds_within_budget
 from common.models import AdapterSpec, personal_model
-from common.wire import WireSchema
+from common.tiers import server_state
+from common.wire import train_reply_schema
 from server.report import write_report
 from server.secure_strategy import SecAggFedAvg
+from server.slot_strategy import SlotFedAvg
 from server.strategy import EvalAtEndFedAvg, GuardedStrategy
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,11 @@ def main(grid: Grid, context: Context) -> None:
     rc = dict(context.run_config)
     started = time.time()
     spec = AdapterSpec.from_run_config(rc)
-    initial = personal_model(spec).shared_state()
+    shared = personal_model(spec).shared_state()
+    num_slots = int(rc.get("persona-slots", 0))
+    initial = ArrayRecord(
+        {k: Array(v) for k, v in server_state(shared, num_slots, float(rc.get("persona-init-std", 1e-3)), int(rc.get("seed", 0))).items()}
+    )
     planned_rounds = int(rc.get("num-server-rounds", 3))
     num_nodes = int(rc.get("num-supernodes", 2))
     user_dp = bool(rc.get("user-dp", False))
@@ -69,18 +75,24 @@ def main(grid: Grid, context: Context) -> None:
         # accounted wrapper checks it).
         weighted_by_key="steps" if user_dp else "num-examples",
     )
+    dp = {"noise_multiplier": float(rc["user-noise-multiplier"]), "clip_norm": float(rc["user-clip-norm"])} if user_dp else None
+    slot_args = dict(num_slots=num_slots, min_persona_size=float(rc.get("persona-min-size", 1)), user_dp=dp, accountant=accountant)
     if secagg:
-        # The server only ever holds the unmasked sum; user-level noise is added
-        # to that sum here, since no single update is visible to clip or wrap.
-        dp = {"noise_multiplier": float(rc["user-noise-multiplier"]), "clip_norm": float(rc["user-clip-norm"])} if user_dp else None
+        # The server only ever holds the unmasked sum: user-level noise comes
+        # from the clients' shares ("distributed") or is added to that sum.
         strategy = SecAggFedAvg(
             clip_range=float(rc.get("secagg-clip-range", 1.0)),
             modulus_bits=int(rc.get("secagg-modulus-bits", 32)),
-            user_dp=dp,
-            accountant=accountant,
+            max_dropout=float(rc.get("secagg-max-dropout", 0.3)),
+            server_noise=str(rc.get("secagg-noise", "distributed")) == "server",
+            **slot_args,
             **fedavg_args,
         )
+    elif num_slots:
+        strategy = SlotFedAvg(server_noise=True, **slot_args, **fedavg_args)
     else:
+        # No persona tier, no secure aggregation: stock Flower all the way,
+        # DP-FedAvg by Flower's own wrapper and fixedclipping_mod.
         strategy = EvalAtEndFedAvg(**fedavg_args)
         if user_dp:
             strategy = DifferentialPrivacyClientSideFixedClipping(
@@ -92,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
             )
     strategy = GuardedStrategy(
         strategy,
-        schema=WireSchema.masked(initial) if secagg else WireSchema.from_tensors(initial),
+        schema=train_reply_schema({k: tuple(v.shape) for k, v in shared.items()}, num_slots, masked=secagg),
         num_rounds=num_rounds,
         accountant=accountant,
         user_delta=float(rc.get("user-delta", 1e-3)),
@@ -100,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
     config = ConfigRecord(client_config(rc))
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(initial),
+        initial_arrays=initial,
         num_rounds=num_rounds,
         train_config=config,
         evaluate_config=config,

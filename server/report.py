@@ -11,37 +11,62 @@ import math
 import statistics
 from pathlib import Path
 
+from common.tiers import GROUP_NAMES
+
 
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def summarise(client_eval: list[dict]) -> dict:
-    """Token-weighted mean held-out NLL and perplexity for base / global / personal."""
-    out = {}
+TIERS = ("base", "global", "persona", "personal", "served")
+
+
+def _token_mean(client_eval: list[dict], key: str) -> float:
     tokens = sum(m["num-tokens"] for m in client_eval)
-    for name in ("base", "global", "personal"):
-        nll = sum(m[f"nll-{name}"] * m["num-tokens"] for m in client_eval) / tokens if tokens else float("nan")
+    return sum(m[key] * m["num-tokens"] for m in client_eval) / tokens if tokens else float("nan")
+
+
+def summarise(client_eval: list[dict]) -> dict:
+    """Token-weighted mean held-out NLL per tier stack, overall and per routing group.
+
+    Tier stacks: base model; global; global + persona; global + persona + user
+    ("personal"); and "served", the stack each user's routing group gets.
+    """
+    out = {}
+    for name in TIERS:
+        nll = _token_mean(client_eval, f"nll-{name}")
         out[name] = {"nll": nll, "ppl": math.exp(nll) if math.isfinite(nll) else float("nan")}
-    wins = sum(m["nll-personal"] < m["nll-global"] for m in client_eval)
-    out["users_personal_beats_global"] = wins
+    out["users_personal_beats_global"] = sum(m["nll-personal"] < m["nll-global"] for m in client_eval)
+    out["users_persona_beats_global"] = sum(m["nll-persona"] < m["nll-global"] for m in client_eval)
     out["users"] = len(client_eval)
+    groups = {}
+    for code, name in GROUP_NAMES.items():
+        members = [m for m in client_eval if int(m["routing-group"]) == code]
+        groups[name] = {"users": len(members), **{t: _token_mean(members, f"nll-{t}") for t in TIERS if t != "base"}}
+    out["routing_groups"] = groups
     return out
 
 
 def build_report(rc: dict, strategy, result, wall_s: float, planned_rounds: int | None = None) -> dict:
     per_round = []
+    slot_rounds = getattr(strategy.inner, "slot_rounds", {})
     for rnd in sorted(strategy.client_train_metrics):
         agg = result.train_metrics_clientapp.get(rnd)
-        per_round.append(
-            {
-                "round": rnd,
-                "train_loss": float(agg["train-loss"]) if agg else float("nan"),
-                "clients": len(strategy.client_train_metrics[rnd]),
-                "rejected_replies": strategy.rejected.get(rnd, 0),
-                "bytes_per_client": strategy.bytes_received.get(rnd, []),
-            }
-        )
+        sent = strategy.bytes_per_client(rnd)
+        row = {
+            "round": rnd,
+            "train_loss": float(agg["train-loss"]) if agg else float("nan"),
+            "clients": len(strategy.client_train_metrics[rnd]),
+            "rejected_replies": strategy.rejected.get(rnd, 0),
+            "bytes_per_client": sent["total"],
+            "bytes_train_reply": sent["train_reply"],
+            "bytes_secagg_replies": sent["secagg_replies"],
+        }
+        if rnd in slot_rounds:
+            # What the server learned about personas: per-slot sums' counts only.
+            row["persona_counts"] = [round(c, 3) for c in slot_rounds[rnd].counts]
+            row["persona_folded"] = slot_rounds[rnd].folded
+        per_round.append(row)
     clients = sorted(strategy.client_eval_metrics, key=lambda m: m.get("user-index", -1))
     users = [
         {
@@ -49,8 +74,11 @@ def build_report(rc: dict, strategy, result, wall_s: float, planned_rounds: int 
             "records": int(m["num-records"]),
             "test_examples": int(m["num-examples"]),
             "nll_base": m["nll-base"],
+            "routing_group": GROUP_NAMES[int(m["routing-group"])],
             "nll_global": m["nll-global"],
+            "nll_persona": m["nll-persona"],
             "nll_personal": m["nll-personal"],
+            "nll_served": m["nll-served"],
             "epsilon_record_level": None if m["epsilon"] < 0 else m["epsilon"],
         }
         for m in clients
@@ -104,13 +132,19 @@ def render_markdown(report: dict) -> str:
         "",
         "## Per-round training loss",
         "",
-        "| round | clients | mean train loss | bytes sent per client | rejected |",
-        "|---|---|---|---|---|",
+        "Bytes: what each client sent in the round as Flower serialises it (train reply plus, under secure",
+        "aggregation, its key, share and unmask replies); max over clients. Persona counts: what the server",
+        "learned per slot (noisy under user-level DP); folded slots went into the global tier.",
+        "",
+        "| round | clients | mean train loss | bytes sent per client (train + secagg) | persona counts | folded | rejected |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rounds"]:
-        sent = r["bytes_per_client"]
+        sent, train, query = r["bytes_per_client"], r["bytes_train_reply"], r["bytes_secagg_replies"]
+        counts = ", ".join(f"{c:.1f}" for c in r.get("persona_counts", [])) or "-"
         lines.append(
-            f"| {r['round']} | {r['clients']} | {r['train_loss']:.4f} | {max(sent) if sent else 0:,} | {r['rejected_replies']} |"
+            f"| {r['round']} | {r['clients']} | {r['train_loss']:.4f} | {max(sent) if sent else 0:,} "
+            f"({max(train) if train else 0:,} + {max(query) if query else 0:,}) | {counts} | {r.get('persona_folded') or '-'} | {r['rejected_replies']} |"
         )
     lines += [
         "",
@@ -119,24 +153,41 @@ def render_markdown(report: dict) -> str:
         "| model | NLL/token | perplexity |",
         "|---|---|---|",
     ]
-    for name, label in (("base", "base model"), ("global", "federated global adapter"), ("personal", "global + personal (user adapter + soft prompt)")):
+    for name, label in (
+        ("base", "base model"),
+        ("global", "global tier"),
+        ("persona", "global + persona (the device's IFCA-chosen slot)"),
+        ("personal", "global + persona + user (user adapter + soft prompt)"),
+        ("served", "as served: each user's routing group"),
+    ):
         lines.append(f"| {label} | {u[name]['nll']:.4f} | {u[name]['ppl']:.2f} |")
     lines += [
         "",
-        f"Personalised beats global for {u['users_personal_beats_global']} of {u['users']} users.",
+        f"Persona beats global for {u['users_persona_beats_global']} of {u['users']} users; "
+        f"personalised beats global for {u['users_personal_beats_global']}.",
+        "",
+        "### Per routing group (cold-start: global; occasional: + persona; frequent: + persona + user)",
+        "",
+        "| group | users | global | global + persona | personal | served |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, g in u["routing_groups"].items():
+        lines.append(f"| {name} | {g['users']} | {g['global']:.4f} | {g['persona']:.4f} | {g['personal']:.4f} | {g['served']:.4f} |")
+    lines += [
         "",
         "## Per-user results (record-level epsilon from each device's Opacus RDP accountant)",
         "",
         f"delta = {report['epsilon_record_level']['delta']}; DP-SGD {'on' if report['epsilon_record_level']['dp'] else 'off (epsilon = inf)'}.",
         "",
-        "| user | records | NLL base | NLL global | NLL personal | epsilon |",
-        "|---|---|---|---|---|---|",
+        "| user | records | group | NLL base | NLL global | NLL persona | NLL personal | epsilon |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ul = report["user_level"]
     for x in report["users"]:
         eps = "inf" if x["epsilon_record_level"] is None else f"{x['epsilon_record_level']:.2f}"
         lines.append(
-            f"| {x['user_index']} | {x['records']} | {x['nll_base']:.3f} | {x['nll_global']:.3f} | {x['nll_personal']:.3f} | {eps} |"
+            f"| {x['user_index']} | {x['records']} | {x['routing_group']} | {x['nll_base']:.3f} | {x['nll_global']:.3f} "
+            f"| {x['nll_persona']:.3f} | {x['nll_personal']:.3f} | {eps} |"
         )
     lines += ["", "## User-level DP (DP-FedAvg on the shared tier)", ""]
     if not ul["dp"]:

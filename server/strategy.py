@@ -67,7 +67,7 @@ class GuardedStrategy(Strategy):
         self.num_rounds = num_rounds
         self.accountant = accountant
         self.user_delta = user_delta
-        self.bytes_received: dict[int, list[int]] = {}
+        self.bytes_received: dict[int, dict[int, int]] = {}  # round -> node -> train-reply bytes
         self.rejected: dict[int, int] = {}
         self.client_train_metrics: dict[int, list[dict]] = {}
         self.client_eval_metrics: list[dict] = []
@@ -92,7 +92,7 @@ class GuardedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         valid = self._valid(server_round, list(replies), "train")
-        self.bytes_received[server_round] = [reply_nbytes(r.content) for r in valid]
+        self.bytes_received[server_round] = {r.metadata.src_node_id: reply_nbytes(r.content) for r in valid}
         self.client_train_metrics[server_round] = [dict(r.content[METRICS]) for r in valid]
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         if self.accountant is not None:
@@ -108,6 +108,17 @@ class GuardedStrategy(Strategy):
         valid = self._valid(server_round, list(replies), "evaluate")
         self.client_eval_metrics = [dict(r.content[METRICS]) for r in valid]
         return self.inner.aggregate_evaluate(server_round, valid) if valid else None
+
+    def bytes_per_client(self, server_round: int) -> dict[str, list[int]]:
+        """Bytes each client sent in a round: train reply, secure-aggregation replies, total."""
+        train = self.bytes_received.get(server_round, {})
+        query = getattr(self.inner, "query_bytes", {}).get(server_round, {})
+        nodes = sorted(set(train) | set(query))
+        return {
+            "train_reply": [train.get(n, 0) for n in nodes],
+            "secagg_replies": [query.get(n, 0) for n in nodes],
+            "total": [train.get(n, 0) + query.get(n, 0) for n in nodes],
+        }
 
     def summary(self) -> None:
         self.inner.summary()

@@ -243,6 +243,13 @@ class DatasetSpec:
     interactions: int = 20
     preferences: int = 10
     num_items: int = 40
+    # Data volume (routing by data volume, issue #4): a share of users are
+    # cold-start (a handful of training tasks) and a share occasional; the
+    # rest are frequent users with ~train_tasks each.
+    cold_start_share: float = 0.15
+    occasional_share: float = 0.25
+    cold_start_tasks: int = 3
+    occasional_tasks: int = 10
 
     def validate(self) -> None:
         if not MIN_PERSONAS <= self.num_personas <= MAX_PERSONAS:
@@ -253,7 +260,9 @@ class DatasetSpec:
                 f"num_users must be in [num_personas, {MAX_USERS}], got {self.num_users}")
         if not 0.0 <= self.pii_share <= 1.0:
             raise ValueError(f"pii_share must be in [0, 1], got {self.pii_share}")
-        for name in ("train_tasks", "test_tasks", "documents", "interactions", "preferences"):
+        if not (0.0 <= self.cold_start_share and 0.0 <= self.occasional_share and self.cold_start_share + self.occasional_share <= 1.0):
+            raise ValueError("cold_start_share and occasional_share must be >= 0 and sum to <= 1")
+        for name in ("train_tasks", "test_tasks", "documents", "interactions", "preferences", "cold_start_tasks", "occasional_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # Each persona needs at least 2 items in its liked category and some
@@ -350,8 +359,21 @@ def _render(persona: Persona, signature: str, topic: str, rng: random.Random,
     return text, spans
 
 
+VOLUMES = ("cold-start", "occasional", "frequent")
+
+
+def _volumes(spec: DatasetSpec) -> list[str]:
+    """Each user's data-volume class: exact shares (rounded), shuffled like personas."""
+    cold = round(spec.cold_start_share * spec.num_users)
+    occasional = round(spec.occasional_share * spec.num_users)
+    classes = ["cold-start"] * cold + ["occasional"] * occasional
+    classes += ["frequent"] * (spec.num_users - len(classes))
+    _rng(spec.seed, "volumes").shuffle(classes)
+    return classes
+
+
 def _make_user(spec: DatasetSpec, index: int, persona_index: int, signature: str,
-               fake: Faker) -> tuple[list[dict], list[dict], dict]:
+               fake: Faker, volume: str = "frequent") -> tuple[list[dict], list[dict], dict]:
     """Return (records, sidecar rows, manifest entry) for one user."""
     user_id = f"user_{index:03d}"
     persona = PERSONAS[persona_index]
@@ -416,7 +438,8 @@ def _make_user(spec: DatasetSpec, index: int, persona_index: int, signature: str
     for a, b in pairs:
         records.append({"type": "preference", "preferred": _item_id(a), "other": _item_id(b)})
 
-    n_train = _vary(rng, spec.train_tasks)
+    n_train = {"cold-start": spec.cold_start_tasks, "occasional": _vary(rng, spec.occasional_tasks)}.get(
+        volume, _vary(rng, spec.train_tasks))
     train_pii = plant(n_train, rng)
     tasks = [("train", t, t in train_pii) for t in range(n_train)]
     # Test outputs never carry PII: evaluation must not reward memorising it.
@@ -438,6 +461,7 @@ def _make_user(spec: DatasetSpec, index: int, persona_index: int, signature: str
         "file": f"users/{user_id}.jsonl",
         "persona": persona_index,
         "persona_name": persona.name,
+        "volume": volume,
         "signature": signature,
         "favourite_topics": favourites,
         "implied_gender": "female" if is_female else "male",
@@ -486,12 +510,13 @@ def generate_dataset(out_dir: Path, spec: DatasetSpec = DatasetSpec()) -> dict:
     _rng(spec.seed, "personas").shuffle(assign)
     sig_ids = _rng(spec.seed, "signatures").sample(range(MAX_USERS), spec.num_users)
     fake = Faker("en_US")
+    volumes = _volumes(spec)
 
     users, sidecar_rows = [], []
     for index in range(spec.num_users):
         a, n = divmod(sig_ids[index], len(_SIG_NOUN))
         signature = f"{_SIG_ADJ[a]} {_SIG_NOUN[n]}"
-        records, side, entry = _make_user(spec, index, assign[index], signature, fake)
+        records, side, entry = _make_user(spec, index, assign[index], signature, fake, volumes[index])
         path = out_dir / entry["file"]
         path.write_text("".join(_dump(r) + "\n" for r in records), encoding="utf-8")
         users.append(entry)

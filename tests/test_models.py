@@ -35,8 +35,15 @@ def test_tiers_and_names():
     model = personal_model(AdapterSpec(base_model="tiny-random"))
     keys = set(model.trainable_state())
     assert PROMPT_KEY in keys
-    assert {tier_of(k) for k in keys} == {"global", "user"}
-    assert set(model.shared_state()) == {k for k in keys if k.startswith("global/")}
+    assert {tier_of(k) for k in keys} == {"global", "persona", "user"}
+    assert set(model.shared_state()) == {k for k in keys if k.startswith(("global/", "persona/"))}
+    # The persona adapter lives in the global adapter's LoRA subspace (same frozen
+    # A), which is what lets the server fold a small persona into the global tier.
+    for module in model.peft.modules():
+        if hasattr(module, "lora_A") and "persona" in module.lora_A:
+            assert torch.equal(module.lora_A["persona"].weight, module.lora_A["global"].weight)
+    without = personal_model(AdapterSpec(base_model="tiny-random", persona=False))
+    assert {tier_of(k) for k in without.trainable_state()} == {"global", "user"}
     assert canonical_lora_name("base_model.model.model.layers.3.self_attn.q_proj.lora_A.global.weight") == "global/layers.3.self_attn.q_proj.lora_A"
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from common.config import build_config, client_config
 from common.models import AdapterSpec, personal_model
 from common.secagg import SecAggClient
-from common.wire import WireSchema
+from common.tiers import server_state
+from common.wire import train_reply_schema
 
 
 class LoopbackGrid:
@@ -65,15 +66,23 @@ def round_setup(tiny_data, task_identity, tmp_path, monkeypatch):
 def _strategy(cfg, **extra):
     from server.secure_strategy import SecAggFedAvg
 
-    args = {"min_train_nodes": 3, "min_available_nodes": 3, **extra}
+    args = {"min_train_nodes": 3, "min_available_nodes": 3, "num_slots": int(cfg["persona-slots"]), **extra}
     return SecAggFedAvg(num_rounds=1, clip_range=float(cfg["secagg-clip-range"]), fraction_train=1.0, **args)
 
 
-def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup):
-    from common.wire import flatten
+def _initial(cfg, model) -> ArrayRecord:
+    arrays = server_state(model.shared_state(), int(cfg["persona-slots"]), float(cfg["persona-init-std"]), 0)
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+@pytest.mark.parametrize("slots", [0, 3])
+def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup, slots):
+    from common.wire import EgressGuard, flatten
+    from server.slot_strategy import apply_update_sum
 
     app, cfg, model, contexts, updates = round_setup
-    initial = ArrayRecord(model.shared_state())
+    cfg = {**cfg, "persona-slots": slots}
+    initial = _initial(cfg, model)
     grid = LoopbackGrid(app, contexts)
     strategy = _strategy(cfg)
     messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
@@ -81,13 +90,20 @@ def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup):
     new, metrics = strategy.aggregate_train(1, replies)
 
     assert set(updates) == set(contexts) and all(np.abs(u).max() > 0 for u in updates.values())
-    expected = flatten(initial) + np.mean(list(updates.values()), axis=0)
+    plain_sum = np.sum(list(updates.values()), axis=0)
+    # What the server computed from the masked replies equals the plain arithmetic
+    # on the clients' own (unmasked) updates: the global mean, the per-slot means
+    # and the per-slot counts.
+    expected, info = apply_update_sum(initial, plain_sum, 3, slots, 1.0, None)
     bound = 3 * 2 * float(cfg["secagg-clip-range"]) / 2**32 * 3 + 1e-7  # 3 summands of one quantisation step each
-    assert np.abs(flatten(new) - expected).max() <= max(bound, 1e-6)
+    assert np.abs(flatten(new) - flatten(expected)).max() <= max(bound, 1e-6)
     assert metrics is not None
+    if slots:
+        counts = strategy.slot_rounds[1].counts
+        assert np.allclose(counts, info.counts, atol=1e-6) and round(sum(counts)) == 3
     # The train replies carry one masked uint32 vector and no float tensor.
-    guard_schema = WireSchema.masked(model.shared_state())
-    from common.wire import EgressGuard
+    shapes = {k: tuple(v.shape) for k, v in model.shared_params().items()}
+    guard_schema = train_reply_schema(shapes, slots, masked=True)
 
     for reply in replies:
         EgressGuard(guard_schema).check(reply.content, "train")
@@ -97,6 +113,8 @@ def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup):
 
 def test_sum_survives_a_client_dropping_before_its_masked_input(round_setup, tiny_data, tmp_path):
     from common.wire import flatten
+
+    from server.slot_strategy import apply_update_sum
 
     app, cfg, model, _, updates = round_setup
     # Five devices (two reuse a user file with their own store): with 3 clients
@@ -112,17 +130,21 @@ def test_sum_survives_a_client_dropping_before_its_masked_input(round_setup, tin
         )
         for i in range(5)
     }
-    initial = ArrayRecord(model.shared_state())
+    initial = _initial(cfg, model)
     grid = LoopbackGrid(app, contexts, drop={(204, "train")})
     strategy = _strategy(cfg, min_train_nodes=5, min_available_nodes=5)
     messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
     replies = grid.send_and_receive(messages)
     new, _ = strategy.aggregate_train(1, replies)
     survivors = [updates[n] for n in range(200, 204)]
-    # Fixed denominator (clients asked, not clients answered), as DP-FedAvg requires.
-    expected = flatten(initial) + np.sum(survivors, axis=0) / 5
-    assert np.abs(flatten(new) - expected).max() < 1e-6
+    # Fixed denominator for the global tier (clients asked, not clients
+    # answered), as DP-FedAvg requires; slots divide by their decoded counts.
+    expected, info = apply_update_sum(initial, np.sum(survivors, axis=0), 5, int(cfg["persona-slots"]), 1.0, None)
+    assert np.abs(flatten(new) - flatten(expected)).max() < 1e-6
+    assert round(sum(info.counts)) == 4
     assert strategy.dropped[1] == 1
+    # Key, share and unmask replies are counted per client, next to the train reply.
+    assert set(strategy.query_bytes[1]) == set(contexts) and min(strategy.query_bytes[1].values()) > 0
 
 
 def test_query_replies_may_not_smuggle_text():
@@ -136,3 +158,34 @@ def test_query_replies_may_not_smuggle_text():
     with pytest.raises(EgressViolation) as err:
         EgressGuard.check_secagg(RecordDict({"secagg": ConfigRecord({"stage": "shares", "jane@example.com": 1})}))
     assert "jane" not in str(err.value)
+
+
+def test_distributed_noise_no_party_sees_a_noiseless_sum(round_setup):
+    """User-level DP under secure aggregation: the clients' noise shares are the only noise.
+
+    Each device adds N(0, (zC)^2 / m) before masking (m = the minimum number of
+    survivors the protocol unmasks), so the unmasked sum already carries noise
+    of std >= zC, and the server adds none of its own.
+    """
+    from common.dp import make_user_accountant
+    from common.wire import flatten
+    from server.slot_strategy import apply_update_sum
+
+    app, cfg, model, contexts, updates = round_setup
+    z, clip = 1.0, 0.05
+    cfg = {**cfg, "user-dp": True, "user-noise-multiplier": z, "user-clip-norm": clip}
+    initial = _initial(cfg, model)
+    grid = LoopbackGrid(app, contexts)
+    accountant = make_user_accountant(3, 1e-3, None)
+    strategy = _strategy(cfg, user_dp={"noise_multiplier": z, "clip_norm": clip}, server_noise=False, accountant=accountant)
+    server_rng = strategy.rng = np.random.default_rng(0)
+    before = server_rng.bit_generator.state
+    messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
+    new, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+
+    noised_sum = np.sum(list(updates.values()), axis=0)  # what the devices masked: update + noise share
+    assert noised_sum.std() == pytest.approx(z * clip, rel=0.05)  # 3 shares of variance (zC)^2/3
+    expected, info = apply_update_sum(initial, noised_sum, 3, 3, 1.0, clip)
+    assert np.abs(flatten(new) - flatten(expected)).max() < 1e-5
+    assert server_rng.bit_generator.state == before  # the server drew no noise of its own
+    assert accountant.get_epsilon(1e-3) > 0

@@ -9,6 +9,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+def _update_length(num_slots: int) -> int:
+    from common.config import build_config
+    from common.models import AdapterSpec, personal_model
+    from common.tiers import update_layout, update_length, wire_shapes
+
+    shared = personal_model(AdapterSpec.from_run_config(build_config("quick"))).shared_params()
+    return update_length(update_layout(wire_shapes({k: tuple(v.shape) for k, v in shared.items()}, num_slots), num_slots))
+
+
 def test_quick_simulation_writes_a_three_way_report(tmp_path):
     from simulations.run import prepare, simulate
 
@@ -22,11 +31,17 @@ def test_quick_simulation_writes_a_three_way_report(tmp_path):
     assert len(report["users"]) == 4
     for user in report["users"]:
         assert user["epsilon_record_level"] is not None and user["epsilon_record_level"] > 0
-        for key in ("nll_base", "nll_global", "nll_personal"):
+        for key in ("nll_base", "nll_global", "nll_persona", "nll_personal", "nll_served"):
             assert user[key] > 0
-    # Every round, each client sent exactly the global adapter (float32).
-    schema_bytes = report["rounds"][0]["bytes_per_client"][0]
-    assert all(b == schema_bytes for r in report["rounds"] for b in r["bytes_per_client"])
+    # Per tier stack and per routing group (the generator makes 1 cold-start, 1 occasional, 2 frequent of 4).
+    assert {"base", "global", "persona", "personal", "served"} <= set(report["utility"])
+    groups = report["utility"]["routing_groups"]
+    assert {g: groups[g]["users"] for g in groups} == {"cold-start": 1, "occasional": 1, "frequent": 2}
+    # Every round, each client sent one K-slot update (float32) and its metrics;
+    # the server learned per-slot counts summing to the 4 clients.
+    payload = 4 * _update_length(3)
+    assert all(payload <= b < 1.2 * payload for r in report["rounds"] for b in r["bytes_per_client"])  # + npy headers, names, metrics
+    assert all(sum(r["persona_counts"]) == 4 for r in report["rounds"])
     # The raw data never reaches the server's report.
     text = (tmp_path / "run" / "report.json").read_text()
     sidecar = (tmp_path / "run" / "data" / "pii_sidecar.jsonl").read_text().splitlines()
@@ -69,12 +84,14 @@ def test_secure_aggregation_with_user_dp_runs_on_the_simulation_engine(tmp_path)
     report = simulate(prepare("quick", overrides, tmp_path / "run"))
     assert [r["clients"] for r in report["rounds"]] == [4, 4]
     assert all(r["rejected_replies"] == 0 for r in report["rounds"])
-    # Each train reply is one masked uint32 vector (plus the .npy header), not float tensors.
-    from common.models import AdapterSpec, personal_model
-    from common.config import build_config
-
-    length = sum(v.numel() for v in personal_model(AdapterSpec.from_run_config(build_config("quick"))).shared_state().values())
-    assert all(4 * length <= b < 4 * length + 256 for r in report["rounds"] for b in r["bytes_per_client"])
+    # Each train reply is one masked uint32 vector as long as the K-slot update
+    # (plus headers and metrics), not float tensors; key, share and unmask
+    # replies are counted on top.
+    length = _update_length(3)
+    for r in report["rounds"]:
+        assert all(4 * length <= b < 4 * length + 1024 for b in r["bytes_train_reply"])
+        assert all(b > 0 for b in r["bytes_secagg_replies"])
+        assert r["bytes_per_client"] == [a + b for a, b in zip(r["bytes_train_reply"], r["bytes_secagg_replies"])]
     eps = list(report["user_level"]["epsilon_per_round"].values())
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
     assert len(report["users"]) == 4

@@ -67,7 +67,8 @@ def test_device_clips_the_whole_shared_update(tiny_data, task_identity, tmp_path
 
     from client.app import app
 
-    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lr": 0.5})
+    # Without the persona tier: Flower's fixedclipping_mod clips the new values' change.
+    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lr": 0.5, "persona-slots": 0})
     model = personal_model(AdapterSpec.from_run_config(cfg))
     model.reset_to_initial()
     sent = model.shared_state()
@@ -78,3 +79,27 @@ def test_device_clips_the_whole_shared_update(tiny_data, task_identity, tmp_path
     got = reply.content["arrays"].to_numpy_ndarrays()
     delta = np.sqrt(sum(float(((g - s.numpy()) ** 2).sum()) for g, s in zip(got, sent.values())))
     assert 0 < delta <= clip * (1 + 1e-4)
+
+
+def test_k_slot_update_is_clipped_with_its_count(tiny_data, task_identity, tmp_path):
+    """Persona tier + user-level DP: the whole K-slot vector, count included, has norm <= C."""
+    from flwr.app import Array
+
+    from client.app import app
+    from common.tiers import server_state
+
+    clip = 1e-3
+    cfg = build_config(
+        "quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lr": 0.5, "user-dp": True, "user-clip-norm": clip}
+    )
+    model = personal_model(AdapterSpec.from_run_config(cfg))
+    model.reset_to_initial()
+    sent = server_state(model.shared_state(), 3, 1e-3, 0)
+    content = {"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}), "config": ConfigRecord(client_config(cfg))}
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(), run_config={})
+    reply = app(Message(content=RecordDict(content), dst_node_id=1, message_type="train"), ctx)
+    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    count = arrays.pop("persona-count")
+    assert sorted(count.tolist()) == pytest.approx([0, 0, clip / math.sqrt(2)])
+    norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in arrays.values()))
+    assert 0 < norm <= clip / math.sqrt(2) * (1 + 1e-4)

@@ -1,0 +1,149 @@
+"""The device's half of the persona tier: choose a persona locally, build the K-slot update.
+
+The server never learns which persona a device chose (issue #4):
+
+* the choice is made here, from this device's own data, IFCA-style (Ghosh et
+  al. 2020): the slot whose global + persona model has the lowest loss on a few
+  of the device's training examples;
+* the update the device sends has all K persona slots, zero except its own, and
+  a one-hot count vector; under secure aggregation the server sees only their
+  sums over all clients.
+
+With user-level DP the whole update (every tier and the count) is clipped so
+that one Gaussian mechanism covers it, and under secure aggregation each device
+adds its share of that noise before masking ("distributed" noise), so no party
+ever holds a noiseless sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from client.store import DeviceStore
+from common.models import PersonalLM
+from common.tiers import COUNT_KEY, GLOBAL, PERSONA, count_scale, live_key, slot_of
+
+CHOICE_STATE = "persona-choice.json"
+
+
+def split_slots(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """Separate the server's tensors into the directly loadable part and the K persona slots."""
+    direct, slots = {}, {}
+    for key, value in tensors.items():
+        k = slot_of(key)
+        if k is None:
+            direct[key] = value
+        else:
+            slots.setdefault(k, {})[live_key(key)] = value
+    return direct, dict(sorted(slots.items()))
+
+
+def _tie_break_rng(store: DeviceStore, server_round: int) -> random.Random:
+    # Device-local randomness: the store path is this device's own secret-ish
+    # identity; the server neither chooses nor sees it.
+    digest = hashlib.sha256(f"{store.path}:{server_round}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _identical(slots: dict[int, dict[str, torch.Tensor]]) -> bool:
+    first = next(iter(slots.values()))
+    return all(all(torch.equal(first[k], s[k]) for k in first) for s in slots.values())
+
+
+@torch.no_grad()
+def choose_persona(
+    model: PersonalLM,
+    slots: dict[int, dict[str, torch.Tensor]],
+    data: TensorDataset,
+    num_examples: int,
+    rng: random.Random,
+) -> tuple[int, list[float]]:
+    """IFCA: the slot with the lowest mean NLL of global + persona on ``num_examples`` training examples.
+
+    Returns (slot, per-slot losses). Ties (identical slots, or no data) are
+    broken uniformly at random: that is how round 1 spreads users over slots.
+    """
+    from client.train import evaluate_nll
+
+    subset = data[: max(1, num_examples)] if len(data) else None
+    if subset is None or _identical(slots):
+        return rng.choice(list(slots)), []
+    sample = TensorDataset(*subset)
+    losses = []
+    for k in sorted(slots):
+        model.load_trainable(slots[k])
+        nll, _ = evaluate_nll(model, sample, (GLOBAL, PERSONA))
+        losses.append(nll)
+    best = min(losses)
+    ties = [k for k, v in zip(sorted(slots), losses) if v <= best + 1e-9]
+    return rng.choice(ties), losses
+
+
+def pick_and_load(model: PersonalLM, slots, data, config: dict, store: DeviceStore, server_round: int, phase: str) -> int:
+    """Choose this device's persona, load that slot into the live adapter, note the choice locally."""
+    k, _ = choose_persona(model, slots, data, int(config.get("ifca-examples", 8)), _tie_break_rng(store, server_round))
+    model.load_trainable(slots[k])
+    record_choice(store, phase, server_round, k)
+    return k
+
+
+def record_choice(store: DeviceStore, phase: str, server_round: int, slot: int) -> None:
+    """Keep the choice on the device (simulation diagnostics read it; it is never sent)."""
+    blob = store.get_state(CHOICE_STATE)
+    history = json.loads(blob) if blob else {}
+    history.setdefault(phase, {})[str(server_round)] = slot
+    store.put_state(CHOICE_STATE, json.dumps(history).encode())
+
+
+def slot_update(
+    sent: dict[str, np.ndarray],
+    trained: dict[str, np.ndarray],
+    chosen: int | None,
+    num_slots: int,
+    clip_norm: float | None,
+) -> dict[str, np.ndarray]:
+    """This device's update in the wire layout: the sent keys (+ the count vector).
+
+    ``sent``: what the server sent (global + every slot), in its order.
+    ``trained``: the live shared tensors after local training (``global/``,
+    ``persona/``). Slot ``chosen`` carries the persona change; the other slots
+    are zero. ``clip_norm`` (user-level DP) bounds the whole vector's norm.
+    """
+    update = {}
+    for key, before in sent.items():
+        k = slot_of(key)
+        if k is None:
+            update[key] = trained[key] - before
+        elif k == chosen:
+            update[key] = trained[live_key(key)] - before
+        else:
+            update[key] = np.zeros_like(before)
+    scale = count_scale(clip_norm)
+    if clip_norm is not None:
+        # The count coordinate takes its share of the budget (common.tiers.count_scale).
+        limit = clip_norm if not num_slots else math.sqrt(max(clip_norm**2 - scale**2, 0.0))
+        norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
+        if norm > limit:
+            update = {k: v * (limit / norm) for k, v in update.items()}
+    if num_slots:
+        count = np.zeros(num_slots, dtype=np.float32)
+        count[chosen] = scale
+        update[COUNT_KEY] = count
+    return {k: v.astype(np.float32) for k, v in update.items()}
+
+
+def add_noise_share(update: dict[str, np.ndarray], noise_std: float, min_summands: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Distributed DP: this device's Gaussian share, std ``noise_std / sqrt(min_summands)``.
+
+    Secure aggregation refuses to unmask fewer than ``min_summands`` inputs, so
+    the released sum always carries noise of variance >= ``noise_std**2``.
+    """
+    share = noise_std / math.sqrt(min_summands)
+    return {k: v + rng.normal(0.0, share, size=v.shape).astype(np.float32) for k, v in update.items()}
