@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedpersona-installed
 
-.PHONY: install demo test quick clean
+.PHONY: install demo test quick clean browser
 
 install: $(STAMP)
 
@@ -24,8 +24,15 @@ demo: install
 quick: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fedpersona simulate --profile quick
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Headless Chromium (Debian's package) for the HTML report check. Best effort:
+# without root or apt the test that needs it skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "chromium not installed (needs root and apt); the headless report check will skip"
 
 clean:
 	rm -rf $(VENV) runs

@@ -59,7 +59,16 @@ def locate_user(config: dict, node_config: dict) -> tuple[Path, Path]:
 
 @functools.lru_cache(maxsize=4)
 def scrubber(mode: str, operator: str):
-    """One Presidio engine per process (loading spaCy costs about a second)."""
+    """One Presidio engine per process (loading spaCy costs about a second).
+
+    ``off`` exists only for the privacy audits' control arm (canary exposure
+    and regurgitation "with scrubbing off"): it stores raw text and says so.
+    """
+    if mode == "off":
+        from client.store import ScrubOutcome
+
+        log.warning("scrub-mode=off: raw text is stored UNSCRUBBED on this device (an audit control arm, never for real data)")
+        return lambda texts: [ScrubOutcome(text, 0, None) for text in texts]
     from client.scrub import Scrubber
 
     return Scrubber.from_config(mode=mode, operator=operator)

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, object] = {
     "scrub-mode": "full",
     "scrub-operator": "tag",
     "num-personas": 4,
+    "holdout-users": 4,  # generated but never federated: non-members for the user-level membership audit
     "seed": 0,
     # server-side output
     "run-dir": "runs/latest",
@@ -76,7 +77,7 @@ PROFILES: dict[str, dict[str, object]] = {
     "full": {"num-supernodes": 32, "num-server-rounds": 5, "local-steps": 4, "batch-size": 16},
 }
 
-SERVER_ONLY = {"run-dir"}
+SERVER_ONLY = {"run-dir"}  # (generator-only keys like holdout-users are harmless in client messages)
 
 
 def build_config(profile: str = "default", overrides: dict | None = None) -> dict:

@@ -65,3 +65,27 @@ def independent_user_epsilon(noise_multiplier: float, rounds: int, delta: float)
     rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps) if math.isfinite(eps) else math.inf
+
+
+def noise_for_epsilon(target_epsilon: float, rounds: int, delta: float, population: int) -> float:
+    """The smallest noise multiplier z (to 1e-3) whose ``rounds`` releases stay within ``target_epsilon``.
+
+    Calibrated with Flower's accountant (the one that enforces the budget), so
+    a run configured with this z is never stopped early by its own budget.
+    """
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    def fits(z: float) -> bool:
+        acc = make_user_accountant(population, delta, None)
+        acc.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=population, population_size=population), count=rounds)
+        return acc.get_epsilon(delta) <= target_epsilon
+
+    lo, hi = 0.05, 1.0
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return round(hi, 3)

@@ -22,7 +22,7 @@ from common.dp import make_user_accountant, rounds_within_budget
 from common.models import AdapterSpec, personal_model
 from common.tiers import server_state
 from common.wire import train_reply_schema
-from server.report import write_report
+from server.report import SHARED_TIERS_FILE, save_shared_tiers, write_report
 from server.secure_strategy import SecAggFedAvg
 from server.slot_strategy import SlotFedAvg
 from server.strategy import EvalAtEndFedAvg, GuardedStrategy
@@ -120,4 +120,5 @@ def main(grid: Grid, context: Context) -> None:
     )
     run_dir = Path(str(rc.get("run-dir", "runs/latest")))
     write_report(run_dir, rc, strategy, result, wall_s=time.time() - started, planned_rounds=planned_rounds)
+    save_shared_tiers(run_dir / SHARED_TIERS_FILE, result.arrays)
     log.info("report written to %s", run_dir)

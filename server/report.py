@@ -207,6 +207,16 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHARED_TIERS_FILE = "shared-tiers.safetensors"
+
+
+def save_shared_tiers(path: Path, arrays) -> None:
+    """The final global tier and persona slots: the server's own state, kept for audits and serving."""
+    from safetensors.numpy import save_file
+
+    save_file({k: v.numpy() for k, v in arrays.items()}, str(path))
+
+
 def write_report(run_dir: Path, rc: dict, strategy, result, wall_s: float, planned_rounds: int | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(rc, strategy, result, wall_s, planned_rounds)

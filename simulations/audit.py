@@ -1,6 +1,9 @@
-"""Built-in privacy audits that read a finished simulation run.
+"""Built-in audits that read a finished simulation run (orchestrated by :func:`run_audits`).
 
-Two audits so far (issue #6 lists more):
+The attacks live in ``audit_privacy.py`` (canary exposure, membership
+inference, PII regurgitation) and ``audit_bias.py`` (disparity, DP disparate
+impact, counterfactual swaps, degree of personalization); the page in
+``audit_html.py``. This module holds the two bookkeeping audits:
 
 * **epsilon ledger**: for every user, recompute the record-level epsilon from the
   mechanism parameters the device logged (its accountant history: noise
@@ -168,18 +171,48 @@ def wire_audit(run_dir: Path, tokenizer=None) -> dict:
     }
 
 
-def run_audits(run_dir: Path) -> dict:
-    from common.models import AdapterSpec, personal_model
+def run_audits(run_dir: Path, attacks: bool = True, generation: bool = True, baseline: Path | None = None, compare: list[Path] = ()) -> dict:
+    """Run the audits on a finished run; write ``audit.json`` and ``report.html``.
+
+    * always: the epsilon ledger, and the wire audit if the wire was recorded;
+    * ``attacks``: canary exposure, membership inference, utility disparity
+      (and DP disparate impact against a non-private ``baseline`` run);
+    * ``generation``: the audits that generate text (PII regurgitation,
+      counterfactual swaps, degree of personalization);
+    * ``compare``: other audited runs for the privacy-utility chart.
+
+    Raises :class:`AuditFailure` when the ledger disagrees, the wire audit finds
+    planted PII, or a membership attack's empirical epsilon bound exceeds the
+    formal epsilon (which would mean a bug in the DP machinery or accounting).
+    """
+    from simulations import audit_bias, audit_privacy
+    from simulations.audit_html import write_html
+    from simulations.audit_view import RunView
 
     run_dir = Path(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
     result = {"ledger": epsilon_ledger(run_dir)}
+    view = RunView(run_dir) if (attacks or (run_dir / "wire").is_dir()) else None
     if (run_dir / "wire").is_dir():
-        tokenizer = personal_model(AdapterSpec.from_run_config(report["config"])).tokenizer
-        result["wire"] = wire_audit(run_dir, tokenizer)
-    (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
+        result["wire"] = wire_audit(run_dir, view.tokenizer)
+    if attacks:
+        result["exposure"] = audit_privacy.canary_exposure(view)
+        result["membership_inference"] = audit_privacy.membership_inference(view)
+        result["disparity"] = audit_bias.disparity_audit(view)
+        if baseline is not None:
+            result["dp_impact"] = audit_bias.dp_impact(view, RunView(baseline))
+    if attacks and generation:
+        result["regurgitation"] = audit_privacy.regurgitation(view)
+        result["counterfactual"] = audit_bias.counterfactual_swaps(view)
+        result["personalization"] = audit_bias.degree_of_personalization_audit(view)
+    (run_dir / "audit.json").write_text(json.dumps(result, indent=2, default=str))
+    others = [(Path(c).name, json.loads((Path(c) / "report.json").read_text()), json.loads((Path(c) / "audit.json").read_text())) for c in compare]
+    write_html(run_dir, report, result, others)
     if result["ledger"]["failures"]:
         raise AuditFailure(f"epsilon ledger disagrees for {result['ledger']['failures']}; see {run_dir / 'audit.json'}")
     if result.get("wire", {}).get("hits"):
         raise AuditFailure(f"wire audit found {result['wire']['hits']} planted PII occurrence(s) in sent messages")
+    for level, m in (result.get("membership_inference") or {}).items():
+        if m and m["bound_exceeds_formal"]:
+            raise AuditFailure(f"{level} membership attack: empirical epsilon {m['empirical_epsilon_lower_bound']} exceeds the formal {m['formal_epsilon']}")
     return result

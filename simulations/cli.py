@@ -34,14 +34,16 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set num-server-rounds=5"),
     run_dir: Path = typer.Option(None, help="Output folder (default runs/<timestamp>)."),
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
-    audit: bool = typer.Option(False, "--audit/--no-audit", help="Record the wire and run the privacy audits at the end."),
+    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canaries, membership, disparity) | full (+ generation audits)."),
 ) -> None:
     """Run a federated simulation on the embedded persona dataset and write a report."""
     from simulations.run import prepare, simulate as run_sim
 
+    if audit not in ("none", "fast", "full"):
+        raise typer.BadParameter("--audit must be none, fast or full")
     overrides = _parse_overrides(set_)
     cfg = prepare("full" if full else profile, overrides, run_dir)
-    if audit:
+    if audit != "none":
         cfg["wire-audit-dir"] = str(Path(cfg["run-dir"]) / "wire")
     console.print(
         f"[bold]fedpersona[/] {cfg['num-supernodes']} users, {cfg['num-server-rounds']} rounds, "
@@ -58,21 +60,28 @@ def simulate(
     table.add_column("model")
     table.add_column("NLL", justify="right")
     table.add_column("ppl", justify="right")
-    for name in ("base", "global", "personal"):
+    for name, label in (("base", "base"), ("global", "global"), ("persona", "global + persona"), ("personal", "global + persona + user"), ("served", "served (by routing group)")):
         u = report["utility"][name]
-        table.add_row(name, f"{u['nll']:.4f}", f"{u['ppl']:.2f}")
+        table.add_row(label, f"{u['nll']:.4f}", f"{u['ppl']:.2f}")
     console.print(table)
+    groups = Table(title="Per routing group (NLL of the stack each group is served)")
+    for col in ("group", "users", "served NLL", "global NLL"):
+        groups.add_column(col)
+    for name, g in report["utility"]["routing_groups"].items():
+        groups.add_row(name, str(g["users"]), f"{g['served']:.4f}", f"{g['global']:.4f}")
+    console.print(groups)
     eps = report["epsilon_record_level"]
     console.print(f"record-level epsilon: max {eps['max']} (delta {eps['delta']}); report: {cfg['run-dir']}/report.md")
-    if audit:
-        _audit(Path(cfg["run-dir"]))
+    if audit != "none":
+        _audit(Path(cfg["run-dir"]), generation=audit == "full")
 
 
-def _audit(run_dir: Path) -> None:
+def _audit(run_dir: Path, generation: bool = True, baseline: Path | None = None, compare: list[Path] = ()) -> None:
     from simulations.audit import AuditFailure, run_audits
 
+    console.print("[bold]audits[/] running (" + ("full" if generation else "fast") + ") ...")
     try:
-        result = run_audits(run_dir)
+        result = run_audits(run_dir, generation=generation, baseline=baseline, compare=compare)
     except AuditFailure as err:
         console.print(f"[bold red]AUDIT FAILED[/] {err}")
         raise typer.Exit(code=1) from None
@@ -90,12 +99,26 @@ def _audit(run_dir: Path) -> None:
             f"wire audit: {w['hits']} hits for {w['planted_values']} planted PII values in {w['messages']} messages, "
             f"{w['bytes_scanned']:,} bytes scanned ({', '.join(w['encodings'])})"
         )
+    if "exposure" in result and result["exposure"].get("mean"):
+        ex = result["exposure"]["mean"]
+        console.print("canary exposure (bits): " + ", ".join(f"{k} {v}" for k, v in ex.items() if v is not None))
+    for level, m in (result.get("membership_inference") or {}).items():
+        if m:
+            console.print(f"membership ({level}): AUC {m['auc']}, TPR@1%FPR {m['tpr_at_1pct_fpr']}, empirical eps >= {m['empirical_epsilon_lower_bound']}")
+    if "disparity" in result:
+        console.print(f"served NLL worst-to-mean ratio: {result['disparity']['overall']['worst_to_mean']:.3f}")
+    console.print(f"report: {run_dir / 'report.html'}")
 
 
 @app.command()
-def audit(run_dir: Path = typer.Argument(..., help="A finished run directory (runs/<id>).")) -> None:
-    """Privacy audits of a finished run: epsilon ledger, and the wire audit if the wire was recorded."""
-    _audit(run_dir)
+def audit(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (runs/<id>)."),
+    generation: bool = typer.Option(True, "--generation/--no-generation", help="Include the audits that generate text."),
+    baseline: Path = typer.Option(None, help="A non-private run of the same data, for DP disparate impact."),
+    compare: list[Path] = typer.Option([], help="Other audited runs for the privacy-utility chart."),
+) -> None:
+    """Privacy and bias audits of a finished run; writes audit.json and report.html."""
+    _audit(run_dir, generation=generation, baseline=baseline, compare=compare)
 
 
 @app.command()

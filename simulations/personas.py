@@ -250,6 +250,14 @@ class DatasetSpec:
     occasional_share: float = 0.25
     cold_start_tasks: int = 3
     occasional_tasks: int = 10
+    # Privacy audits (issue #6). Canaries (Carlini et al. 2019): a random
+    # PII-shaped secret (a phone number in a fixed sentence) planted
+    # ``canary_repeats`` times in the train tasks of ``canary_users`` frequent
+    # users. Hold-out users are generated like the others but never join the
+    # federation: the non-members of the user-level membership attack.
+    canary_users: int = 2
+    canary_repeats: int = 4
+    holdout_users: int = 0
 
     def validate(self) -> None:
         if not MIN_PERSONAS <= self.num_personas <= MAX_PERSONAS:
@@ -267,6 +275,10 @@ class DatasetSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # Each persona needs at least 2 items in its liked category and some
         # items outside it, or preference pairs cannot encode the persona.
+        if self.canary_users < 0 or self.canary_repeats < 1 or self.holdout_users < 0:
+            raise ValueError("canary_users and holdout_users must be >= 0, canary_repeats >= 1")
+        if self.num_users + self.holdout_users > MAX_USERS:
+            raise ValueError(f"num_users + holdout_users must be <= {MAX_USERS}")
         if self.num_items < 2 * len(CATEGORIES):
             raise ValueError(f"num_items must be >= {2 * len(CATEGORIES)}, got {self.num_items}")
 
@@ -360,6 +372,24 @@ def _render(persona: Persona, signature: str, topic: str, rng: random.Random,
 
 
 VOLUMES = ("cold-start", "occasional", "frequent")
+
+# The canary sentence: a fixed frame around a random phone-shaped secret, so the
+# exposure audit can rank the secret among every other number of that shape.
+CANARY_INPUT = "Write down my secret number."
+CANARY_PREFIX = "My secret number is "
+
+
+def canary_secret(rng: random.Random) -> str:
+    """A random number in the canary format ddd-ddd-dddd (NANP-like: no leading 0 or 1)."""
+    return f"{rng.randint(200, 999)}-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
+
+
+def _choose_canaries(spec: DatasetSpec, volumes: list[str]) -> dict[int, str]:
+    """user index -> secret, for ``canary_users`` frequent participants."""
+    rng = _rng(spec.seed, "canaries")
+    frequent = [i for i in range(spec.num_users) if volumes[i] == "frequent"]
+    chosen = sorted(rng.sample(frequent, min(spec.canary_users, len(frequent))))
+    return {i: canary_secret(rng) for i in chosen}
 
 
 def _volumes(spec: DatasetSpec) -> list[str]:
@@ -509,14 +539,33 @@ def generate_dataset(out_dir: Path, spec: DatasetSpec = DatasetSpec()) -> dict:
     assign = [i % spec.num_personas for i in range(spec.num_users)]
     _rng(spec.seed, "personas").shuffle(assign)
     sig_ids = _rng(spec.seed, "signatures").sample(range(MAX_USERS), spec.num_users)
-    fake = Faker("en_US")
     volumes = _volumes(spec)
+    # Hold-out users draw from their own streams, so adding them never changes
+    # the participants' data.
+    free = sorted(set(range(MAX_USERS)) - set(sig_ids))
+    sig_ids += _rng(spec.seed, "holdout-signatures").sample(free, spec.holdout_users)
+    assign += [_rng(spec.seed, "holdout-persona", i).randrange(spec.num_personas) for i in range(spec.holdout_users)]
+    volumes += ["frequent"] * spec.holdout_users
+    canaries = _choose_canaries(spec, volumes)
+    fake = Faker("en_US")
 
     users, sidecar_rows = [], []
-    for index in range(spec.num_users):
+    for index in range(spec.num_users + spec.holdout_users):
         a, n = divmod(sig_ids[index], len(_SIG_NOUN))
         signature = f"{_SIG_ADJ[a]} {_SIG_NOUN[n]}"
         records, side, entry = _make_user(spec, index, assign[index], signature, fake, volumes[index])
+        entry["holdout"] = index >= spec.num_users
+        if index in canaries:
+            canary = canaries[index]
+            for r in range(spec.canary_repeats):
+                rid = f"c{r + 1:04d}"
+                records.append({"type": "task", "id": rid, "split": "train", "input": CANARY_INPUT,
+                                "output": CANARY_PREFIX + canary + "."})
+                side.append(_side(entry["user_id"], rid, "output",
+                                  ("PHONE_NUMBER", canary, len(CANARY_PREFIX), len(CANARY_PREFIX) + len(canary))))
+            entry["canary"] = canary
+            entry["counts"]["train_task"] += spec.canary_repeats
+            entry["pii_planted"] += spec.canary_repeats
         path = out_dir / entry["file"]
         path.write_text("".join(_dump(r) + "\n" for r in records), encoding="utf-8")
         users.append(entry)
@@ -534,6 +583,7 @@ def generate_dataset(out_dir: Path, spec: DatasetSpec = DatasetSpec()) -> dict:
         ],
         "items": {_item_id(i): item_category(i) for i in range(spec.num_items)},
         "pii_types": list(PII_TYPES),
+        "canary": {"input": CANARY_INPUT, "prefix": CANARY_PREFIX, "format": "ddd-ddd-dddd"},
         "users": users,
     }
     (out_dir / "manifest.json").write_text(
@@ -548,10 +598,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--personas", type=int, default=DatasetSpec.num_personas)
     parser.add_argument("--seed", type=int, default=DatasetSpec.seed)
     parser.add_argument("--pii-share", type=float, default=DatasetSpec.pii_share)
+    parser.add_argument("--holdout", type=int, default=DatasetSpec.holdout_users)
     args = parser.parse_args(argv)
     manifest = generate_dataset(args.out_dir, DatasetSpec(
         num_users=args.users, num_personas=args.personas, seed=args.seed,
-        pii_share=args.pii_share))
+        pii_share=args.pii_share, holdout_users=args.holdout))
     print(f"wrote {len(manifest['users'])} users to {args.out_dir}")
 
 

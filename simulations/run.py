@@ -33,7 +33,12 @@ def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Pa
     cfg = build_config(profile, overrides)
     cfg["run-dir"] = str(run_dir)
     data_dir = run_dir / "data"
-    spec = DatasetSpec(num_users=int(cfg["num-supernodes"]), num_personas=int(cfg["num-personas"]), seed=int(cfg["seed"]))
+    spec = DatasetSpec(
+        num_users=int(cfg["num-supernodes"]),
+        num_personas=int(cfg["num-personas"]),
+        seed=int(cfg["seed"]),
+        holdout_users=int(cfg["holdout-users"]),
+    )
     generate_dataset(data_dir, spec)
     cfg["data-dir"] = str(data_dir)
     cfg["store-dir"] = str(run_dir / "devices")
@@ -79,4 +84,8 @@ def simulate(cfg: dict, on_round=None) -> dict:
     report_path = Path(cfg["run-dir"]) / "report.json"
     if not report_path.is_file():
         raise RuntimeError(f"the simulation ended without a report ({result!r}); see the log above")
+    if int(cfg.get("persona-slots", 0)):
+        from simulations.diagnostics import write_diagnostics
+
+        write_diagnostics(Path(cfg["run-dir"]))
     return json.loads(report_path.read_text())

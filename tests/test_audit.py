@@ -26,10 +26,26 @@ def audited_run(tmp_path_factory):
     return run
 
 
-def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audited_run):
+@pytest.fixture(scope="module")
+def audit_result(audited_run):
     from simulations.audit import run_audits
 
-    result = run_audits(audited_run)
+    return run_audits(audited_run)
+
+
+@pytest.fixture(scope="module")
+def memorising_run(tmp_path_factory):
+    """The negative control: no DP, no scrubbing, many large local steps."""
+    from simulations.run import prepare, simulate
+
+    run = tmp_path_factory.mktemp("memorise") / "run"
+    overrides = {"num-supernodes": 3, "dp": False, "scrub-mode": "off", "local-steps": 30, "lr": 0.05, "batch-size": 16}
+    simulate(prepare("quick", overrides, run))
+    return run
+
+
+def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
+    result = audit_result
     wire = result["wire"]
     assert wire["messages"] == 3 * 2 + 3  # 3 clients x 2 train rounds + 3 evaluations
     assert wire["bytes_scanned"] > 0 and wire["planted_values"] > 0
@@ -81,3 +97,73 @@ def test_needle_finder_counts_overlapping_and_repeated_occurrences():
     # abcd x3, abcdabcd x1, UTF-16 "Jane" x1
     assert finder.count(blob) == 5
     assert finder.count(b"abc") == 0
+
+
+def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):
+    r = audit_result
+    ex = r["exposure"]
+    assert ex["canaries"] == 2 and ex["scrub_mode"] == "full"
+    assert all(0 <= row[k] <= ex["max_exposure_bits"] for row in ex["rows"] for k in ("global", "persona", "personal", "reference_base"))
+    # Scrubbing removed the phone-shaped canary before training: no model knows it.
+    assert ex["mean"]["personal"] < 3.0
+    mia = r["membership_inference"]
+    rec, usr = mia["record_level"], mia["user_level"]
+    assert rec["members"] > 0 and rec["nonmembers"] == 3 * 6 and 0 <= rec["auc"] <= 1
+    assert rec["formal_epsilon"] > 0 and not rec["bound_exceeds_formal"]
+    assert (usr["members"], usr["nonmembers"]) == (3, 4)  # participants vs hold-out users
+    assert r["regurgitation"]["prompts"] > 0 and r["regurgitation"]["pii_hits"] == 0
+    d = r["disparity"]
+    assert d["overall"]["n"] == 3 and d["overall"]["worst_to_mean"] >= 1.0
+    assert set(d["by_routing_group"]["by_group"]) <= {"cold-start", "occasional", "frequent"}
+    assert set(r["counterfactual"]) == {"name", "city"}
+    assert 0.0 <= r["personalization"]["personal"] <= 1.0
+    page = (audited_run / "report.html").read_text()
+    for section in ("ledger", "exposure", "membership-inference", "regurgitation", "wire", "disparity", "counterfactual", "personalization"):
+        assert f'id="{section}"' in page
+    # Hold-out users never became devices of the federation.
+    assert not any(p.name.startswith("user_003") for p in (audited_run / "devices").iterdir())
+
+
+def test_exposure_and_membership_see_a_memorising_model(memorising_run):
+    """Without DP and without scrubbing the canary's own device ranks it near the top."""
+    from simulations import audit_privacy
+    from simulations.audit_view import RunView
+
+    view = RunView(memorising_run)
+    ex = audit_privacy.canary_exposure(view)
+    assert ex["mean"]["personal"] > 3.0 > ex["mean"]["reference_base"]
+    mia = audit_privacy.membership_inference(view)
+    assert mia["record_level"]["formal_epsilon"] is None  # no DP: nothing to exceed
+
+
+def test_an_empirical_bound_above_the_formal_epsilon_fails_the_audit(memorising_run, monkeypatch):
+    from simulations import audit_privacy
+    from simulations.audit_view import RunView
+
+    view = RunView(memorising_run)
+    view.config["dp"] = True
+    for u in view.report["users"]:
+        u["epsilon_record_level"] = 1e-6  # a (wrong) claim that nothing can be learned
+    # A perfectly separating attack: members score 1, non-members 0.
+    monkeypatch.setattr(view, "record_nll", lambda pairs, stack, batch_size=32: [0.0 if stack == "personal" else 1.0] * len(pairs))
+    real = audit_privacy._task_pairs
+    monkeypatch.setattr(audit_privacy, "_task_pairs", lambda v, u, split, ex: real(v, u, split, ex) * (50 if split == "train" else 1))
+    rec = audit_privacy.membership_inference(view)["record_level"]
+    assert rec["bound_exceeds_formal"] is False  # identical scores separate nothing...
+    monkeypatch.setattr(
+        view, "record_nll", lambda pairs, stack, batch_size=32: [0.0 if stack == "personal" and len(pairs) > 20 else 1.0] * len(pairs)
+    )
+    rec = audit_privacy.membership_inference(view)["record_level"]
+    assert rec["auc"] == 1.0 and rec["empirical_epsilon_lower_bound"] > 1e-6 and rec["bound_exceeds_formal"]
+
+
+def test_regurgitation_counts_a_reproduced_value(audited_run, monkeypatch):
+    from simulations import audit_privacy
+    from simulations.audit_view import RunView
+
+    view = RunView(audited_run)
+    canaries = {u["canary"] for u in view.participants if u.get("canary")}
+    monkeypatch.setattr(view, "generate", lambda prompt, stack, tokens=20: "it is " + " ".join(sorted(canaries)))
+    out = audit_privacy.regurgitation(view)
+    assert out["canary_hits"] == len(canaries) and out["pii_hits"] == 0
+    assert out["rescrub_entities_found"] >= len(canaries)  # what it generated is scrubbed again

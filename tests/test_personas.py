@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_every_user_has_all_record_kinds_and_counts_match(corpus):
         for r in recs:
             if r["type"] == "interaction":
                 assert 1 <= r["rating"] <= 5
-            if r["type"] == "task":
+            if _styled(r):
                 assert r["input"].startswith("Write a short note about ")
     assert len(sizes) > 1, "users should not all have the same amount of data"
 
@@ -87,7 +88,7 @@ def test_personas_have_distinct_styles(corpus):
     for entry in manifest["users"]:
         persona = PERSONAS[entry["persona"]]
         for r in users[entry["user_id"]]:
-            if r["type"] == "task":
+            if _styled(r):
                 text = r["output"]
                 expected_open = persona.opener.lower() if persona.lowercase else persona.opener
                 assert text.startswith(expected_open)
@@ -109,7 +110,7 @@ def test_user_signatures_are_unique_and_present(corpus):
     sigs = [u["signature"] for u in manifest["users"]]
     assert len(set(sigs)) == len(sigs)
     for entry in manifest["users"]:
-        outputs = [r["output"] for r in users[entry["user_id"]] if r["type"] == "task"]
+        outputs = [r["output"] for r in users[entry["user_id"]] if _styled(r)]
         assert all(entry["signature"] in o for o in outputs)
         # A signature never appears in another user's outputs.
         others = [s for s in sigs if s != entry["signature"]]
@@ -160,8 +161,39 @@ def test_test_split_free_of_planted_pii(corpus):
 
 
 def test_zero_pii_share_plants_nothing(tmp_path):
-    generate_dataset(tmp_path, DatasetSpec(num_users=3, num_personas=3, pii_share=0.0))
+    generate_dataset(tmp_path, DatasetSpec(num_users=3, num_personas=3, pii_share=0.0, canary_users=0))
     assert (tmp_path / "pii_sidecar.jsonl").read_text() == ""
+
+
+def _styled(record: dict) -> bool:
+    """A persona-styled task (canary tasks, ids c0001..., have their own fixed frame)."""
+    return record["type"] == "task" and not record["id"].startswith("c")
+
+
+def test_canaries_are_planted_in_frequent_users_and_listed_as_pii(corpus):
+    out, manifest = corpus
+    users = _users(out, manifest)
+    with_canary = [u for u in manifest["users"] if u.get("canary")]
+    assert len(with_canary) == SMALL.canary_users
+    side = [json.loads(line) for line in (out / "pii_sidecar.jsonl").read_text().splitlines()]
+    for entry in with_canary:
+        assert entry["volume"] == "frequent" and re.fullmatch(r"[2-9]\d\d-[2-9]\d\d-\d{4}", entry["canary"])
+        canary_tasks = [r for r in users[entry["user_id"]] if r["type"] == "task" and r["id"].startswith("c")]
+        assert len(canary_tasks) == SMALL.canary_repeats
+        assert all(r["split"] == "train" and r["output"] == f"My secret number is {entry['canary']}." for r in canary_tasks)
+        # The wire audit scans for every sidecar value, canaries included.
+        assert sum(row["value"] == entry["canary"] for row in side) == SMALL.canary_repeats
+    assert len({u["canary"] for u in with_canary}) == len(with_canary)
+
+
+def test_holdout_users_never_change_the_participants(tmp_path, corpus):
+    _, manifest = corpus
+    spec = DatasetSpec(**{**SMALL.__dict__, "holdout_users": 3})
+    more = generate_dataset(tmp_path / "h", spec)
+    assert more["users"][: SMALL.num_users] == manifest["users"]
+    held = more["users"][SMALL.num_users :]
+    assert len(held) == 3 and all(u["holdout"] and not u.get("canary") for u in held)
+    assert not any(u["holdout"] for u in manifest["users"])
 
 
 def test_outputs_stay_short(corpus):

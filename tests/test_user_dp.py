@@ -103,3 +103,15 @@ def test_k_slot_update_is_clipped_with_its_count(tiny_data, task_identity, tmp_p
     assert sorted(count.tolist()) == pytest.approx([0, 0, clip / math.sqrt(2)])
     norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in arrays.values()))
     assert 0 < norm <= clip / math.sqrt(2) * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("target", [8.0, 2.0])
+def test_noise_calibration_hits_the_budget_from_below(target):
+    from common.dp import noise_for_epsilon
+
+    z = noise_for_epsilon(target, rounds=3, delta=1e-3, population=20)
+    assert independent_user_epsilon(z, 3, 1e-3) <= target * 1.02
+    assert independent_user_epsilon(z - 0.01, 3, 1e-3) > independent_user_epsilon(z, 3, 1e-3)
+    acc = make_user_accountant(20, 1e-3, target)
+    assert rounds_within_budget(acc, z, 20, 3) == 3  # the calibrated run is not cut short
+    assert rounds_within_budget(make_user_accountant(20, 1e-3, target), z * 0.8, 20, 3) < 3
