@@ -24,7 +24,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import device
-from client.persona import add_noise_share, pick_and_load, slot_update, split_slots
+from client.persona import add_noise_share, device_profile, pick_and_load, slot_update, split_slots
 from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
 from common.models import AdapterSpec, personal_model, tier_of
 from common.secagg import SecAggClient
@@ -121,9 +121,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     device.swap_out_user(model, store, history, opt_state)
     if SECAGG in msg.content.keys():
-        arrays = _masked_update(msg, context, model, config, chosen)
+        arrays = _masked_update(msg, context, model, config, chosen, store)
     elif slots:
-        arrays = ArrayRecord({k: Array(v) for k, v in _update(msg, model, config, chosen).items()})
+        arrays = ArrayRecord({k: Array(v) for k, v in _update(msg, model, config, chosen, store).items()})
     else:
         # No persona tier, no secure aggregation: the new global values, as
         # Flower's FedAvg (and its DP wrapper with fixedclipping_mod) expect.
@@ -144,22 +144,23 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _update(msg: Message, model, config: dict, chosen: int | None) -> dict[str, np.ndarray]:
+def _update(msg: Message, model, config: dict, chosen: int | None, store) -> dict[str, np.ndarray]:
     """This device's update in the wire layout (K-slot when the persona tier is on), clipped for user-level DP."""
     sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
     trained = {k: v.numpy() for k, v in model.shared_state().items()}
     clip = float(config["user-clip-norm"]) if bool(config.get("user-dp", False)) else None
-    return slot_update(sent, trained, chosen, int(config.get("persona-slots", 0)), clip)
+    profile = device_profile(store) if chosen is not None else None
+    return slot_update(sent, trained, chosen, int(config.get("persona-slots", 0)), clip, profile)
 
 
-def _masked_update(msg: Message, context: Context, model, config: dict, chosen: int | None) -> ArrayRecord:
+def _masked_update(msg: Message, context: Context, model, config: dict, chosen: int | None, store) -> ArrayRecord:
     """Secure-aggregation stage 2: this client's update, clipped, noised (distributed DP), then masked.
 
     The update is flattened in the key order the server sent (+ the count
     vector), so the server can un-flatten the sum.
     """
     client = SecAggClient.from_state(dict(context.state[SECAGG]))
-    update = _update(msg, model, config, chosen)
+    update = _update(msg, model, config, chosen, store)
     if bool(config.get("user-dp", False)) and str(config.get("secagg-noise", "distributed")) == "distributed":
         std = float(config["user-noise-multiplier"]) * float(config["user-clip-norm"])
         update = add_noise_share(update, std, client.params.min_survivors, np.random.default_rng())

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, object] = {
     "lora-split": "ffa",
     # persona tier (common/tiers.py): K slots, chosen on the device (IFCA); 0 = no persona tier
     "persona-slots": 4,
+    "persona-assign": "kmeans",  # kmeans: nearest centroid of the device's profile embedding; ifca: lowest loss
     "persona-min-size": 3,  # a slot with fewer (noisy) members folds into the global tier that round
     "persona-init-std": 0.001,  # distinct seeded slot inits (round 1's choice is a uniform tie-break)
     "ifca-examples": 8,  # train examples a device scores each slot on to pick its persona

@@ -27,6 +27,11 @@ GLOBAL = "global"
 PERSONA = "persona"
 USER = "user"
 COUNT_KEY = "persona-count"  # the one-hot count vector of a K-slot update
+# Persona centroids in the profile-embedding space (all-MiniLM-L6-v2, 384-d):
+# the server holds and sends K centroids; a K-slot update carries the device's
+# profile embedding in its own row (federated k-means through the same sums).
+CENTROID_KEY = "persona-centroids"
+PROFILE_DIM = 384
 
 # Routing groups, as the integer codes the evaluate metrics carry.
 COLD_START, OCCASIONAL, FREQUENT = 0, 1, 2
@@ -67,6 +72,8 @@ def wire_shapes(shared_shapes: dict[str, tuple[int, ...]], num_slots: int) -> di
         raise ValueError("persona slots requested but the model has no persona adapter")
     for k in range(num_slots):
         out.update({slot_key(key, k): shape for key, shape in persona.items()})
+    if num_slots:
+        out[CENTROID_KEY] = (num_slots, PROFILE_DIM)
     return out
 
 
@@ -81,9 +88,11 @@ def server_state(shared: dict, num_slots: int, slot_init_std: float, seed: int) 
     values = {k: np.asarray(v, dtype=np.float32) for k, v in shared.items()}
     gen = np.random.default_rng(seed)
     out = {}
-    for key in wire_shapes({k: v.shape for k, v in values.items()}, num_slots):
+    for key, shape in wire_shapes({k: v.shape for k, v in values.items()}, num_slots).items():
         k = slot_of(key)
-        if k is None:
+        if key == CENTROID_KEY:
+            out[key] = np.zeros(shape, dtype=np.float32)  # no centroid yet: devices pick uniformly
+        elif k is None:
             out[key] = values[key]
         else:
             base = values[live_key(key)]
@@ -104,15 +113,16 @@ def update_length(layout: dict[str, tuple[int, ...]]) -> int:
 
 
 def count_scale(clip_norm: float | None) -> float:
-    """Value of the count coordinate in a K-slot update.
+    """Norm given to each of the three parts of a K-slot update (model update, count, profile).
 
-    Without user-level DP the count is exact (1). With it, the count is part of
-    the noised sum, so it gets a share of the clipping budget: the update is
-    clipped to C/sqrt(2) and the count coordinate is C/sqrt(2), so the whole
-    vector has norm <= C and one Gaussian mechanism with std z*C covers both.
-    The decoded count then carries noise of std z*sqrt(2).
+    Without user-level DP the count (1) and the unit profile embedding are
+    exact. With it they are part of the noised sum, so each part gets a third
+    of the squared clipping budget: the model update is clipped to C/sqrt(3),
+    the count coordinate is C/sqrt(3) and the profile row has norm C/sqrt(3).
+    The whole vector then has norm <= C and one Gaussian mechanism with std
+    z*C covers all three; the decoded count carries noise of std z*sqrt(3).
     """
-    return 1.0 if clip_norm is None else clip_norm / math.sqrt(2.0)
+    return 1.0 if clip_norm is None else clip_norm / math.sqrt(3.0)
 
 
 def routing_group(num_train_records: int, cold_start_below: int, frequent_from: int) -> int:

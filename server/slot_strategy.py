@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import GaussianPrivacyEvent, Grid
 
-from common.tiers import COUNT_KEY, GLOBAL, count_scale, slot_of
+from common.tiers import CENTROID_KEY, COUNT_KEY, GLOBAL, count_scale, slot_of
 from common.wire import ARRAYS, flatten, unflatten
 from server.strategy import EvalAtEndFedAvg
 
@@ -74,7 +74,17 @@ def apply_update_sum(
         offsets[key] = slice(start, start + int(np.prod(arr.shape)))
         start = offsets[key].stop
     new = base.copy()
-    global_sum = {key: total[sl].copy() for key, sl in offsets.items() if slot_of(key) is None}
+    global_sum = {key: total[sl].copy() for key, sl in offsets.items() if slot_of(key) is None and key != CENTROID_KEY}
+    if CENTROID_KEY in offsets:
+        # Federated k-means: centroid k = mean profile of the devices that chose
+        # k. A slot nobody (noisily) chose keeps its centroid.
+        sl = offsets[CENTROID_KEY]
+        rows = total[sl].reshape(num_slots, -1) / count_scale(clip_norm)
+        centroids = new[sl].reshape(num_slots, -1)
+        for k in range(num_slots):
+            if counts[k] >= 1:
+                centroids[k] = rows[k] / counts[k]
+        new[sl] = centroids.reshape(-1)
     folded = []
     for k in range(num_slots):
         keys = [key for key in offsets if slot_of(key) == k]

@@ -80,7 +80,7 @@ class RunView:
         non-member). Yields the device store.
         """
         from client import device
-        from client.persona import CHOICE_STATE, pick_and_load, split_slots
+        from client.persona import CHOICE_STATE, load_slot, pick_and_load, split_slots
         from client.store import DeviceStore
         from client.train import encode_pairs
 
@@ -96,7 +96,7 @@ class RunView:
         if slots:
             choice = json.loads(store.get_state(CHOICE_STATE) or b"{}").get("evaluate", {})
             if choice:
-                model.load_trainable(slots[int(choice[max(choice, key=int)])])
+                load_slot(model, slots[int(choice[max(choice, key=int)])])
             else:
                 data = encode_pairs(self.tokenizer, store.tasks("train"), self.max_len)
                 pick_and_load(model, slots, data, self.config, store, 0, "audit")

@@ -43,7 +43,7 @@ def test_train_reply_is_a_k_slot_update(setup):
     # at its seeded init on every party and never travels) of the global
     # adapter and of all K persona slots, plus the one-hot count; nothing else.
     assert cfg["lora-split"] == "ffa" and cfg["persona-slots"] == 3
-    expected = _lora_b("global") | _lora_b("persona0") | _lora_b("persona1") | _lora_b("persona2") | {"persona-count"}
+    expected = _lora_b("global") | _lora_b("persona0") | _lora_b("persona1") | _lora_b("persona2") | {"persona-centroids", "persona-count"}
     reply = app(_message(cfg, model, "train"), ctx)
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     arrays = reply.content["arrays"]
@@ -57,6 +57,9 @@ def test_train_reply_is_a_k_slot_update(setup):
     assert sorted(count.tolist()) == [0.0, 0.0, 1.0]
     nonzero = {k for k in range(3) if any(np.abs(arrays[key].numpy()).sum() > 0 for key in _lora_b(f"persona{k}"))}
     assert nonzero == {chosen}
+    # The centroid block carries the device's unit profile embedding in that row only.
+    rows = arrays["persona-centroids"].numpy()
+    assert rows.shape == (3, 384) and np.linalg.norm(rows, axis=1) == pytest.approx([1.0 if k == chosen else 0.0 for k in range(3)], abs=1e-5)
     store = device.open_store(client_config(cfg), ctx.node_config)
     assert json.loads(store.get_state(CHOICE_STATE))["train"] == {"0": chosen}
 

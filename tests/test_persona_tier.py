@@ -23,7 +23,8 @@ def _arrays(d: dict) -> ArrayRecord:
 
 def test_server_layout_is_global_then_slots():
     shapes = {"global/a.lora_B": (2, 2), "persona/a.lora_B": (2, 2)}
-    assert list(wire_shapes(shapes, 2)) == ["global/a.lora_B", "persona0/a.lora_B", "persona1/a.lora_B"]
+    assert list(wire_shapes(shapes, 2)) == ["global/a.lora_B", "persona0/a.lora_B", "persona1/a.lora_B", "persona-centroids"]
+    assert wire_shapes(shapes, 2)["persona-centroids"] == (2, 384)
     state = server_state({k: np.zeros(s) for k, s in shapes.items()}, 2, 1e-3, seed=0)
     # Distinct seeded starts, so IFCA's losses differ from round 1 on.
     assert not np.array_equal(state["persona0/a.lora_B"], state["persona1/a.lora_B"])
@@ -49,9 +50,29 @@ def test_slot_arithmetic_and_fold():
 def test_noisy_counts_are_decoded_with_the_dp_count_scale():
     arrays = _arrays({"global/w": np.zeros(1), "persona0/w": np.zeros(1)})
     clip = 0.5
-    scale = clip / math.sqrt(2)
+    scale = clip / math.sqrt(3)
     _, info = apply_update_sum(arrays, np.array([0.0, 0.0, 3.2 * scale]), 4, 1, 3, clip)
     assert info.counts == pytest.approx([3.2]) and info.folded == []
+
+
+def test_centroids_are_the_mean_profile_of_each_slot():
+    arrays = _arrays({"global/w": np.zeros(1), "persona0/w": np.zeros(1), "persona1/w": np.zeros(1), "persona-centroids": np.ones((2, 2))})
+    # Two devices chose slot 0 (profiles [1,0] and [0,1]); nobody chose slot 1.
+    total = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 2.0, 0.0])
+    new, info = apply_update_sum(arrays, total, sampled=2, num_slots=2, min_size=1, clip_norm=None)
+    c = new["persona-centroids"].numpy()
+    assert np.allclose(c[0], [0.5, 0.5]) and np.allclose(c[1], [1.0, 1.0])  # empty slot keeps its centroid
+    assert np.allclose(new["global/w"].numpy(), 0.0)  # the centroid block is not a model update
+
+
+def test_nearest_centroid_choice_and_round_one_tie_break():
+    from client.persona import nearest_centroid
+
+    slots = {k: {"persona-centroids": torch.tensor(c, dtype=torch.float32)} for k, c in enumerate([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])}
+    assert nearest_centroid(np.array([0.1, 0.9]), slots, random.Random(0)) == 1
+    assert nearest_centroid(np.array([0.9, 0.1]), slots, random.Random(0)) == 0  # slot 2 has no centroid yet
+    empty = {k: {"persona-centroids": torch.zeros(2)} for k in range(3)}
+    assert {nearest_centroid(np.array([1.0, 0.0]), empty, random.Random(s)) for s in range(30)} == {0, 1, 2}
 
 
 def test_k_slot_update_hides_nothing_but_its_own_slot():
@@ -63,7 +84,7 @@ def test_k_slot_update_hides_nothing_but_its_own_slot():
     assert upd["persona-count"].tolist() == [0.0, 1.0]
     clipped = slot_update(sent, trained, chosen=1, num_slots=2, clip_norm=0.1)
     vec = np.concatenate([v for k, v in clipped.items() if k != "persona-count"])
-    assert np.linalg.norm(vec) == pytest.approx(0.1 / math.sqrt(2), rel=1e-5)
+    assert np.linalg.norm(vec) == pytest.approx(0.1 / math.sqrt(3), rel=1e-5)
     assert np.linalg.norm(np.concatenate(list(clipped.values()))) <= 0.1 + 1e-6
 
 

@@ -82,7 +82,7 @@ def test_device_clips_the_whole_shared_update(tiny_data, task_identity, tmp_path
 
 
 def test_k_slot_update_is_clipped_with_its_count(tiny_data, task_identity, tmp_path):
-    """Persona tier + user-level DP: the whole K-slot vector, count included, has norm <= C."""
+    """Persona tier + user-level DP: the whole K-slot vector (update, count, profile) has norm <= C."""
     from flwr.app import Array
 
     from client.app import app
@@ -100,9 +100,12 @@ def test_k_slot_update_is_clipped_with_its_count(tiny_data, task_identity, tmp_p
     reply = app(Message(content=RecordDict(content), dst_node_id=1, message_type="train"), ctx)
     arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     count = arrays.pop("persona-count")
-    assert sorted(count.tolist()) == pytest.approx([0, 0, clip / math.sqrt(2)])
+    profile = arrays.pop("persona-centroids")
+    share = clip / math.sqrt(3)  # update, count and profile each get a third of C^2
+    assert sorted(count.tolist()) == pytest.approx([0, 0, share])
+    assert np.linalg.norm(profile) == pytest.approx(share, rel=1e-4)
     norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in arrays.values()))
-    assert 0 < norm <= clip / math.sqrt(2) * (1 + 1e-4)
+    assert 0 < norm <= share * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("target", [8.0, 2.0])
