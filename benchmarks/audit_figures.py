@@ -1,0 +1,106 @@
+"""Issue #6's figures: the audits on the default dataset at record-level epsilon = inf and = 8.
+
+Three runs of the default profile, each audited in full (``run_audits``):
+
+* ``eps-inf``: DP-SGD off, scrubbing on;
+* ``eps-inf-noscrub``: DP-SGD off, scrubbing off (``scrub-mode=off``), the
+  control arm for canaries and regurgitation (canaries are PII-shaped, so
+  scrubbing should remove them);
+* ``eps-8``: DP-SGD with the noise multiplier that gives a typical frequent
+  user (40 records, batch 6, 2 steps x 3 rounds) epsilon = 8 at delta = 1e-5;
+  scrubbing on. Its DP disparate impact is measured against ``eps-inf``.
+
+Reports per run: canary exposure (personalised model, mean over canaries, and
+the base-model reference), MIA AUC and TPR at 1% FPR, the empirical epsilon
+lower bound, wire-audit hits, the worst-to-mean ratio of served NLL, and the
+regurgitation counts.
+
+    python -m benchmarks.audit_figures            # default profile, ~40 min
+    python -m benchmarks.audit_figures --quick    # tiny model, 3 users, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from common.config import build_config
+
+
+def noise_for_record_epsilon(target: float, cfg: dict, records: int = 40) -> float:
+    """DP-SGD noise multiplier giving a ``records``-record user ``target`` epsilon over the run."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    batches = math.ceil(records / int(cfg["batch-size"]))
+    steps = int(cfg["local-steps"]) * int(cfg["num-server-rounds"])
+    return round(get_noise_multiplier(target_epsilon=target, target_delta=float(cfg["delta"]), sample_rate=1 / batches, steps=steps, accountant="rdp"), 3)
+
+
+def _row(name: str, run: Path, audit: dict, report: dict) -> dict:
+    ex = audit["exposure"]["mean"]
+    rec = audit["membership_inference"]["record_level"]
+    usr = audit["membership_inference"]["user_level"] or {}
+    eps = [u["epsilon_record_level"] for u in report["users"]]
+    return {
+        "run": name,
+        "epsilon_max": None if any(e is None for e in eps) else round(max(eps), 2),
+        "epsilon_median": None if any(e is None for e in eps) else round(sorted(eps)[len(eps) // 2], 2),
+        "exposure_personal": ex["personal"],
+        "exposure_global": ex["global"],
+        "exposure_base_reference": ex["reference_base"],
+        "mia_auc": rec["auc"],
+        "mia_tpr_1pct": rec["tpr_at_1pct_fpr"],
+        "mia_eps_lb": rec["empirical_epsilon_lower_bound"],
+        "user_mia_auc": usr.get("auc"),
+        "wire_hits": audit["wire"]["hits"],
+        "wire_bytes": audit["wire"]["bytes_scanned"],
+        "worst_to_mean": round(audit["disparity"]["overall"]["worst_to_mean"], 4),
+        "served_nll": round(report["utility"]["served"]["nll"], 4),
+        "regurgitated_pii": audit["regurgitation"]["pii_hits"],
+        "regurgitated_canaries": audit["regurgitation"]["canary_hits"],
+        "dp_impact_mean": (audit.get("dp_impact") or {}).get("mean_increase"),
+    }
+
+
+def main(argv=None) -> list[dict]:
+    from simulations.audit import run_audits
+    from simulations.run import prepare, simulate
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the run folders (with report.html) here")
+    args = ap.parse_args(argv)
+    profile = "quick" if args.quick else "default"
+    extra = {"num-supernodes": 3} if args.quick else {}
+    sigma8 = noise_for_record_epsilon(8.0, build_config(profile, extra))
+    arms = [
+        ("eps-inf", {"dp": False}),
+        ("eps-inf-noscrub", {"dp": False, "scrub-mode": "off"}),
+        ("eps-8", {"noise-multiplier": sigma8}),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        for name, overrides in arms:
+            run = root / name
+            cfg = prepare(profile, {**extra, **overrides}, run)
+            cfg["wire-audit-dir"] = str(run / "wire")
+            report = simulate(cfg)
+            baseline = root / "eps-inf" if name == "eps-8" else None
+            compare = [root / "eps-inf"] if name == "eps-8" else []
+            audit = run_audits(run, baseline=baseline, compare=compare)
+            rows.append(_row(name, run, audit, report))
+            print(f"audit_figures {name}: " + json.dumps(rows[-1]), flush=True)
+    fields = [f"sigma8={sigma8}"]
+    for row in rows:
+        tag = row["run"].replace("-", "_")
+        fields += [f"{tag}_{k}={v}" for k, v in row.items() if k != "run"]
+    print("RESULT audit_figures " + " ".join(fields))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
