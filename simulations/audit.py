@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,14 @@ OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 class AuditFailure(RuntimeError):
     pass
+
+
+def _timed(timings: dict, name: str, fn, *args):
+    started = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        timings[name] = time.perf_counter() - started
 
 
 def record_level_epsilon_independent(history: list[list[float]], delta: float) -> float:
@@ -171,14 +180,24 @@ def wire_audit(run_dir: Path, tokenizer=None) -> dict:
     }
 
 
-def run_audits(run_dir: Path, attacks: bool = True, generation: bool = True, baseline: Path | None = None, compare: list[Path] = ()) -> dict:
+# Scoring a record on SmolLM2 costs ~0.1 s on two cores, so the levels trade
+# sample sizes for time: "fast" fits the end of `make demo`, "full" is for the
+# figures (benchmarks/audit_figures.py).
+LEVELS = {
+    "fast": {"exposure_references": 63, "exposure_stacks": ("global", "personal"), "other_device": False, "mia": False, "generation": False},
+    "full": {"exposure_references": 199, "exposure_stacks": ("global", "persona", "personal"), "other_device": True, "mia": True, "generation": True},
+}
+
+
+def run_audits(run_dir: Path, level: str = "full", baseline: Path | None = None, compare: list[Path] = ()) -> dict:
     """Run the audits on a finished run; write ``audit.json`` and ``report.html``.
 
-    * always: the epsilon ledger, and the wire audit if the wire was recorded;
-    * ``attacks``: canary exposure, membership inference, utility disparity
-      (and DP disparate impact against a non-private ``baseline`` run);
-    * ``generation``: the audits that generate text (PII regurgitation,
-      counterfactual swaps, degree of personalization);
+    * both levels: the epsilon ledger, the wire audit (if the wire was
+      recorded), canary exposure and utility disparity (and DP disparate
+      impact against a non-private ``baseline`` run);
+    * ``full``: more exposure candidates and models, membership inference,
+      and the audits that generate text (PII regurgitation, counterfactual
+      swaps, degree of personalization);
     * ``compare``: other audited runs for the privacy-utility chart.
 
     Raises :class:`AuditFailure` when the ledger disagrees, the wire audit finds
@@ -189,22 +208,29 @@ def run_audits(run_dir: Path, attacks: bool = True, generation: bool = True, bas
     from simulations.audit_html import write_html
     from simulations.audit_view import RunView
 
+    if level not in LEVELS:
+        raise ValueError(f"audit level must be one of {sorted(LEVELS)}")
+    opts = LEVELS[level]
     run_dir = Path(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
-    result = {"ledger": epsilon_ledger(run_dir)}
-    view = RunView(run_dir) if (attacks or (run_dir / "wire").is_dir()) else None
+    timings = {}
+    started = time.perf_counter()
+    result = {"level": level, "ledger": epsilon_ledger(run_dir)}
+    view = RunView(run_dir)
     if (run_dir / "wire").is_dir():
         result["wire"] = wire_audit(run_dir, view.tokenizer)
-    if attacks:
-        result["exposure"] = audit_privacy.canary_exposure(view)
-        result["membership_inference"] = audit_privacy.membership_inference(view)
-        result["disparity"] = audit_bias.disparity_audit(view)
-        if baseline is not None:
-            result["dp_impact"] = audit_bias.dp_impact(view, RunView(baseline))
-    if attacks and generation:
-        result["regurgitation"] = audit_privacy.regurgitation(view)
-        result["counterfactual"] = audit_bias.counterfactual_swaps(view)
-        result["personalization"] = audit_bias.degree_of_personalization_audit(view)
+    timings["ledger+wire"] = time.perf_counter() - started
+    result["exposure"] = _timed(timings, "exposure", audit_privacy.canary_exposure, view, opts["exposure_references"], opts["exposure_stacks"], opts["other_device"])
+    result["disparity"] = audit_bias.disparity_audit(view)
+    if baseline is not None:
+        result["dp_impact"] = audit_bias.dp_impact(view, RunView(baseline))
+    if opts["mia"]:
+        result["membership_inference"] = _timed(timings, "membership_inference", audit_privacy.membership_inference, view)
+    if opts["generation"]:
+        result["regurgitation"] = _timed(timings, "regurgitation", audit_privacy.regurgitation, view)
+        result["counterfactual"] = _timed(timings, "counterfactual", audit_bias.counterfactual_swaps, view)
+        result["personalization"] = _timed(timings, "personalization", audit_bias.degree_of_personalization_audit, view)
+    result["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2, default=str))
     others = [(Path(c).name, json.loads((Path(c) / "report.json").read_text()), json.loads((Path(c) / "audit.json").read_text())) for c in compare]
     write_html(run_dir, report, result, others)

@@ -53,7 +53,8 @@ def _mia_section(mia: dict) -> Section:
         if m:
             rows.append([level.replace("_", "-"), m["members"], m["nonmembers"], m["auc"], m["tpr_at_1pct_fpr"], m["empirical_epsilon_lower_bound"], _fmt_eps(m["formal_epsilon"]), "YES - check for a bug" if m["bound_exceeds_formal"] else "no"])
     header = ["attack", "members", "non-members", "AUC", "TPR @ 1% FPR", "empirical eps (95% LB)", "formal eps", "bound exceeds formal?"]
-    return Section("membership-inference", "Membership inference", audit_privacy.METHODS["membership-inference"], [("Attack results", header, rows)])
+    note = audit_privacy.METHODS["membership-inference"].format(members=8)
+    return Section("membership-inference", "Membership inference", note, [("Attack results", header, rows)])
 
 
 def _regurgitation_section(rg: dict) -> Section:

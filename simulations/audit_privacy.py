@@ -32,7 +32,7 @@ METHODS = {
         "personalised model; members are the PII-free train tasks, non-members the held-out test tasks, "
         "pooled over devices. User level: the server's view; score = mean over a user's train tasks of "
         "NLL_base - NLL_(global+persona); members are the participants, non-members hold-out users that "
-        "never joined. AUC, TPR at 1% FPR, and an empirical epsilon lower bound with Clopper-Pearson "
+        "never joined. Records are a seeded sample of up to {members} train tasks per user. AUC, TPR at 1% FPR, and an empirical epsilon lower bound with Clopper-Pearson "
         "intervals at 95% confidence (Jagielski et al. 2020), flagged if it exceeds the formal epsilon."
     ),
     "regurgitation": (
@@ -63,7 +63,9 @@ def _task_pairs(view: RunView, user: dict, split: str, exclude: set[str]) -> lis
 # --------------------------------------------------------------------------- canaries
 
 
-def canary_exposure(view: RunView, references: int = EXPOSURE_REFERENCES) -> dict:
+def canary_exposure(
+    view: RunView, references: int = EXPOSURE_REFERENCES, stacks: tuple[str, ...] = ("global", "persona", "personal"), other_device: bool = True
+) -> dict:
     canaried = [u for u in view.participants if u.get("canary")]
     if not canaried:
         return {"canaries": 0, "rows": []}
@@ -80,14 +82,13 @@ def canary_exposure(view: RunView, references: int = EXPOSURE_REFERENCES) -> dic
         row = {"user_id": user["user_id"], "candidates": len(candidates)}
         with view.device(user):
             for stack in ("global", "persona", "personal"):
-                nll = view.record_nll(pairs, stack, batch_size=64)
-                row[stack] = round(exposure(nll[0], nll[1:]), 3)
+                row[stack] = round(exposure(*_split(view.record_nll(pairs, stack, batch_size=64))), 3) if stack in stacks else None
             row["reference_base"] = round(exposure(*_split(view.record_nll(pairs, "base", batch_size=64))), 3)
         # Another device's personalised model: trained on the same shared tiers
         # but never on this canary (prefer a frequent user, like the canary's).
         others = sorted((u for u in view.participants if not u.get("canary")), key=lambda u: u["volume"] != "frequent")
         row["reference_other_device"] = None
-        if others:
+        if others and other_device:
             with view.device(others[0]):
                 row["reference_other_device"] = round(exposure(*_split(view.record_nll(pairs, "personal", batch_size=64))), 3)
         rows.append(row)
@@ -119,12 +120,19 @@ def _attack_summary(members: list[float], nonmembers: list[float], delta: float)
     }
 
 
-def membership_inference(view: RunView) -> dict:
+def _sample(pairs: list, k: int | None, seed: str) -> list:
+    """At most ``k`` of ``pairs``, a seeded sample (scoring every record of a 135M model on 2 cores takes minutes)."""
+    if k is None or len(pairs) <= k:
+        return pairs
+    return random.Random(seed).sample(pairs, k)
+
+
+def membership_inference(view: RunView, members_per_user: int | None = 8) -> dict:
     cfg = view.config
     members, nonmembers = [], []
     for user in view.participants:
         exclude = _pii_record_ids(view, user) | {r["id"] for r in view.raw_records(user) if r["type"] == "task" and r["id"].startswith("c")}
-        train = _task_pairs(view, user, "train", exclude)
+        train = _sample(_task_pairs(view, user, "train", exclude), members_per_user, f"mia:{user['user_id']}")
         test = _task_pairs(view, user, "test", set())
         with view.device(user):
             for pairs, out in ((train, members), (test, nonmembers)):
@@ -142,7 +150,7 @@ def membership_inference(view: RunView) -> dict:
     if view.holdouts:
         scores = {"member": [], "nonmember": []}
         for user in [*view.participants, *view.holdouts]:
-            pairs = _task_pairs(view, user, "train", _pii_record_ids(view, user))
+            pairs = _sample(_task_pairs(view, user, "train", _pii_record_ids(view, user)), members_per_user, f"umia:{user['user_id']}")
             with view.device(user):
                 base = view.record_nll(pairs, "base")
                 shared = view.record_nll(pairs, "persona")

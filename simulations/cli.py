@@ -34,7 +34,7 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set num-server-rounds=5"),
     run_dir: Path = typer.Option(None, help="Output folder (default runs/<timestamp>)."),
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
-    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canaries, membership, disparity) | full (+ generation audits)."),
+    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, disparity) | full (+ membership inference, generation audits)."),
 ) -> None:
     """Run a federated simulation on the embedded persona dataset and write a report."""
     from simulations.run import prepare, simulate as run_sim
@@ -73,15 +73,15 @@ def simulate(
     eps = report["epsilon_record_level"]
     console.print(f"record-level epsilon: max {eps['max']} (delta {eps['delta']}); report: {cfg['run-dir']}/report.md")
     if audit != "none":
-        _audit(Path(cfg["run-dir"]), generation=audit == "full")
+        _audit(Path(cfg["run-dir"]), level=audit)
 
 
-def _audit(run_dir: Path, generation: bool = True, baseline: Path | None = None, compare: list[Path] = ()) -> None:
+def _audit(run_dir: Path, level: str = "full", baseline: Path | None = None, compare: list[Path] = ()) -> None:
     from simulations.audit import AuditFailure, run_audits
 
-    console.print("[bold]audits[/] running (" + ("full" if generation else "fast") + ") ...")
+    console.print(f"[bold]audits[/] running ({level}) ...")
     try:
-        result = run_audits(run_dir, generation=generation, baseline=baseline, compare=compare)
+        result = run_audits(run_dir, level=level, baseline=baseline, compare=compare)
     except AuditFailure as err:
         console.print(f"[bold red]AUDIT FAILED[/] {err}")
         raise typer.Exit(code=1) from None
@@ -113,12 +113,12 @@ def _audit(run_dir: Path, generation: bool = True, baseline: Path | None = None,
 @app.command()
 def audit(
     run_dir: Path = typer.Argument(..., help="A finished run directory (runs/<id>)."),
-    generation: bool = typer.Option(True, "--generation/--no-generation", help="Include the audits that generate text."),
+    level: str = typer.Option("full", help="fast | full (see fedpersona simulate --audit)."),
     baseline: Path = typer.Option(None, help="A non-private run of the same data, for DP disparate impact."),
     compare: list[Path] = typer.Option([], help="Other audited runs for the privacy-utility chart."),
 ) -> None:
     """Privacy and bias audits of a finished run; writes audit.json and report.html."""
-    _audit(run_dir, generation=generation, baseline=baseline, compare=compare)
+    _audit(run_dir, level=level, baseline=baseline, compare=compare)
 
 
 @app.command()

@@ -130,3 +130,33 @@ def test_split_slots_routes_server_keys():
 @pytest.mark.parametrize("n,group", [(0, COLD_START), (4, COLD_START), (5, OCCASIONAL), (19, OCCASIONAL), (20, FREQUENT), (400, FREQUENT)])
 def test_routing_by_data_volume(n, group):
     assert routing_group(n, cold_start_below=5, frequent_from=20) == group
+
+
+def test_cached_generation_matches_step_by_step_greedy_decoding():
+    """The audits' KV-cached generator must produce what the plain model forward would."""
+    from simulations.audit_view import STACKS, RunView
+
+    model = personal_model(AdapterSpec(base_model="tiny-random"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable_state().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    view = RunView.__new__(RunView)  # only the model, not a run folder
+    view.model, view.tokenizer, view.num_slots = model, model.tokenizer, 3
+    tok = model.tokenizer
+    try:
+        for stack in STACKS:
+            model.use(*STACKS[stack])
+            ids = tok("Write a note.\n", add_special_tokens=False, return_tensors="pt")["input_ids"]
+            expected = []
+            with torch.no_grad():
+                for _ in range(10):
+                    nxt = int(model(ids, torch.ones_like(ids))[:, -1].argmax())
+                    if nxt == tok.eos_token_id:
+                        break
+                    expected.append(nxt)
+                    ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            assert view.generate("Write a note.\n", stack, 10) == tok.decode(expected, skip_special_tokens=True)
+    finally:
+        model.reset_to_initial()
+        model.use(*model.tiers)
