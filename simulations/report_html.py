@@ -306,3 +306,36 @@ def render_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(title=title, sections=sections, meta=meta), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------- headless check
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium_binary() -> str | None:
+    """A headless-capable Chromium on PATH (Debian's ``chromium`` first), or None."""
+    import shutil
+
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+def dump_dom(path: str | Path, profile_dir: str | Path) -> str:
+    """Load a page in headless Chromium and return the DOM it built (checks the page really renders).
+
+    ``--no-sandbox`` is needed when running as root (containers, CI); the
+    throwaway ``profile_dir`` keeps a real browser profile untouched.
+    """
+    import subprocess
+
+    binary = chromium_binary()
+    if binary is None:
+        raise FileNotFoundError("no chromium on PATH; install with: apt-get install -y --no-install-recommends chromium")
+    result = subprocess.run(
+        [binary, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile_dir}", "--dump-dom", Path(path).resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout

@@ -12,6 +12,8 @@ import json
 import numpy as np
 import pytest
 
+from simulations.report_html import chromium_binary
+
 pytestmark = pytest.mark.slow
 
 
@@ -167,3 +169,13 @@ def test_regurgitation_counts_a_reproduced_value(audited_run, monkeypatch):
     out = audit_privacy.regurgitation(view)
     assert out["canary_hits"] == len(canaries) and out["pii_hits"] == 0
     assert out["rescrub_entities_found"] >= len(canaries)  # what it generated is scrubbed again
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium on PATH (make test installs it where apt is available)")
+def test_the_real_audit_report_renders_in_headless_chromium(audited_run, audit_result, tmp_path):
+    from simulations.report_html import dump_dom
+
+    dom = dump_dom(audited_run / "report.html", tmp_path / "profile")
+    for section in ("ledger", "exposure", "membership-inference", "regurgitation", "wire", "disparity", "counterfactual", "personalization"):
+        assert f'id="{section}"' in dom
+    assert "Canary exposure" in dom and "data:image/png;base64," in dom

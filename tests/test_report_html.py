@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
-import subprocess
 from html.parser import HTMLParser
 
 import pytest
@@ -18,6 +16,8 @@ from simulations.report_html import (
     Section,
     Table,
     bar_chart,
+    chromium_binary,
+    dump_dom,
     format_cell,
     line_chart,
     render_html,
@@ -238,14 +238,6 @@ def test_chart_helpers_validate_and_are_deterministic():
 # ---------------------------------------------------------------- real browser
 
 
-def chromium_binary() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     chromium_binary() is None,
@@ -253,21 +245,6 @@ def chromium_binary() -> str | None:
 )
 def test_report_loads_in_headless_chromium(tmp_path):
     path = render_report(tmp_path / "report.html", title="Audit", sections=audit_sections())
-    result = subprocess.run(
-        [
-            chromium_binary(),
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",  # needed when running as root (containers, CI)
-            f"--user-data-dir={tmp_path / 'profile'}",  # never touch a real profile
-            "--dump-dom",
-            path.resolve().as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    dom = parse(result.stdout)
+    dom = parse(dump_dom(path, tmp_path / "profile"))
     assert dom.section_ids == AUDIT_IDS
     assert len(dom.image_sources) == 3 and all(src.startswith("data:image/png") for src in dom.image_sources)
