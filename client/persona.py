@@ -2,12 +2,15 @@
 
 The server never learns which persona a device chose (issue #4):
 
-* the choice is made here, from this device's own data, IFCA-style (Ghosh et
-  al. 2020): the slot whose global + persona model has the lowest loss on a few
-  of the device's training examples;
-* the update the device sends has all K persona slots, zero except its own, and
-  a one-hot count vector; under secure aggregation the server sees only their
-  sums over all clients.
+* the choice is made here, from this device's own data: by default the
+  persona centroid nearest to the device's profile embedding (federated
+  k-means; the centroids are per-slot means of the devices' profiles, learned
+  through the same sums), or IFCA-style (Ghosh et al. 2020): the slot whose
+  global + persona model has the lowest loss on a few training examples;
+* the update the device sends has all K persona slots, zero except its own,
+  its profile in its own row of the centroid block, and a one-hot count
+  vector; under secure aggregation the server sees only their sums over all
+  clients.
 
 With user-level DP the whole update (every tier and the count) is clipped so
 that one Gaussian mechanism covers it, and under secure aggregation each device

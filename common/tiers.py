@@ -10,8 +10,9 @@ Tiers (see the README's architecture section):
 * ``user``: a private LoRA adapter + the soft prompt; never leaves the device.
 
 The K-slot update hides the persona choice (issue #4): every client sends all
-K persona slots, zero except its own, plus a one-hot count vector. Summed under
-secure aggregation the server learns per-persona sums and counts only.
+K persona slots, zero except its own, its profile embedding in its own row of
+a K x 384 centroid block, and a one-hot count vector. Summed under secure
+aggregation the server learns per-persona sums, centroids and counts only.
 
 Routing by data volume decides which tiers serve a user: cold-start users the
 global tier, occasional users global + persona, frequent users all three.
