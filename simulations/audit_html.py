@@ -23,13 +23,29 @@ def _fmt_eps(e) -> str:
     return "inf" if e is None or (isinstance(e, float) and math.isinf(e)) else f"{e:.3f}"
 
 
-def _ledger_section(result: dict) -> Section:
+def _mechanism(history: list[dict]) -> tuple[str, str, int]:
+    """(noise multipliers, sampling rates, total steps) of a device's logged DP-SGD mechanism."""
+    zs = sorted({round(h["noise_multiplier"], 4) for h in history})
+    qs = sorted({round(h["sample_rate"], 4) for h in history})
+    return ", ".join(map(str, zs)) or "-", ", ".join(map(str, qs)) or "-", sum(h["steps"] for h in history)
+
+
+def _ledger_section(result: dict, report: dict) -> Section:
     ledger = result["ledger"]
-    rows = [[r["user_index"], _fmt_eps(r["epsilon_reported"]), f"{r['epsilon_independent']:.3f}", r["agrees"]] for r in ledger["record_level"]]
-    tables = [("Record-level epsilon per user (reported vs independent)", ["user", "reported", "independent", "agrees"], rows)]
+    cfg = report["config"]
+    rows = [
+        [r["user_index"], r["delta"], *_mechanism(r["mechanism"]), cfg["max-grad-norm"], _fmt_eps(r["epsilon_reported"]), f"{r['epsilon_independent']:.3f}", r["agrees"]]
+        for r in ledger["record_level"]
+    ]
+    header = ["user", "delta", "z", "sampling rate", "steps", "C", "reported (Opacus)", "independent (dp-accounting)", "agrees"]
+    tables = [("Record-level epsilon per user", header, rows)]
     if ledger.get("user_level"):
-        u = ledger["user_level"]
-        tables.append(("User-level epsilon", ["reported", "independent", "agrees"], [[f"{u['epsilon_reported']:.3f}", f"{u['epsilon_independent']:.3f}", u["agrees"]]]))
+        u, ul = ledger["user_level"], report["user_level"]
+        tables.append((
+            "User-level epsilon (every client every round: no sampling amplification)",
+            ["delta", "z", "C", "rounds", "reported (Flower RdpAccountant)", "independent (Opacus RDP)", "agrees"],
+            [[ul["delta"], ul["noise_multiplier"], ul["clip_norm"], ul["rounds_run"], f"{u['epsilon_reported']:.3f}", f"{u['epsilon_independent']:.3f}", u["agrees"]]],
+        ))
     finite = [r for r in ledger["record_level"] if r["epsilon_reported"] is not None]
     figures = [Plot("record-level epsilon per user", bar_chart([r["user_index"] for r in finite], [r["epsilon_reported"] for r in finite], title="record-level epsilon", ylabel="epsilon"))] if finite else []
     return Section("ledger", "Epsilon ledger", LEDGER_METHOD, tables, figures)
@@ -123,7 +139,7 @@ def _privacy_utility_section(runs: list[tuple[str, dict, dict]]) -> Section:
 
 
 def write_html(run_dir: Path, report: dict, result: dict, compare: list[tuple[str, dict, dict]] = ()) -> Path:
-    sections = [_ledger_section(result)]
+    sections = [_ledger_section(result, report)]
     builders = (
         ("exposure", _exposure_section),
         ("membership_inference", _mia_section),
