@@ -9,9 +9,10 @@ Two granularities of privacy run in fedpersona:
   (Flower's ``DifferentialPrivacyClientSideFixedClipping``). Accounted here with
   Flower 1.41's client-level ``RdpAccountant`` (over Google's dp-accounting).
 
-Flower's fixed-clipping accountant supports only ``no-amplification`` sampling,
-so user-level accounting requires every client in every round
-(``fraction-train = 1``). :func:`independent_user_epsilon` recomputes the same
+Flower's DP wrapper (used when the persona tier and secure aggregation are
+off) needs every client in every round (``fraction-train = 1``). The slot and
+secure-aggregation strategies sample clients by Poisson sampling when
+``fraction-train < 1`` and account the amplification (``poisson=True``). :func:`independent_user_epsilon` recomputes the same
 epsilon through Opacus' RDP analysis, a separate implementation, so the report
 and the audit can cross-check the two.
 """
@@ -21,7 +22,13 @@ from __future__ import annotations
 import math
 
 
-def make_user_accountant(population: int, delta: float, max_epsilon: float | None):
+def make_user_accountant(population: int, delta: float, max_epsilon: float | None, poisson: bool = False):
+    """Flower's client-level RDP accountant: every client every round, or Poisson client sampling.
+
+    With ``poisson`` the server must really sample each client independently
+    with probability ``sample_size / population`` (``SlotFedAvg`` does), and
+    the accountant then credits the amplification by sampling.
+    """
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
@@ -30,7 +37,7 @@ def make_user_accountant(population: int, delta: float, max_epsilon: float | Non
             target_delta=delta,
             population_size=population,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.NO_AMPLIFICATION,
             max_epsilon=max_epsilon,
         )
     )
@@ -55,14 +62,14 @@ def rounds_within_budget(accountant, noise_multiplier: float, sample_size: int, 
     return rounds
 
 
-def independent_user_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """User-level epsilon of ``rounds`` un-subsampled Gaussian releases, via Opacus' RDP code."""
+def independent_user_epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
+    """User-level epsilon of ``rounds`` Gaussian releases (Poisson-sampled at ``sample_rate``), via Opacus' RDP code."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     if rounds == 0:
         return 0.0
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-    rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps) if math.isfinite(eps) else math.inf
 

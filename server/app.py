@@ -46,27 +46,33 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = int(rc.get("num-supernodes", 2))
     user_dp = bool(rc.get("user-dp", False))
     fraction = float(rc.get("fraction-train", 1.0))
-    accountant, num_rounds = None, planned_rounds
+    secagg = bool(rc.get("secagg", False))
+    accountant, num_rounds, poisson_rate = None, planned_rounds, None
     if user_dp:
+        sample_size = num_nodes
         if fraction < 1.0:
-            raise ValueError("user-dp needs fraction-train = 1.0: Flower's fixed-clipping accountant has no sampling amplification")
+            if not (secagg or num_slots):
+                raise ValueError("user-dp with fraction-train < 1 needs the persona tier or secagg: Flower's DP wrapper has no sampling amplification")
+            # Poisson client sampling at q = sample_size / N, accounted with amplification.
+            sample_size = max(1, round(fraction * num_nodes))
+            poisson_rate = sample_size / num_nodes
         budget = float(rc.get("user-max-epsilon", 0.0)) or None
-        accountant = make_user_accountant(num_nodes, float(rc["user-delta"]), budget)
-        num_rounds = rounds_within_budget(accountant, float(rc["user-noise-multiplier"]), num_nodes, planned_rounds)
+        accountant = make_user_accountant(num_nodes, float(rc["user-delta"]), budget, poisson=poisson_rate is not None)
+        num_rounds = rounds_within_budget(accountant, float(rc["user-noise-multiplier"]), sample_size, planned_rounds)
         if num_rounds < planned_rounds:
             log.warning("user-level budget allows %d of %d rounds; stopping there", num_rounds, planned_rounds)
         if num_rounds == 0:
             raise RuntimeError("the user-level privacy budget does not allow a single round")
-    secagg = bool(rc.get("secagg", False))
     fedavg_args = dict(
         num_rounds=num_rounds,
-        fraction_train=fraction,
+        # With Poisson sampling FedAvg offers every node and SlotFedAvg draws the cohort.
+        fraction_train=1.0 if poisson_rate else fraction,
         fraction_evaluate=1.0,
         # FedAvg sizes its sample from the nodes connected *at that instant*,
         # floored by min_train_nodes; if round 1 starts while nodes are still
         # registering it would train on a subset. The floor carries the sample
         # this config intends instead.
-        min_train_nodes=min(num_nodes, max(2, math.ceil(fraction * num_nodes))),
+        min_train_nodes=num_nodes if poisson_rate else min(num_nodes, max(2, math.ceil(fraction * num_nodes))),
         min_evaluate_nodes=num_nodes,  # the report scores every user (fraction-evaluate is 1)
         # The accounted DP wrapper needs exactly num_nodes replies per round.
         min_available_nodes=num_nodes if user_dp else min(2, num_nodes),
@@ -76,7 +82,9 @@ def main(grid: Grid, context: Context) -> None:
         weighted_by_key="steps" if user_dp else "num-examples",
     )
     dp = {"noise_multiplier": float(rc["user-noise-multiplier"]), "clip_norm": float(rc["user-clip-norm"])} if user_dp else None
-    slot_args = dict(num_slots=num_slots, min_persona_size=float(rc.get("persona-min-size", 1)), user_dp=dp, accountant=accountant)
+    slot_args = dict(
+        num_slots=num_slots, min_persona_size=float(rc.get("persona-min-size", 1)), user_dp=dp, accountant=accountant, poisson_rate=poisson_rate
+    )
     if secagg:
         # The server only ever holds the unmasked sum: user-level noise comes
         # from the clients' shares ("distributed") or is added to that sum.

@@ -89,15 +89,19 @@ def build_report(rc: dict, strategy, result, wall_s: float, planned_rounds: int 
         from common.dp import independent_user_epsilon
 
         z = float(rc["user-noise-multiplier"])
+        n = int(rc.get("num-supernodes", 1))
+        rate = getattr(strategy.inner, "poisson_rate", None)
+        q = 1.0 if rate is None else rate
         user_level.update(
             {
                 "noise_multiplier": z,
                 "clip_norm": float(rc["user-clip-norm"]),
                 "delta": float(rc["user-delta"]),
-                "sampling": "all clients every round (no amplification)",
+                "sampling": "all clients every round (no amplification)" if rate is None else f"Poisson client sampling, q = {q:.3f} of {n}",
+                "sample_rate": q,
                 "epsilon_per_round": {str(k): v for k, v in sorted(strategy.user_epsilon.items())},
                 # The same figure through Opacus' RDP code, as a cross-check.
-                "epsilon_independent": independent_user_epsilon(z, len(strategy.user_epsilon), float(rc["user-delta"])),
+                "epsilon_independent": independent_user_epsilon(z, len(strategy.user_epsilon), float(rc["user-delta"]), q),
                 "max_epsilon": float(rc.get("user-max-epsilon", 0.0)) or None,
                 "rounds_planned": planned_rounds,
                 "rounds_run": len(strategy.user_epsilon),

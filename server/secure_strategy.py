@@ -90,6 +90,11 @@ class SecAggFedAvg(SlotFedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = super().configure_train(server_round, arrays, config, grid)
         node_ids = [m.metadata.dst_node_id for m in messages]
+        if len(node_ids) < 3:
+            # Poisson sampling drew too few clients for secure aggregation; the
+            # round is skipped (and still charged to the accountant).
+            log.warning("round %d: %d clients sampled, secure aggregation needs 3; skipping the round", server_round, len(node_ids))
+            return []
         length = sum(math.prod(a.shape) for a in arrays.values()) + self.num_slots
         server = SecAggServer(self._params(node_ids, length))
         setup = server.setup_message()

@@ -112,9 +112,13 @@ class SlotFedAvg(EvalAtEndFedAvg):
         user_dp: dict | None = None,
         server_noise: bool = True,
         accountant=None,
+        poisson_rate: float | None = None,
         **kwargs,
     ):
         super().__init__(num_rounds=num_rounds, **kwargs)
+        # Poisson client sampling (DP-FedAvg, McMahan et al. 2018): FedAvg
+        # offers every connected node, and each is kept with this probability.
+        self.poisson_rate = poisson_rate
         if min_persona_size < 1:
             raise ValueError("persona-min-size must be >= 1 (it is the denominator's floor)")
         self.num_slots = num_slots
@@ -128,8 +132,20 @@ class SlotFedAvg(EvalAtEndFedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent = {"arrays": arrays, "sampled": len(messages), "grid": grid}
+        sampled = len(messages)
+        if self.poisson_rate is not None:
+            # The fixed denominator is the *expected* cohort, so the mean's
+            # sensitivity does not depend on who happened to be drawn.
+            sampled = self.poisson_rate * len(messages)
+            messages = [m for m in messages if self.rng.random() < self.poisson_rate]
+        self._sent = {"arrays": arrays, "sampled": sampled, "grid": grid}
         return messages
+
+    def privacy_event(self) -> GaussianPrivacyEvent:
+        """One round's user-level Gaussian release, for Flower's accountant."""
+        pop = self.accountant.config.population_size
+        size = pop if self.poisson_rate is None else max(1, round(self.poisson_rate * pop))
+        return GaussianPrivacyEvent(noise_multiplier=self.user_dp["noise_multiplier"], sample_size=size, population_size=pop)
 
     def _sum_updates(self, server_round: int, replies: list[Message], state: dict) -> np.ndarray | None:
         """The sum of the replies' update vectors (layout of the sent arrays + counts)."""
@@ -141,7 +157,11 @@ class SlotFedAvg(EvalAtEndFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         state, self._sent = self._sent, {}
         replies = [r for r in replies if r.has_content()]
-        total = self._sum_updates(server_round, replies, state) if state else None
+        if self.user_dp and self.accountant is not None:
+            # Charged whether or not anything comes back: a round that was
+            # sampled may release noise even from an empty cohort.
+            self.accountant.compose(self.privacy_event())
+        total = self._sum_updates(server_round, replies, state) if state and replies else None
         if total is None:
             return None, None
         clip = None
@@ -149,9 +169,6 @@ class SlotFedAvg(EvalAtEndFedAvg):
             z, clip = self.user_dp["noise_multiplier"], self.user_dp["clip_norm"]
             if self.server_noise:
                 total = total + self.rng.normal(0.0, z * clip, size=total.shape)
-            if self.accountant is not None:
-                pop = self.accountant.config.population_size
-                self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=pop, population_size=pop))
         arrays, info = apply_update_sum(state["arrays"], total, state["sampled"], self.num_slots, self.min_persona_size, clip)
         self.slot_rounds[server_round] = info
         if info.folded:

@@ -100,7 +100,7 @@ def epsilon_ledger(run_dir: Path) -> dict:
 
         per_round = user["epsilon_per_round"]
         last = per_round[max(per_round, key=int)] if per_round else 0.0
-        again = independent_user_epsilon(float(user["noise_multiplier"]), len(per_round), float(user["delta"]))
+        again = independent_user_epsilon(float(user["noise_multiplier"]), len(per_round), float(user["delta"]), float(user.get("sample_rate", 1.0)))
         user_row = {"epsilon_reported": last, "epsilon_independent": again, "agrees": math.isclose(last, again, rel_tol=LEDGER_TOLERANCE)}
         if not user_row["agrees"]:
             failures.append("user-level")

@@ -189,3 +189,28 @@ def test_distributed_noise_no_party_sees_a_noiseless_sum(round_setup):
     assert np.abs(flatten(new) - flatten(expected)).max() < 1e-5
     assert server_rng.bit_generator.state == before  # the server drew no noise of its own
     assert accountant.get_epsilon(1e-3) > 0
+
+
+def test_poisson_client_sampling_uses_the_expected_cohort_as_denominator(round_setup, tiny_data, tmp_path):
+    """DP-FedAvg with Poisson sampling: each node kept with probability q; the mean divides by q*N."""
+    from common.wire import flatten
+    from server.slot_strategy import apply_update_sum
+
+    app, cfg, model, _, updates = round_setup
+    users = sorted((tiny_data / "data" / "users").glob("*.jsonl"))
+    contexts = {
+        300 + i: Context(run_id=1, node_id=300 + i, node_config={"user-file": str(users[i % 3]), "store-path": str(tmp_path / f"p{i}.sqlite")}, state=RecordDict(), run_config={})
+        for i in range(8)
+    }
+    initial = _initial(cfg, model)
+    grid = LoopbackGrid(app, contexts)
+    strategy = _strategy(cfg, min_train_nodes=8, min_available_nodes=8, poisson_rate=0.5)
+    strategy.rng = np.random.default_rng(3)
+    draws = np.random.default_rng(3).random(8) < 0.5  # the same stream the strategy will use, in message order
+    messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
+    chosen = {m.metadata.dst_node_id for m in messages}
+    assert len(chosen) == draws.sum() and 3 <= len(chosen) < 8 and chosen <= set(contexts)
+    new, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert set(updates) == chosen
+    expected, _ = apply_update_sum(initial, np.sum([updates[n] for n in sorted(chosen)], axis=0), 0.5 * 8, int(cfg["persona-slots"]), 1.0, None)
+    assert np.abs(flatten(new) - flatten(expected)).max() < 1e-6

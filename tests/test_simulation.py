@@ -95,3 +95,28 @@ def test_secure_aggregation_with_user_dp_runs_on_the_simulation_engine(tmp_path)
     eps = list(report["user_level"]["epsilon_per_round"].values())
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
     assert len(report["users"]) == 4
+
+
+def test_poisson_sampled_user_level_dp_on_the_simulation_engine(tmp_path):
+    """fraction-train < 1 with user-level DP: Poisson client sampling, accounted with amplification."""
+    from common.dp import independent_user_epsilon
+    from simulations.run import prepare, simulate
+
+    overrides = {
+        "num-supernodes": 6,
+        "fraction-train": 0.5,
+        "num-server-rounds": 3,
+        "scrub-mode": "patterns",
+        "user-dp": True,
+        "user-noise-multiplier": 1.0,
+        "user-clip-norm": 0.5,
+    }
+    report = simulate(prepare("quick", overrides, tmp_path / "run"))
+    ul = report["user_level"]
+    assert ul["sample_rate"] == 0.5 and "Poisson" in ul["sampling"]
+    eps = [ul["epsilon_per_round"][k] for k in sorted(ul["epsilon_per_round"], key=int)]
+    assert len(eps) == 3 and eps == sorted(eps)
+    assert eps[-1] == pytest.approx(independent_user_epsilon(1.0, 3, 1e-3, 0.5), rel=0.02)
+    assert eps[-1] < independent_user_epsilon(1.0, 3, 1e-3)  # amplification by sampling
+    # Cohorts vary round to round (each node kept with probability 1/2).
+    assert all(0 <= r["clients"] <= 6 for r in report["rounds"])

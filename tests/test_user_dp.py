@@ -26,6 +26,17 @@ def test_flower_accountant_matches_independent_computation(z, rounds):
     assert acc.get_epsilon(1e-3) == pytest.approx(independent_user_epsilon(z, rounds, 1e-3), rel=0.02)
 
 
+@pytest.mark.parametrize("z,rounds,sampled", [(1.0, 10, 5), (0.8, 30, 2)])
+def test_poisson_sampled_accounting_matches_independent_computation_and_amplifies(z, rounds, sampled):
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    acc = make_user_accountant(population=20, delta=1e-3, max_epsilon=None, poisson=True)
+    acc.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=sampled, population_size=20), count=rounds)
+    q = sampled / 20
+    assert acc.get_epsilon(1e-3) == pytest.approx(independent_user_epsilon(z, rounds, 1e-3, q), rel=0.02)
+    assert acc.get_epsilon(1e-3) < independent_user_epsilon(z, rounds, 1e-3)  # sampling amplifies
+
+
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
     """Tight epsilon of a Gaussian mechanism with mu = sensitivity/sigma (Balle & Wang 2018)."""
     from scipy.stats import norm
