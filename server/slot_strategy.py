@@ -1,13 +1,16 @@
 """FedAvg over summed updates, with the K-slot persona tier (the server's half).
 
 Clients send *updates* in the wire layout of :mod:`common.tiers`: the global
-tier, K persona slots (zero except the sender's own) and a one-hot count
-vector. This strategy only ever uses their **sum** (plain rounds add the
+tier, K persona slots (zero except the sender's own), the centroid block (the
+sender's profile embedding in its own row) and a one-hot count vector. This strategy only ever uses their **sum** (plain rounds add the
 replies up; :class:`~server.secure_strategy.SecAggFedAvg` gets the sum from
 secure aggregation and never sees one reply) and from it:
 
 * updates the global tier by ``sum / n_sampled`` (DP-FedAvg's fixed
-  denominator, so a dropout cannot change the sensitivity);
+  denominator, so a dropout cannot change the sensitivity; the expected cohort
+  under Poisson client sampling);
+* sets centroid k to the mean profile of the devices that chose k
+  (federated k-means);
 * updates persona slot k by ``sum_k / count_k``, when ``count_k`` reaches the
   minimum persona size; otherwise the slot keeps its values and its sum is
   folded into the global tier's (persona adapters share the global adapter's
@@ -15,7 +18,7 @@ secure aggregation and never sees one reply) and from it:
   tiny count would swamp the slot.
 
 With user-level DP the sum carries Gaussian noise of std ``z*C`` on every
-coordinate (counts included, see ``common.tiers.count_scale``): added here
+coordinate (counts and profiles included, see ``common.tiers.count_scale``): added here
 ("server" noise), or already inside the sum when the clients added distributed
 noise shares under secure aggregation. Either way the round composes one
 Gaussian event into Flower's client-level accountant.
@@ -49,14 +52,15 @@ class SlotRound:
 def apply_update_sum(
     arrays: ArrayRecord,
     total: np.ndarray,
-    sampled: int,
+    sampled: float,
     num_slots: int,
     min_size: float,
     clip_norm: float | None,
 ) -> tuple[ArrayRecord, SlotRound]:
     """New server tensors from the (noised) sum of ``sampled`` clients' updates.
 
-    ``total`` is laid out as ``flatten(arrays)`` followed by the K counts.
+    ``total`` is laid out as ``flatten(arrays)`` followed by the K counts;
+    ``sampled`` is the global tier's fixed denominator.
     """
     base = flatten(arrays)
     if total.shape != (base.size + num_slots,):
