@@ -37,11 +37,15 @@ def audit_result(audited_run):
 
 @pytest.fixture(scope="module")
 def memorising_run(tmp_path_factory):
-    """The negative control: no DP, no scrubbing, many large local steps."""
+    """The negative control: no DP, no scrubbing, many large local steps.
+
+    Without the persona tier, so nothing depends on the devices' random
+    round-1 persona tie-break (seeded by their store paths, i.e. by tmp dirs).
+    """
     from simulations.run import prepare, simulate
 
     run = tmp_path_factory.mktemp("memorise") / "run"
-    overrides = {"num-supernodes": 3, "dp": False, "scrub-mode": "off", "local-steps": 30, "lr": 0.05, "batch-size": 16}
+    overrides = {"num-supernodes": 3, "dp": False, "scrub-mode": "off", "local-steps": 30, "lr": 0.05, "batch-size": 16, "persona-slots": 0}
     simulate(prepare("quick", overrides, run))
     return run
 
@@ -106,8 +110,15 @@ def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):
     ex = r["exposure"]
     assert ex["canaries"] == 2 and ex["scrub_mode"] == "full"
     assert all(0 <= row[k] <= ex["max_exposure_bits"] for row in ex["rows"] for k in ("global", "persona", "personal", "reference_base"))
-    # Scrubbing removed the phone-shaped canary before training: no model knows it.
-    assert ex["mean"]["personal"] < 3.0
+    # Scrubbing removed the phone-shaped canary before training (so its exposure is
+    # a random rank; benchmarks/audit_figures.py compares scrub on and off).
+    import sqlite3
+
+    for user in json.loads((audited_run / "data" / "manifest.json").read_text())["users"]:
+        if user.get("canary"):
+            with sqlite3.connect(audited_run / "devices" / f"{user['user_id']}.sqlite") as db:
+                outputs = [row[0] for row in db.execute("SELECT output FROM tasks WHERE id LIKE 'c%'")]
+            assert outputs and all(user["canary"] not in o and "<PHONE_NUMBER>" in o for o in outputs)
     mia = r["membership_inference"]
     rec, usr = mia["record_level"], mia["user_level"]
     assert rec["members"] > 0 and rec["nonmembers"] == 3 * 6 and 0 <= rec["auc"] <= 1
@@ -132,7 +143,7 @@ def test_exposure_and_membership_see_a_memorising_model(memorising_run):
     from simulations.audit_view import RunView
 
     view = RunView(memorising_run)
-    ex = audit_privacy.canary_exposure(view)
+    ex = audit_privacy.canary_exposure(view, references=199)
     assert ex["mean"]["personal"] > 3.0 > ex["mean"]["reference_base"]
     mia = audit_privacy.membership_inference(view)
     assert mia["record_level"]["formal_epsilon"] is None  # no DP: nothing to exceed
