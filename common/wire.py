@@ -60,10 +60,6 @@ class WireSchema:
     dtype: str = "float32"
 
     @classmethod
-    def from_tensors(cls, tensors: dict) -> "WireSchema":
-        return cls({k: tuple(v.shape) for k, v in tensors.items()})
-
-    @classmethod
     def masked(cls, layout: dict[str, tuple[int, ...]]) -> "WireSchema":
         """One uint32 vector as long as the update ``layout`` (key -> shape) it masks."""
         return cls({MASKED: (sum(math.prod(s) for s in layout.values()),)}, dtype="uint32")

@@ -42,6 +42,7 @@ class RunView:
         self.max_len = int(self.config.get("max-len", 56))
         self.num_slots = int(self.config.get("persona-slots", 0))
         self._shared = self._load_shared()
+        self._raw: dict[str, list[dict]] = {}
 
     # -- who is who ---------------------------------------------------------------
     @property
@@ -59,8 +60,14 @@ class RunView:
         return folder / f"{Path(user['file']).stem}.sqlite"
 
     def raw_records(self, user: dict) -> list[dict]:
-        """The user's raw JSONL (ground truth; only the harness reads it, never a model)."""
-        return [json.loads(line) for line in (self.data_dir / user["file"]).read_text().splitlines() if line.strip()]
+        """The user's raw JSONL (ground truth; only the harness reads it, never a model).
+
+        Read once per user: every audit walks the same records.
+        """
+        if user["file"] not in self._raw:
+            path = self.data_dir / user["file"]
+            self._raw[user["file"]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return self._raw[user["file"]]
 
     # -- model states ---------------------------------------------------------------
     def _load_shared(self) -> dict[str, torch.Tensor]:
@@ -107,6 +114,10 @@ class RunView:
             model.use(*model.tiers)
 
     # -- measurements -------------------------------------------------------------
+    def _adapters(self, stack: str) -> tuple[str, ...]:
+        """The adapters of a stack in this run (a run without the persona tier has no persona adapter)."""
+        return STACKS[stack] if self.num_slots else tuple(a for a in STACKS[stack] if a != "persona")
+
     @torch.no_grad()
     def record_nll(self, pairs: list[tuple[str, str]], stack: str, batch_size: int = 32) -> list[float]:
         """Mean NLL per target token of each (input, output) pair under a model stack."""
@@ -115,7 +126,7 @@ class RunView:
         if not pairs:
             return []
         model = self.model
-        adapters = STACKS[stack] if self.num_slots else tuple(a for a in STACKS[stack] if a != "persona")
+        adapters = self._adapters(stack)
         model.use(*adapters)
         model.eval()
         data = encode_pairs(self.tokenizer, pairs, self.max_len)
@@ -137,7 +148,7 @@ class RunView:
         from contextlib import nullcontext
 
         model = self.model
-        adapters = STACKS[stack] if self.num_slots else tuple(a for a in STACKS[stack] if a != "persona")
+        adapters = self._adapters(stack)
         model.use(*adapters)
         model.eval()
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
