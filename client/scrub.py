@@ -57,6 +57,10 @@ from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider
 from presidio_anonymizer import AnonymizerEngine
 from presidio_anonymizer.entities import ConflictResolutionStrategy, OperatorConfig
 
+# Imported for its side effect too: Presidio resolves `type: predefined` YAML
+# entries among EntityRecognizer subclasses, so the class must be loaded.
+from client.name_lexicon import NameLexiconRecognizer  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("scrub_default.yaml")
@@ -247,6 +251,26 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
         super().__init__(models=models, ner_model_configuration=ner_model_configuration)
         self._exclude = list(exclude)
         self._blank = blank
+        # Recognizers' context words; set by _build_analyzer once the registry
+        # exists. See is_stopword.
+        self.context_words: frozenset[str] = frozenset()
+        self._stop_cache: dict[tuple[str, str], bool] = {}
+
+    def is_stopword(self, word: str, language: str) -> bool:
+        """spaCy's stop words, except the recognizers' own context words.
+
+        Presidio's context enhancer only looks at non-stop words, and spaCy
+        lists cue verbs such as "call" and "give" as stop words, so "call me
+        on 9472 7916" would never lift a weak phone pattern. Cached: Presidio
+        asks for every token of every document.
+        """
+        key = (word, language)
+        hit = self._stop_cache.get(key)
+        if hit is None:
+            hit = word.lower() not in self.context_words and super().is_stopword(word, language)
+            if len(self._stop_cache) < 200_000:
+                self._stop_cache[key] = hit
+        return hit
 
     def load(self) -> None:  # noqa: D102
         self.nlp = {}
@@ -314,7 +338,9 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         ConfigurationValidator.validate_analyzer_configuration(raw)
     except ValueError as exc:
-        raise ScrubConfigError(f"{path}: {exc}") from exc
+        # Presidio's message is generic; the pydantic cause names the key.
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        raise ScrubConfigError(f"{path}: {exc}{cause}") from exc
     return raw, ext
 
 
@@ -351,6 +377,9 @@ def _build_analyzer(config: dict[str, Any], ext: dict[str, Any], mode: str) -> A
         for rec in list(registry.recognizers):
             if rec.name in ("SpacyRecognizer",):
                 registry.remove_recognizer(rec.name)
+    if isinstance(nlp_engine, _LocalSpacyNlpEngine):
+        nlp_engine.context_words = frozenset(
+            w.lower() for rec in registry.recognizers for w in (rec.context or []))
     for rec in registry.recognizers:
         if isinstance(rec, EmailRecognizer) and not isinstance(rec, OfflineEmailRecognizer):
             # A config that names Presidio's stock EmailRecognizer must not
