@@ -330,7 +330,12 @@ class NameLexiconRecognizer(EntityRecognizer):
         Presidio drops the labels it ignores (LANGUAGE, WORK_OF_ART...) and
         those are exactly the readings that should stop a name guess.
         """
-        doc = getattr(nlp_artifacts, "tokens", None) if nlp_artifacts else None
+        # client/scrub.py's engine keeps the spaCy Doc as `.doc`; Presidio's
+        # own engines pass it as `.tokens`.
+        if nlp_artifacts is None:
+            return []
+        doc = (nlp_artifacts.doc if hasattr(nlp_artifacts, "doc")
+               else getattr(nlp_artifacts, "tokens", None))
         ents = getattr(doc, "ents", None)
         if not ents:
             return []

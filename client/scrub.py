@@ -35,7 +35,9 @@ from typing import Any, Iterable, Sequence
 
 import spacy
 import tldextract
+from spacy.attrs import IDX, LOWER, ORTH
 import yaml
+from pydantic import ConfigDict, Field
 from presidio_analyzer import (
     AnalyzerEngine,
     EntityRecognizer,
@@ -44,7 +46,7 @@ from presidio_analyzer import (
     RecognizerResult,
 )
 from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
-from presidio_analyzer.input_validation import ConfigurationValidator
+from presidio_analyzer.input_validation import ConfigurationValidator, yaml_recognizer_models
 from presidio_analyzer.nlp_engine import (
     NerModelConfiguration,
     NlpArtifacts,
@@ -221,6 +223,24 @@ class LuhnCardRecognizer(_ClassDefaultsRecognizer):
         return total % 10 == 0
 
 
+class PhoneRecognizerConfig(yaml_recognizer_models.PredefinedRecognizerConfig):
+    """YAML schema for Presidio's PhoneRecognizer options.
+
+    Presidio validates predefined entries with a model that silently drops
+    keys it does not declare, so ``supported_regions`` in YAML would be
+    ignored. Declaring them (and forbidding others) through Presidio's
+    CONFIG_MODEL_MAP makes them work, and makes a typo an error.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    supported_regions: list[str] | None = None
+    leniency: int | None = Field(default=None, ge=0, le=3)
+
+
+yaml_recognizer_models.CONFIG_MODEL_MAP.setdefault("PhoneRecognizer", PhoneRecognizerConfig)
+
+
 # --------------------------------------------------------------------------
 # NLP engines
 # --------------------------------------------------------------------------
@@ -236,9 +256,9 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
       per-document cost of en_core_web_sm.
     * ``blank=True`` builds ``spacy.blank(lang)`` (tokenizer only) for the
       patterns mode: no NER, but tokens for context-word enhancement.
-    * Without tagger/lemmatizer spaCy lemmas are empty, which would silently
+    * Without a lemmatizer spaCy lemmas are empty, which would silently
       disable the context enhancer, so lemmas fall back to the lower-cased
-      token text.
+      token text (what the enhancer's substring matching compares anyway).
     """
 
     def __init__(
@@ -295,15 +315,43 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
             entities = self._get_entities(doc)
             scores = self._get_scores_for_entities(doc)
             entities, scores = self._get_updated_entities(entities, scores)
-        return NlpArtifacts(
+        # Offsets, token texts and lower-cased forms come from one array
+        # instead of a spaCy Token object per word (a sixth of patterns-mode
+        # time went into building those).
+        rows = doc.to_array([IDX, ORTH, LOWER]).tolist() if len(doc) else []
+        strings = doc.vocab.strings
+        if self._has_lemmas(language):
+            lemmas = [t.lemma_ or t.lower_ for t in doc]
+        else:
+            lemmas = [strings[low] for _, _, low in rows]
+        artifacts = NlpArtifacts(
             entities=entities,
-            tokens=doc,
-            tokens_indices=[t.idx for t in doc],
-            lemmas=[t.lemma_ or t.lower_ for t in doc],
+            # Presidio's context enhancer walks `tokens` from the start for
+            # every finding and only needs each token's length; plain strings
+            # make that walk cheap. The Doc stays available as `.doc`.
+            tokens=[strings[orth] for _, orth, _ in rows],
+            tokens_indices=[i for i, _, _ in rows],
+            lemmas=lemmas,
             nlp_engine=self,
             language=language,
             scores=scores,
         )
+        # Without NER there are no entities to read (and Doc.ents would walk
+        # every token to find that out).
+        artifacts.doc = None if self._blank else doc
+        return artifacts
+
+    def _has_lemmas(self, language: str) -> bool:
+        return "lemmatizer" in self.nlp[language].pipe_names
+
+    def is_punct(self, word: str, language: str) -> bool:  # noqa: D102 - cached, see is_stopword
+        key = ("\0punct", word)
+        hit = self._stop_cache.get(key)
+        if hit is None:
+            hit = super().is_punct(word, language)
+            if len(self._stop_cache) < 200_000:
+                self._stop_cache[key] = hit
+        return hit
 
     def get_supported_entities(self) -> list[str]:  # noqa: D102
         return [] if self._blank else super().get_supported_entities()

@@ -224,3 +224,37 @@ def test_batched_equals_unbatched(full):
     single = full.analyze_unbatched(texts)
     key = lambda rs: sorted((r.entity_type, r.start, r.end) for r in rs)  # noqa: E731
     assert [key(r) for r in batched] == [key(r) for r in single]
+
+
+@pytest.mark.parametrize("text,number", [
+    # "call" is a spaCy stop word; context words are exempt from the stop list.
+    ("Can someone call me on 9472 7916? I have questions.", "9472 7916"),
+    # The cue comes three tokens after the match start (Presidio counts the
+    # right-hand context from the match's first token).
+    ("APO AA 61487 416 60 039 office hours only", "416 60 039"),
+    # A number glued to its label.
+    ("Hungary (37) 788-063-Office", "(37) 788-063"),
+])
+def test_weak_phone_shapes_need_and_find_their_cue(full, patterns, text, number):
+    for scrubber in (full, patterns):
+        out = scrubber([text])[0].text
+        assert number not in out and "<PHONE_NUMBER>" in out, out
+    # Without the cue the bare digit groups are left alone (dates, amounts).
+    bare = text.replace("call", "see").replace("office", "opening").replace("-Office", "")
+    if "(37)" not in text:  # a parenthesised area code is a phone on its own
+        assert number in patterns([bare])[0].text
+
+
+def test_phone_regions_from_yaml_are_applied_and_typos_rejected(tmp_path: Path):
+    from client.scrub import ScrubConfigError
+
+    base = DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
+    assert "supported_regions: [US, GB, DE, FR]" in base
+    s = Scrubber.from_config(mode="patterns")
+    phone = [r for r in s.analyzer.registry.recognizers if r.name == "PhoneRecognizer"][0]
+    assert list(phone.supported_regions) == ["US", "GB", "DE", "FR"]
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(base.replace("supported_regions: [US", "supported_region: [US"),
+                   encoding="utf-8")
+    with pytest.raises(ScrubConfigError, match="supported_region"):
+        Scrubber.from_config(cfg, mode="patterns")
