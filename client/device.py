@@ -58,11 +58,14 @@ def locate_user(config: dict, node_config: dict) -> tuple[Path, Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def scrubber(mode: str, operator: str):
-    """One Presidio engine per process (loading spaCy costs about a second).
+def scrubber(mode: str, operator: str, config_path: str = "", secret: bytes = b""):
+    """A Presidio scrubber (the engine is loaded once per process and config).
 
-    ``off`` exists only for the privacy audits' control arm (canary exposure
-    and regurgitation "with scrubbing off"): it stores raw text and says so.
+    ``config_path`` is a Presidio-format YAML (``scrub-config``; "" = the
+    packaged client/scrub_default.yaml). ``secret`` keys the ``pseudonym``
+    operator and comes from the device store. ``off`` exists only for the
+    privacy audits' control arm (canary exposure and regurgitation "with
+    scrubbing off"): it stores raw text and says so.
     """
     if mode == "off":
         from client.store import ScrubOutcome
@@ -71,7 +74,8 @@ def scrubber(mode: str, operator: str):
         return lambda texts: [ScrubOutcome(text, 0, None) for text in texts]
     from client.scrub import Scrubber
 
-    return Scrubber.from_config(mode=mode, operator=operator)
+    return Scrubber.from_config(Path(config_path) if config_path else None, mode=mode,
+                                operator=operator, device_secret=secret or None)
 
 
 def open_store(config: dict, node_config: dict) -> DeviceStore:
@@ -80,7 +84,10 @@ def open_store(config: dict, node_config: dict) -> DeviceStore:
     store_path.parent.mkdir(parents=True, exist_ok=True)
     store = DeviceStore(store_path)
     if not store.is_ingested():
-        scrub = scrubber(str(config.get("scrub-mode", "full")), str(config.get("scrub-operator", "tag")))
+        operator = str(config.get("scrub-operator", "tag"))
+        secret = store.device_secret() if operator == "pseudonym" else b""
+        scrub = scrubber(str(config.get("scrub-mode", "full")), operator,
+                         str(config.get("scrub-config", "")), secret)
         counts = store.ingest_jsonl(user_file, scrub=scrub)
         log.info("ingested %s records into the device store (%d quarantined)", sum(counts.values()), counts.get("quarantined", 0))
     return store

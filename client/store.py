@@ -61,6 +61,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Private-state key of the pseudonymisation secret (see DeviceStore.device_secret).
+DEVICE_SECRET_KEY = "device-secret"
 SPLITS = ("train", "test")
 MAX_TEXT_CHARS = 20_000
 MAX_ATTRIBUTE_CHARS = 1_000
@@ -476,3 +479,20 @@ class DeviceStore:
         with self._tx() as conn:
             row = conn.execute("SELECT blob FROM state WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def device_secret(self) -> bytes:
+        """This device's pseudonymisation key: 32 random bytes, made on first use.
+
+        It keys the scrubber's HMAC pseudonyms, so the same name maps to the
+        same token on this device and to unrelated tokens on any other. It is
+        private state like the user tier: never sent, never logged.
+        """
+        secret = self.get_state(DEVICE_SECRET_KEY)
+        if secret is None:
+            secret = secrets.token_bytes(32)
+            with self._tx() as conn:
+                # INSERT OR IGNORE: a concurrent first use keeps one secret.
+                conn.execute("INSERT OR IGNORE INTO state VALUES (?, ?)",
+                             (DEVICE_SECRET_KEY, secret))
+            secret = self.get_state(DEVICE_SECRET_KEY)
+        return secret

@@ -179,7 +179,10 @@ def regurgitation(view: RunView, per_user: int = 2, tokens: int = REGURGITATION_
     hits = {"pii": 0, "canary": 0}
     rescrub_entities = 0
     mode = str(view.config.get("scrub-mode", "full"))
-    rescrub = scrubber("patterns" if mode == "off" else mode, str(view.config.get("scrub-operator", "tag")))
+    # Only the number of entities found is kept, so the operator is "tag"
+    # whatever the run used (pseudonyms would need each device's secret).
+    rescrub = scrubber("patterns" if mode == "off" else mode, "tag",
+                       str(view.config.get("scrub-config", "")))
     for user in view.participants:
         raw = {r["id"]: r for r in view.raw_records(user) if r["type"] == "task" and r["split"] == "train"}
         spans = [row for row in view.sidecar if row["user_id"] == user["user_id"] and row["field"] == "output" and row["record_id"] in raw]
