@@ -90,6 +90,20 @@ def _is_titlecase(word: str) -> bool:
     return word[0].isupper() and (len(word) == 1 or not word.isupper())
 
 
+def _initial_shape(run: list[re.Match]) -> re.Match | None:
+    """First word of a "Given I. Family" shape in a run, else None.
+
+    A capitalised word, a one-letter initial and another capitalised word
+    ("Ravil G Yefimov", "Faina D. Yefremova") is how people's names are
+    written, whatever the language, so it needs no lexicon.
+    """
+    for a, b, c in zip(run, run[1:], run[2:]):
+        if (_INITIAL.match(b.group()) and len(a.group()) > 1 and len(c.group()) > 1
+                and a.group() not in _PARTICLES and c.group() not in _PARTICLES):
+            return a
+    return None
+
+
 def _key(word: str) -> str:
     """Lexicon key: case-folded, possessive removed ("Yefremova's")."""
     key = word.casefold()
@@ -304,15 +318,21 @@ class NameLexiconRecognizer(EntityRecognizer):
             # also places ("Houston"), works ("Metallica") or languages.
             if any(s < run[-1].end() and run[0].start() < e for s, e, _, _ in ner_spans):
                 continue
+            shaped, run_end = _initial_shape(run), run[-1].end()
             # A run starts at its first lexicon name: "Yesterday Angela
             # Merkel" -> "Angela Merkel".
             while run and not self._is_name(run[0].group()):
                 run = run[1:]
-            if not run:
-                continue
-            if any(_key(m.group()) in self.first for m in run if not _INITIAL.match(m.group())):
+            if run and any(_key(m.group()) in self.first
+                           for m in run if not _INITIAL.match(m.group())):
                 results.append(self._result(run[0].start(), run[-1].end(),
                                             self.given_name_score, "given_name"))
+                continue
+            if shaped is not None:
+                results.append(self._result(shaped.start(), run_end,
+                                            self.given_name_score, "initial_shape"))
+                continue
+            if not run:
                 continue
             for m in run:  # no given name: each family name stands alone
                 if _key(m.group()) in self.last:
@@ -372,7 +392,8 @@ class NameLexiconRecognizer(EntityRecognizer):
             if not names or any(_key(w) in _DESIGNATORS or not _is_titlecase(w)
                                 for w in names):
                 continue
-            has_given = any(_key(w) in self.first for w in names)
+            has_given = any(_key(w) in self.first for w in names) or (
+                _initial_shape(list(_WORD.finditer(ent_text))) is not None)
             all_names = all(self._is_name(w) for w in names)
             if has_given or (label == "ORGANIZATION" and all_names):
                 out.append(self._result(start, end, self.relabel_score, "ner_relabel"))

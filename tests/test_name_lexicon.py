@@ -50,6 +50,14 @@ def test_given_name_run_covers_initials_and_family_name(rec):
     assert _found(rec, "Anna van der Berg said so.") == [("Anna van der Berg", "given_name")]
 
 
+def test_given_initial_family_shape_needs_no_lexicon(rec):
+    # Neither word is in any lexicon; the middle initial makes it a name.
+    assert _found(rec, "Directed by: Zorblax Q. Vintaquor") == [("Zorblax Q. Vintaquor", "initial_shape")]
+    assert _found(rec, "Directed by: Zorblax Vintaquor") == []
+    # An initial between particles or at the edge is not the shape.
+    assert _found(rec, "Plan B Forward") == []
+
+
 def test_common_words_calendar_and_shouting_are_not_names(rec):
     for text in ("Will you come? May I join? See you in June.",
                  "PLEASE ANSWER THE PHONE", "The meeting is on Monday."):
