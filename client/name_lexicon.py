@@ -4,9 +4,8 @@ spaCy's small English NER finds about two thirds of the person names in the
 presidio-research set. Its misses fall into a few categories (measured,
 docs/results.md): names from outside the anglophone world labelled ORG or
 LOC ("Tomomi Nishiyama", "Elínborg Guðmundsdóttir"), bare first names in
-lists or dialogue ("They had 6: Efimiya, Mary, ...", "Ubul: What a wife"),
-names written with a middle initial ("Ravil G Yefimov") and names typed in
-lower case ("patricia desrosiers"). All of these are recognisable by
+lists or dialogue ("They had 6: Efimiya, Mary, ...") and names written with
+a middle initial ("Ravil G Yefimov"). Most of these are recognisable by
 knowing which words are given names and family names.
 
 The lexicon is built from Faker's person providers (all of its locales, so
@@ -14,22 +13,27 @@ it is international, MIT-licensed and already a pinned dependency) plus any
 user-supplied word lists. It is independent of the evaluation data: the
 presidio-research names come from FakeNameGenerator, not Faker. Common
 English words (spaCy's stop words, Faker's en_US lorem vocabulary, month
-and day names) are removed, because "Will", "May" or "Young" in running text
-are far more often words than names.
+and day names) and two-letter entries are removed, because "Will", "May",
+"Young" or "Ah" in running text are far more often words than names.
 
-Rules, in order of confidence:
+Rules:
 
 1. A run of capitalised words (initials and name particles allowed inside)
-   that contains a given name: PERSON over the whole run.
-2. A capitalised word that is a family name on its own ("founders: Kónya,
-   Becker and Vasquez"): PERSON at a lower score.
-3. A lower-case given name followed by a lower-case family name.
-4. An ORG/LOC span from the NER model whose words are all lexicon names: the
-   same span as PERSON with a score above the NER score, so the overlap
-   policy in client/scrub.py keeps the PERSON reading.
+   that contains a given name: PERSON over the run, from its first name on.
+2. Otherwise, "Given I. Family" (a middle initial): PERSON, no lexicon needed.
+3. Otherwise, each family name on its own ("founders: Kónya, Becker and
+   Vasquez"): PERSON at a lower score.
+4. An ORG/LOC span from the NER model made of names: the same span as
+   PERSON with a score above the NER score, so the overlap policy in
+   client/scrub.py keeps the PERSON reading.
 
-The recognizer works without NER (patterns mode) and only adds rule 4 when
-the NLP artifacts carry entities.
+Runs that read as organisations, streets or places ("Conway Inc", "East
+Lauren", "Thompson Curve") are skipped, and where the NER model labelled a
+run, rules 1-3 defer to it. The recognizer works without NER (patterns
+mode); rule 4 needs the NER entities.
+
+Names typed in lower case are not handled: a "lucky meadows" rule found 4
+names in the presidio set and 56 false ones in our own persona data.
 """
 
 from __future__ import annotations
@@ -61,22 +65,29 @@ _PARTICLES = {"van", "von", "der", "den", "de", "del", "della", "di", "da", "dos
 _CONJUNCTIONS = {"and", "or", "und", "et", "y", "e"}
 # NER labels (after Presidio's mapping) that rule 4 may relabel.
 _RELABEL_FROM = {"ORGANIZATION", "LOCATION"}
-# Words that make a capitalised run an organisation or a street, not a person
-# ("Conway Inc", "Rua Cyro Schmutzer Franco"): rules 1 and 2 skip such runs.
-_DESIGNATORS = {
-    # organisations
+# Words that make a capitalised run an organisation, a street or a place, not
+# a person ("Conway Inc", "Rua Cyro Schmutzer Franco", "East Lauren",
+# "Thompson Curve"); rules 1, 2 and 4 skip such runs. Organisation and unit
+# words count anywhere in the run, place prefixes only first, street types
+# only last (client code adds Faker's 225 US street types to the latter).
+_ORG_WORDS = {
     "inc", "ltd", "llc", "llp", "plc", "corp", "corporation", "company", "co", "group",
     "partners", "holdings", "investments", "technologies", "solutions", "systems",
     "services", "bank", "capital", "associates", "foundation", "institute",
     "university", "college", "school", "hospital", "orchestra", "band", "union",
     "club", "society", "agency", "markets", "labs", "gmbh", "ag", "sa", "srl", "bv",
-    # streets and places
+    "suite", "apt", "apartment", "unit", "floor", "city", "county",
+    "royal", "princess", "prince", "king", "queen",
+}
+_PLACE_PREFIXES = {
+    "north", "south", "east", "west", "new", "lake", "port", "fort", "mount", "saint",
+    "st", "rua", "rue", "via", "calle", "avenida", "paseo", "piazza", "plaza", "praça",
+    "quinta",
+}
+_STREET_TYPES = {
     "street", "st", "avenue", "ave", "road", "rd", "lane", "ln", "drive", "dr",
-    "boulevard", "blvd", "way", "court", "ct", "place", "pl", "square", "loop",
-    "hill", "hills", "park", "bridge", "coves", "fort", "port", "mount", "lake",
-    "rua", "rue", "via", "calle", "avenida", "paseo", "piazza", "plaza", "praça",
-    "quinta", "strasse", "straße", "city", "county", "royal", "princess", "prince",
-    "king", "queen",
+    "boulevard", "blvd", "way", "court", "ct", "place", "pl", "square", "loop", "hill",
+    "hills", "park", "bridge", "coves", "strasse", "straße",
 }
 
 # A word: a letter then letters, apostrophes or hyphens; Unicode-aware.
@@ -143,6 +154,13 @@ def _faker_names(locales: Sequence[str] | None) -> tuple[set[str], set[str]]:
     return first, last
 
 
+def _faker_street_types() -> set[str]:
+    """The USPS street types Faker's en_US addresses use (Alley ... Wells)."""
+    from faker.providers.address.en_US import Provider as UsAddress
+
+    return {w.casefold() for w in UsAddress.street_suffixes}
+
+
 def _read_word_file(path: Path) -> set[str]:
     words: set[str] = set()
     try:
@@ -177,7 +195,9 @@ def _normalise(words: Iterable[str], common: frozenset[str]) -> frozenset[str]:
         if not isinstance(w, str):
             continue
         key = w.casefold()
-        if len(key) >= 2 and _WORD.fullmatch(w) and key not in common:
+        # Two-letter entries ("Ah", "Ho") are interjections and function words
+        # in English text far more often than names; NER still sees them.
+        if len(key) >= 3 and _WORD.fullmatch(w) and key not in common:
             out.add(key)
     return frozenset(out)
 
@@ -237,12 +257,15 @@ class NameLexiconRecognizer(EntityRecognizer):
         self.first: frozenset[str] = frozenset()
         self.last: frozenset[str] = frozenset()
         self.common: frozenset[str] = frozenset()
+        self.street_types: frozenset[str] = frozenset()
         super().__init__(supported_entities=[self.ENTITY], name=name,
                          supported_language=supported_language)
 
     def load(self) -> None:  # noqa: D102 - called by EntityRecognizer.__init__
         self.first, self.last = build_lexicon(*self._lexicon_args)
         self.common = _common_words()
+        # Street types that are not also given names ("Cliff", "Chase" stay names).
+        self.street_types = frozenset(_STREET_TYPES | _faker_street_types()) - self.first
 
     # ---- helpers -------------------------------------------------------
 
@@ -256,6 +279,12 @@ class NameLexiconRecognizer(EntityRecognizer):
                 "rule": rule,
             },
         )
+
+    def _is_org_or_place(self, words: list[str]) -> bool:
+        keys = [_key(w) for w in words]
+        return (any(k in _ORG_WORDS for k in keys)
+                or (len(keys) > 1 and (keys[0] in _PLACE_PREFIXES
+                                       or keys[-1] in self.street_types)))
 
     def _is_name(self, word: str) -> bool:
         key = _key(word)
@@ -292,7 +321,7 @@ class NameLexiconRecognizer(EntityRecognizer):
         trimmed = []
         for run in runs:
             # Checked before trimming: "Street" is also a common word.
-            if any(_key(m.group()) in _DESIGNATORS for m in run):
+            if self._is_org_or_place([m.group() for m in run]):
                 continue
             while run and (run[0].group() in _PARTICLES
                            or run[0].group().casefold() in self.common):
@@ -338,7 +367,6 @@ class NameLexiconRecognizer(EntityRecognizer):
                 if _key(m.group()) in self.last:
                     results.append(self._result(m.start(), m.end(),
                                                 self.family_name_score, "family_name"))
-        results += self._lowercase_pairs(text)
         results += self._relabel_ner(ner_spans)
         return results
 
@@ -364,16 +392,6 @@ class NameLexiconRecognizer(EntityRecognizer):
         return [(e.start_char, e.end_char, mapping.get(e.label_, e.label_), e.text)
                 for e in ents]
 
-    def _lowercase_pairs(self, text: str) -> list[RecognizerResult]:
-        out = []
-        words = [m for m in _WORD.finditer(text) if m.group().islower()]
-        for a, b in zip(words, words[1:]):
-            if (text[a.end():b.start()] == " " and a.group() in self.first
-                    and b.group() in self.last):
-                out.append(self._result(a.start(), b.end(), self.given_name_score,
-                                        "lowercase_name"))
-        return out
-
     def _relabel_ner(self, ner_spans: list[tuple[int, int, str, str]]) -> list[RecognizerResult]:
         """Rule 4: NER organisations and places that are really people.
 
@@ -389,8 +407,8 @@ class NameLexiconRecognizer(EntityRecognizer):
             words = [m.group() for m in _WORD.finditer(ent_text)]
             names = [w for w in words if not _INITIAL.match(w)
                      and w not in _PARTICLES and w not in _CONJUNCTIONS]
-            if not names or any(_key(w) in _DESIGNATORS or not _is_titlecase(w)
-                                for w in names):
+            if (not names or self._is_org_or_place(words)
+                    or not all(_is_titlecase(w) for w in names)):
                 continue
             has_given = any(_key(w) in self.first for w in names) or (
                 _initial_shape(list(_WORD.finditer(ent_text))) is not None)
