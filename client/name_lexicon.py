@@ -404,14 +404,15 @@ class NameLexiconRecognizer(EntityRecognizer):
         for start, end, label, ent_text in ner_spans:
             if label not in _RELABEL_FROM:
                 continue
-            words = [m.group() for m in _WORD.finditer(ent_text)]
+            matches = list(_WORD.finditer(ent_text))
+            words = [m.group() for m in matches]
             names = [w for w in words if not _INITIAL.match(w)
                      and w not in _PARTICLES and w not in _CONJUNCTIONS]
             if (not names or self._is_org_or_place(words)
                     or not all(_is_titlecase(w) for w in names)):
                 continue
-            has_given = any(_key(w) in self.first for w in names) or (
-                _initial_shape(list(_WORD.finditer(ent_text))) is not None)
+            has_given = (any(_key(w) in self.first for w in names)
+                         or _initial_shape(matches) is not None)
             all_names = all(self._is_name(w) for w in names)
             if has_given or (label == "ORGANIZATION" and all_names):
                 out.append(self._result(start, end, self.relabel_score, "ner_relabel"))

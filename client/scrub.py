@@ -274,7 +274,7 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
         # Recognizers' context words; set by _build_analyzer once the registry
         # exists. See is_stopword.
         self.context_words: frozenset[str] = frozenset()
-        self._stop_cache: dict[tuple[str, str], bool] = {}
+        self._stop_cache: dict[tuple[str, str, str], bool] = {}
 
     def is_stopword(self, word: str, language: str) -> bool:
         """spaCy's stop words, except the recognizers' own context words.
@@ -284,11 +284,19 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
         on 9472 7916" would never lift a weak phone pattern. Cached: Presidio
         asks for every token of every document.
         """
-        key = (word, language)
+        return self._memo("stop", word, language, lambda: word.lower() not in self.context_words
+                          and super(_LocalSpacyNlpEngine, self).is_stopword(word, language))
+
+    def is_punct(self, word: str, language: str) -> bool:  # noqa: D102 - cached, see is_stopword
+        return self._memo("punct", word, language,
+                          lambda: super(_LocalSpacyNlpEngine, self).is_punct(word, language))
+
+    def _memo(self, kind: str, word: str, language: str, compute) -> bool:
+        key = (kind, word, language)
         hit = self._stop_cache.get(key)
         if hit is None:
-            hit = word.lower() not in self.context_words and super().is_stopword(word, language)
-            if len(self._stop_cache) < 200_000:
+            hit = bool(compute())
+            if len(self._stop_cache) < 200_000:  # bounded: vocabularies are open-ended
                 self._stop_cache[key] = hit
         return hit
 
@@ -329,6 +337,9 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
             # Presidio's context enhancer walks `tokens` from the start for
             # every finding and only needs each token's length; plain strings
             # make that walk cheap. The Doc stays available as `.doc`.
+            # (NlpArtifacts.to_json, used only by Presidio's decision-process
+            # log, expects spaCy tokens; that log would record raw text and
+            # is never enabled on a device.)
             tokens=[strings[orth] for _, orth, _ in rows],
             tokens_indices=[i for i, _, _ in rows],
             lemmas=lemmas,
@@ -344,14 +355,6 @@ class _LocalSpacyNlpEngine(SpacyNlpEngine):
     def _has_lemmas(self, language: str) -> bool:
         return "lemmatizer" in self.nlp[language].pipe_names
 
-    def is_punct(self, word: str, language: str) -> bool:  # noqa: D102 - cached, see is_stopword
-        key = ("\0punct", word)
-        hit = self._stop_cache.get(key)
-        if hit is None:
-            hit = super().is_punct(word, language)
-            if len(self._stop_cache) < 200_000:
-                self._stop_cache[key] = hit
-        return hit
 
     def get_supported_entities(self) -> list[str]:  # noqa: D102
         return [] if self._blank else super().get_supported_entities()
