@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -50,7 +49,6 @@ from presidio_analyzer.input_validation import yaml_recognizer_models
 from presidio_analyzer.nlp_engine import NlpArtifacts
 from pydantic import ConfigDict, Field
 
-logger = logging.getLogger(__name__)
 
 # Calendar words double as given names (April, June, August...) and are
 # handled by the date recognizers instead.
