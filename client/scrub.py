@@ -37,7 +37,7 @@ import spacy
 import tldextract
 from spacy.attrs import IDX, LOWER, ORTH
 import yaml
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError
 from presidio_analyzer import (
     AnalyzerEngine,
     EntityRecognizer,
@@ -390,8 +390,16 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         ConfigurationValidator.validate_analyzer_configuration(raw)
     except ValueError as exc:
         # Presidio's message is generic; the pydantic cause names the key.
-        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
-        raise ScrubConfigError(f"{path}: {exc}{cause}") from exc
+        # Only locations and messages are kept, never the offending values:
+        # a deny_list may hold names, and a client's exception can reach the
+        # server.
+        cause = exc.__cause__
+        detail = ""
+        if isinstance(cause, ValidationError):
+            detail = " (" + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                for e in cause.errors(include_input=False, include_url=False)) + ")"
+        raise ScrubConfigError(f"{path}: {exc}{detail}") from exc
     return raw, ext
 
 

@@ -114,10 +114,15 @@ def test_user_name_files_from_yaml(tmp_path: Path):
     assert out == "I met <PERSON> and Maria Lopez at noon."
 
 
-def test_yaml_typo_is_an_error_naming_the_key(tmp_path: Path):
+def test_yaml_typo_is_an_error_naming_the_key_but_not_its_value(tmp_path: Path):
     cfg = _config_with(tmp_path, "      use_fakr: false\n")
     with pytest.raises(ScrubConfigError, match="use_fakr"):
         Scrubber.from_config(cfg, mode="patterns")
+    # A bad value (here a name list given as a string) is named by its key only.
+    cfg = _config_with(tmp_path, "      first_name_files: Jane Doe 555-0100\n")
+    with pytest.raises(ScrubConfigError, match="first_name_files") as err:
+        Scrubber.from_config(cfg, mode="patterns")
+    assert "Jane" not in str(err.value) and "555" not in str(err.value)
 
 
 def test_bad_name_file_names_file_and_line_without_echoing(tmp_path: Path):
