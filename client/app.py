@@ -1,102 +1,44 @@
-"""fedpersona ClientApp: the device side of one federated round.
+"""fedpersona ClientApp: the device side of a round (Flower Message API).
 
-Train: load the shared tiers the server sent, choose this device's persona slot
-locally (IFCA), swap in this user's private tier, run DP-SGD, keep the private
-tier on the device, reply with the shared update only (K-slot when the persona
-tier is on; masked under secure aggregation). Evaluate: score the held-out
-split with the base model and each tier stack (global; global + persona;
-global + persona + user) and with the stack the user's routing group is served.
-Every reply passes the egress guard mod before it leaves.
+Train: admit the message against the device's policy, load the shared tiers
+the server sent, choose this device's persona slot locally, swap in this
+user's private tier, run DP-SGD, keep the private tier on the device, and
+reply with the K-slot update after the privacy pipeline's device halves
+(clip, noise share, secure-sum masking). Evaluate: score the held-out split
+with each tier stack and keep the results on the device. Query: the
+secure-aggregation stages.
+
+Two mods wrap every handler. The refusal mod turns any failure into a typed
+refusal (a reason code, nothing else; details go to the device's local log
+only), so no exception text ever reaches Flower's error channel. The egress
+guard checks every reply before it leaves.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-import uuid
 import warnings
-from pathlib import Path
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import device
-from client.persona import add_noise_share, device_profile, pick_and_load, slot_update, split_slots
-from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
-from common.models import AdapterSpec, personal_model, tier_of
-from common.secagg import SecAggClient
+from client.persona import device_profile, pick_and_load
+from client.policy import PolicyError, Refused
+from client.store import IngestError
+from client.train import encode_pairs, epsilon_from_history, evaluate_nll, train_local, would_exceed
+from common.config import ConfigError, RunConfig
+from common.kslot import KSlotCodec
+from common.models import AdapterSpec, ModelNotAvailable, personal_model, tier_of
+from common.privacy import DeviceUpdate, Pipeline, build_pipeline
+from common.secagg import SecAggProtocolError
 from common.tiers import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, routing_group
-from common.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, EgressGuard, WireSchema, train_reply_schema
+from common.wire import ARRAYS, METRICS, SECAGG, EgressGuard, EgressViolation, Reason, refusal_content
 
-
-def _config(msg: Message, context: Context) -> dict:
-    """The run config with the server's per-message ConfigRecord on top."""
-    return {**context.run_config, **(dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {})}
-
-
-def _setup(msg: Message, context: Context):
-    """Load what the server sent; returns (config, model, store, persona slots)."""
-    config = _config(msg, context)
-    model = personal_model(AdapterSpec.from_run_config(config))
-    store = device.open_store(config, context.node_config)
-    device.swap_in_user(model, store)
-    slots = {}
-    if ARRAYS in msg.content.keys():
-        direct, slots = split_slots(msg.content[ARRAYS].to_torch_state_dict())
-        if any(tier_of(k) == USER for k in direct):
-            raise ValueError("the server sent a user-tier tensor; refusing to overwrite private state")
-        model.load_trainable(direct)
-    return config, model, store, slots
-
-
-def _wire_schema(msg: Message, config: dict) -> WireSchema:
-    """What a train reply to ``msg`` may hold, derived from the model spec (not from the message)."""
-    shared = personal_model(AdapterSpec.from_run_config(config)).shared_params()
-    shapes = {k: tuple(v.shape) for k, v in shared.items()}
-    return train_reply_schema(shapes, int(config.get("persona-slots", 0)), masked=SECAGG in msg.content.keys())
-
-
-def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
-    """Device half of the egress guard: check every reply before it is sent.
-
-    With ``wire-audit-dir`` set, the reply is also recorded there in Flower's
-    protobuf wire format, for the wire audit (``fedpersona audit``).
-    """
-    reply = call_next(msg, context)
-    if not reply.has_content():
-        return reply
-    config = _config(msg, context)
-    kind = msg.metadata.message_type
-    if kind == "query":
-        EgressGuard.check_secagg(reply.content)
-    else:
-        EgressGuard(_wire_schema(msg, config)).check(reply.content, kind=kind)
-    if config.get("wire-audit-dir"):
-        _record_wire(reply, Path(str(config["wire-audit-dir"])), context.node_id, kind)
-    return reply
-
-
-def _record_wire(reply: Message, folder: Path, node_id: int, kind: str) -> None:
-    from flwr.common.serde import recorddict_to_proto
-
-    folder.mkdir(parents=True, exist_ok=True)
-    blob = recorddict_to_proto(reply.content).SerializeToString()
-    (folder / f"{node_id}-{kind}-{uuid.uuid4().hex[:12]}.bin").write_bytes(blob)
-
-
-def user_level_clip_mod(msg: Message, context: Context, call_next) -> Message:
-    """Device half of DP-FedAvg: clip the whole shared update to the server's C.
-
-    Delegates to Flower's ``fixedclipping_mod`` when the server's DP wrapper sent
-    a clipping norm; without user-level DP there is nothing to clip.
-    """
-    if CONFIG in msg.content.keys() and KEY_CLIPPING_NORM in msg.content[CONFIG]:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
-
+log = logging.getLogger(__name__)
 
 # Two known-harmless warnings, once per user and round, that would bury the log:
 # Opacus' secure-RNG notice (see the README's threat model) and torch's note
@@ -105,123 +47,226 @@ def user_level_clip_mod(msg: Message, context: Context, call_next) -> Message:
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-app = ClientApp(mods=[egress_guard_mod])
+
+# --------------------------------------------------------------------------- mods
 
 
-@app.train(mods=[user_level_clip_mod])
-def train(msg: Message, context: Context) -> Message:
-    config, model, store, slots = _setup(msg, context)
-    cfg = TrainConfig.from_run_config(config)
-    data = encode_pairs(model.tokenizer, store.tasks("train"), cfg.max_len)
-    server_round = int(config.get("server-round", 0))
-    chosen = pick_and_load(model, slots, data, config, store, server_round, "train") if slots else None
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)) * 1000 + server_round)
-    result, history, opt_state = train_local(
-        model, data, cfg, device.accountant_history(store), store.get_state(device.OPTIMIZER), generator=gen
-    )
-    device.swap_out_user(model, store, history, opt_state)
-    if SECAGG in msg.content.keys():
-        arrays = _masked_update(msg, context, model, config, chosen, store)
-    elif slots:
-        arrays = ArrayRecord({k: Array(v) for k, v in _update(msg, model, config, chosen, store).items()})
-    else:
-        # No persona tier, no secure aggregation: the new global values, as
-        # Flower's FedAvg (and its DP wrapper with fixedclipping_mod) expect.
-        arrays = ArrayRecord(model.shared_state())
-    content = RecordDict(
-        {
-            ARRAYS: arrays,
-            METRICS: MetricRecord(
-                {
-                    "train-loss": float(result.loss),
-                    "num-examples": result.num_examples,
-                    "steps": result.steps,
-                    "epsilon": _finite(result.epsilon),
-                }
-            ),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+def reason_for(err: BaseException) -> Reason:
+    """The reason code a failure crosses the wire as."""
+    if isinstance(err, Refused):
+        return err.reason
+    for kind, reason in (
+        (IngestError, Reason.INGEST_ERROR),
+        (device.DeviceDataMissing, Reason.DATA_MISSING),
+        (PolicyError, Reason.POLICY_INVALID),
+        (ConfigError, Reason.CONFIG_INVALID),
+        (ModelNotAvailable, Reason.MODEL_UNAVAILABLE),
+        (EgressViolation, Reason.EGRESS_VIOLATION),
+        (SecAggProtocolError, Reason.PROTOCOL_ERROR),
+    ):
+        if isinstance(err, kind):
+            return reason
+    return Reason.DEVICE_ERROR
 
 
-def _update(msg: Message, model, config: dict, chosen: int | None, store) -> dict[str, np.ndarray]:
-    """This device's update in the wire layout (K-slot when the persona tier is on), clipped for user-level DP."""
-    sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
-    trained = {k: v.numpy() for k, v in model.shared_state().items()}
-    clip = float(config["user-clip-norm"]) if bool(config.get("user-dp", False)) else None
-    profile = device_profile(store) if chosen is not None else None
-    return slot_update(sent, trained, chosen, int(config.get("persona-slots", 0)), clip, profile)
+def refusal_mod(msg: Message, context: Context, call_next) -> Message:
+    """Every failure becomes a typed refusal: a reason code crosses the wire, the details stay in the local log.
 
-
-def _masked_update(msg: Message, context: Context, model, config: dict, chosen: int | None, store) -> ArrayRecord:
-    """Secure-aggregation stage 2: this client's update, clipped, noised (distributed DP), then masked.
-
-    The update is flattened in the key order the server sent (+ the count
-    vector), so the server can un-flatten the sum.
+    Our own errors (ingestion, policy, config) name files, lines and keys but
+    never user text, so they are logged; a third-party exception's text may
+    hold anything, so only its type is.
     """
-    client = SecAggClient.from_state(dict(context.state[SECAGG]))
-    update = _update(msg, model, config, chosen, store)
-    if bool(config.get("user-dp", False)) and str(config.get("secagg-noise", "distributed")) == "distributed":
-        std = float(config["user-noise-multiplier"]) * float(config["user-clip-norm"])
-        update = add_noise_share(update, std, client.params.min_survivors, np.random.default_rng())
-    vector = np.concatenate([v.reshape(-1) for v in update.values()]).astype(np.float64)
-    masked = client.masked_input(dict(msg.content[SECAGG]), vector)
-    context.state[SECAGG] = ConfigRecord(client.to_state())
-    return ArrayRecord({MASKED: Array(masked)})
+    try:
+        return call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 - the one place every device failure is caught
+        reason = reason_for(err)
+        own = isinstance(err, (Refused, IngestError, device.DeviceDataMissing, PolicyError, ConfigError, ModelNotAvailable))
+        log.warning("declined a %s message: %s (%s at %s)", msg.metadata.message_type, reason.name,
+                    err if own else type(err).__name__, _where(err))
+        return Message(content=refusal_content(reason), reply_to=msg)
 
 
-@app.query()
+def _where(err: BaseException) -> str:
+    """Where an exception was raised (file:line), for the local log; never its message."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return f"{frames[-1].filename.rsplit('/', 2)[-2:][-1]}:{frames[-1].lineno}" if frames else "?"
+
+
+@functools.lru_cache(maxsize=8)
+def _wire(cfg: RunConfig) -> tuple[KSlotCodec, Pipeline]:
+    """This run's K-slot codec and privacy pipeline (built from the model's live shapes, never from the message)."""
+    shared = personal_model(AdapterSpec.from_config(cfg)).shared_params()
+    codec = KSlotCodec({k: tuple(v.shape) for k, v in shared.items()}, cfg.persona.slots)
+    return codec, build_pipeline(cfg, codec)
+
+
+def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:
+    """Device half of the egress guard: check every reply before it is sent (raises; the refusal mod answers)."""
+    reply = call_next(msg, context)
+    if not reply.has_content():
+        return reply
+    kind = msg.metadata.message_type
+    if kind == "train" and ARRAYS in reply.content.keys():
+        codec, pipeline = _wire(device.admit(msg, context).cfg)
+        pipeline.step("guard").guard.check(reply.content, kind)
+    else:
+        EgressGuard(None).check(reply.content, kind)
+    return reply
+
+
+PRODUCTION_MODS = (refusal_mod, egress_guard_mod)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def train(msg: Message, context: Context) -> Message:
+    dev = device.open_device(msg, context)
+    cfg, store, model = dev.cfg, dev.store, dev.model
+    pairs = store.tasks("train")
+    if not pairs:
+        raise Refused(Reason.NO_TRAINING_DATA)
+    participation = device.get_json(store, device.PARTICIPATION, {"rounds": 0})
+    if dev.policy.max_rounds and participation["rounds"] >= dev.policy.max_rounds:
+        raise Refused(Reason.PARTICIPATION_BUDGET_SPENT)
+    acc_state = device.accountant_state(store)
+    if would_exceed(acc_state, cfg.train, len(pairs), cfg.train.max_epsilon):
+        raise Refused(Reason.RECORD_BUDGET_SPENT)
+
+    codec, pipeline = _wire(cfg)
+    sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+    direct, slots, centroids = codec.split_received(sent)
+    _load_shared(model, direct)
+    data = encode_pairs(model.tokenizer, pairs, cfg.train.max_len)
+    chosen = _persona(dev, slots, centroids, data, "train")
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dev.server_round)
+    result, acc_state, opt_state = train_local(model, data, cfg.train, acc_state, store.get_state(device.OPTIMIZER), generator=gen)
+    device.swap_out_user(model, store, acc_state, opt_state)
+
+    trained = {k: v.numpy() for k, v in model.shared_state().items()}
+    profile = device_profile(store) if chosen is not None else None
+    update = DeviceUpdate(codec, codec.encode(sent, trained, chosen, profile))
+    masked = SECAGG in msg.content.keys()
+    if masked:
+        update.secagg_request = dict(msg.content[SECAGG])
+        update.secagg_state = dict(context.state[SECAGG])
+        update.min_contributors = int(update.secagg_state["p.min_survivors"])
+    steps = pipeline.run_device(update)
+    if masked:
+        context.state[SECAGG] = ConfigRecord(update.secagg_state)
+    participation["rounds"] += 1
+    device.put_json(store, device.PARTICIPATION, participation)
+    _note_diagnostics(store, dev.server_round, result, steps, chosen)
+    return Message(content=RecordDict({ARRAYS: update.payload}), reply_to=msg)
+
+
+def _load_shared(model, direct: dict) -> None:
+    """Load the server's global tier; a user-tier tensor from a server is refused, never loaded."""
+    if any(tier_of(k) == USER for k in direct):
+        raise Refused(Reason.PROTOCOL_ERROR, "the server sent a user-tier tensor; private state is never overwritten")
+    model.load_trainable({k: torch.from_numpy(v) for k, v in direct.items()})
+
+
+def _persona(dev: device.Device, slots, centroids, data, phase: str) -> int | None:
+    """Load this device's persona slot (None, with the persona adapter at its initial zeros, when it stays out)."""
+    if not slots or not dev.policy.persona_tier:
+        if dev.model.spec.persona:
+            dev.model.reset_to_initial({k for k in dev.model.trainable_state() if tier_of(k) == PERSONA})
+        return None
+    tensors = {k: {key: torch.from_numpy(v) for key, v in s.items()} for k, s in slots.items()}
+    return pick_and_load(dev.model, tensors, centroids, data, dev.cfg, dev.store, dev.server_round, phase)
+
+
+def _note_diagnostics(store, server_round: int, result, steps: dict, chosen: int | None) -> None:
+    """What this round looked like on the device: kept in its store for the simulation's diagnostics, never sent."""
+    diag = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})
+    diag["rounds"][str(server_round)] = {
+        "train_loss": result.loss,
+        "steps": result.steps,
+        "num_examples": result.num_examples,
+        "epsilon": result.epsilon if math.isfinite(result.epsilon) else None,
+        "persona": chosen,
+        "privacy": {name: m for name, m in steps.items() if m},
+    }
+    device.put_json(store, device.DIAGNOSTICS, diag)
+
+
 def secagg_stage(msg: Message, context: Context) -> Message:
     """Secure-aggregation stages 0, 1 and 3 (key advertisement, shares, unmasking).
 
-    The protocol state (including this device's private keys) lives in
-    ``context.state`` between stages and never leaves the device.
+    The protocol state (this device's private keys, held shares) lives in
+    ``context.state`` between stages, never leaves the device, and is dropped
+    after the unmask stage.
     """
+    from common.secagg import SecAggClient
+
+    adm = device.admit(msg, context)
+    if not adm.cfg.secagg.enabled and not adm.policy.require_secagg:
+        raise Refused(Reason.PROTOCOL_ERROR, "a secure-aggregation stage in a run without secure aggregation")
     request = dict(msg.content[SECAGG])
-    if request["stage"] == "setup":
+    stage = request.get("stage")
+    if stage == "setup":
         client = SecAggClient(context.node_id, request)
         reply = client.advertise_keys()
-    else:
+    elif stage in ("share_keys", "unmask") and SECAGG in context.state.keys():
         client = SecAggClient.from_state(dict(context.state[SECAGG]))
-        if request["stage"] == "share_keys":
-            reply = client.share_keys(request)
-        elif request["stage"] == "unmask":
-            reply = client.unmask(request)
-        else:
-            raise ValueError("unknown secure-aggregation stage")
-    context.state[SECAGG] = ConfigRecord(client.to_state())
+        reply = client.share_keys(request) if stage == "share_keys" else client.unmask(request)
+    else:
+        raise SecAggProtocolError("unexpected secure-aggregation stage")
+    if stage == "unmask":
+        del context.state[SECAGG]
+    else:
+        context.state[SECAGG] = ConfigRecord(client.to_state())
     return Message(content=RecordDict({SECAGG: ConfigRecord(reply)}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the held-out split with each tier stack, and with the stack this user's routing group is served."""
-    config, model, store, slots = _setup(msg, context)
-    cfg = TrainConfig.from_run_config(config)
-    test = encode_pairs(model.tokenizer, store.tasks("test"), cfg.max_len)
+    """Score the held-out split with each tier stack and with the stack this user's routing group is served.
+
+    The results stay in the device's store; the reply says only that it evaluated.
+    """
+    dev = device.open_device(msg, context)
+    cfg, store, model = dev.cfg, dev.store, dev.model
+    test_pairs = store.tasks("test")
+    if not test_pairs:
+        raise Refused(Reason.NO_TEST_DATA)
+    codec, _ = _wire(cfg)
+    direct, slots, centroids = codec.split_received({k: v.numpy() for k, v in msg.content[ARRAYS].items()})
+    _load_shared(model, direct)
     train_pairs = store.tasks("train")
-    if slots:
-        pick_and_load(model, slots, encode_pairs(model.tokenizer, train_pairs, cfg.max_len), config, store, int(config.get("server-round", 0)), "evaluate")
+    chosen = _persona(dev, slots, centroids, encode_pairs(model.tokenizer, train_pairs, cfg.train.max_len), "evaluate")
+    test = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len)
     base, tokens = evaluate_nll(model, test, ())
-    stacks = {"nll-global": (GLOBAL,), "nll-persona": (GLOBAL, PERSONA) if slots else (GLOBAL,), "nll-personal": (*model.tiers,) if slots else (GLOBAL, USER)}
+    persona = chosen is not None
+    stacks = {"global": (GLOBAL,), "persona": (GLOBAL, PERSONA) if persona else (GLOBAL,), "personal": model.tiers if persona else (GLOBAL, USER)}
     scores = {name: evaluate_nll(model, test, adapters)[0] for name, adapters in stacks.items()}
-    group = routing_group(len(train_pairs), int(config.get("cold-start-below", 5)), int(config.get("frequent-from", 20)))
-    served = {COLD_START: "nll-global", OCCASIONAL: "nll-persona", FREQUENT: "nll-personal"}[group]
-    eps = epsilon_from_history(device.accountant_history(store), cfg.delta) if cfg.dp else math.inf
-    metrics = {
-        "nll-base": base,
-        **scores,
-        "nll-served": scores[served],
-        "routing-group": group,
-        "num-examples": len(test),
-        "num-tokens": tokens,
-        "epsilon": _finite(eps),
-        "user-index": int(context.node_config.get("partition-id", -1)),
-        "num-records": store.num_records(),
-    }
-    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    group = routing_group(len(train_pairs), cfg.routing.cold_start_below, cfg.routing.frequent_from)
+    served = {COLD_START: "global", OCCASIONAL: "persona", FREQUENT: "personal"}[group]
+    eps = epsilon_from_history(device.accountant_state(store), cfg.train.delta) if cfg.train.dp else math.inf
+    device.put_json(store, device.EVAL_RESULTS, {
+        "round": dev.server_round,
+        "nll": {"base": base, **scores, "served": scores[served]},
+        "routing_group": group,
+        "persona": chosen,
+        "test_examples": len(test),
+        "test_tokens": tokens,
+        "train_records": len(train_pairs),
+        "records": store.num_records(),
+        "epsilon": eps if math.isfinite(eps) else None,
+        "delta": cfg.train.delta,
+    })
+    return Message(content=RecordDict({METRICS: MetricRecord({})}), reply_to=msg)
 
 
-def _finite(eps: float) -> float:
-    # MetricRecord values travel as numbers; -1 encodes "no DP guarantee" (epsilon = inf).
-    return float(eps) if math.isfinite(eps) else -1.0
+def make_app(mods=()) -> ClientApp:
+    """The ClientApp with the production mods; the simulation harness may add its own outside them."""
+    app = ClientApp(mods=[*mods, *PRODUCTION_MODS])
+    app.train()(train)
+    app.evaluate()(evaluate)
+    app.query()(secagg_stage)
+    return app
+
+
+app = make_app()

@@ -1,51 +1,111 @@
-"""This device's data and private state: where they live and how they are swapped in.
+"""This device for one message: its admitted settings, its store, and its private state swapped in and out.
 
-A client process serves many users over its life (Flower simulation runs many
-virtual SuperNodes per worker; an edge device may host several profiles). The
-frozen base model stays loaded; per user we swap in and out:
+Order matters for the privacy floor. :func:`admit` reads the device's policy,
+the run config and the message's per-round values and refuses before anything
+is read from or written to the store; only then does :func:`open_device` open
+(and on first use ingest and scrub into) the store and load the model.
 
-* the user tier (private LoRA adapter + soft prompt), as safetensors bytes,
-* the optimizer state,
-* the record-level accountant history,
-
-all kept in that user's SQLite store and never sent anywhere.
+A client process serves many users over its life (Flower's simulation runs
+many virtual SuperNodes per worker; an edge device may host several
+profiles). The frozen base model stays loaded; per user we swap in and out
+the user tier (private LoRA adapter + soft prompt), the optimizer state and
+the record-level accountant, all kept in that user's SQLite store and never
+sent anywhere.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from client.policy import DevicePolicy, Refused
 from client.store import DeviceStore
-from common.models import PersonalLM, tier_of
+from common.config import ConfigError, RunConfig
+from common.models import AdapterSpec, PersonalLM, cache_dir, personal_model, tier_of
+from common.tiers import USER
+from common.wire import CONFIG, DEVICE_PATH_KEYS, SECAGG, Reason, message_config_violation
 
 log = logging.getLogger(__name__)
 
 USER_TIER = "user-tier.safetensors"
-ACCOUNTANT = "accountant-history.json"
+ACCOUNTANT = "accountant-state.json"
 OPTIMIZER = "optimizer.pt"
+PARTICIPATION = "participation.json"
+EVAL_RESULTS = "eval-results.json"
+DIAGNOSTICS = "diagnostics.json"
 
 
 class DeviceDataMissing(FileNotFoundError):
     pass
 
 
-def locate_user(config: dict, node_config: dict) -> tuple[Path, Path]:
+@dataclass
+class Admission:
+    policy: DevicePolicy
+    cfg: RunConfig  # the run config as this device admitted it (tightened to its floor)
+    server_round: int
+
+
+@dataclass
+class Device:
+    policy: DevicePolicy
+    cfg: RunConfig
+    server_round: int
+    store: DeviceStore
+    model: PersonalLM
+
+
+def admit(msg, context) -> Admission:
+    """Policy, run config and message checks; reads no store and writes nothing. Raises :class:`Refused`."""
+    policy = DevicePolicy.for_node(dict(context.node_config))
+    run = dict(context.run_config)
+    if any(key in DEVICE_PATH_KEYS for key in run):
+        raise Refused(Reason.DEVICE_PATH_FROM_SERVER)
+    try:
+        cfg = RunConfig.from_flat(run)
+    except ConfigError as err:
+        raise Refused(Reason.CONFIG_INVALID, err.key) from None
+    per_round = dict(msg.content[CONFIG]) if CONFIG in msg.content.keys() else {}
+    violation = message_config_violation(per_round)
+    if violation is not None:
+        raise Refused(violation)
+    admitted = policy.admit(cfg)
+    if msg.metadata.message_type == "train" and (policy.require_secagg or admitted.secagg.enabled) and SECAGG not in msg.content.keys():
+        # A plain round in a secure run (or to a device that requires secure aggregation) is refused.
+        raise Refused(Reason.SECAGG_REQUIRED)
+    return Admission(policy, admitted, int(per_round.get("server-round", 0)))
+
+
+def open_device(msg, context) -> Device:
+    """Admit the message, then open this user's store and load its private tier into the model."""
+    adm = admit(msg, context)
+    store = open_store(adm.cfg, adm.policy, dict(context.node_config))
+    model = personal_model(AdapterSpec.from_config(adm.cfg))
+    swap_in_user(model, store)
+    return Device(adm.policy, adm.cfg, adm.server_round, store, model)
+
+
+def locate_user(cfg: RunConfig, policy: DevicePolicy, node_config: dict) -> tuple[Path, Path]:
     """Return (raw JSONL file, SQLite store path) for this node.
 
-    A deployed SuperNode names its own files in ``--node-config`` (``user-file``,
-    ``store-path``): the server never learns device paths. In simulation the
-    partition id picks the n-th user file of the shared data directory.
+    A deployed device names its own files in its policy. A simulated node with
+    no policy (Flower's own simulation engine, ``flwr run .``) takes the n-th
+    user file of the simulation's data folder and keeps its store in this
+    machine's cache, never in a folder a server message names.
     """
-    if "user-file" in node_config:
-        user_file = Path(str(node_config["user-file"]))
-        store = Path(str(node_config.get("store-path", user_file.with_suffix(".sqlite"))))
-        return user_file, store
-    data_dir = Path(str(config["data-dir"]))
+    if policy.user_file:
+        user_file = Path(policy.user_file)
+        return user_file, Path(policy.store_path) if policy.store_path else user_file.with_suffix(".sqlite")
+    if "partition-id" not in node_config:
+        raise DeviceDataMissing("this device has no policy naming its user file (policy-file in --node-config)")
+    data_dir = Path(cfg.data.data_dir)
     users = sorted((data_dir / "users").glob("*.jsonl"))
     if not users:
         raise DeviceDataMissing(f"no user files under {data_dir / 'users'} (run `fedpersona generate` first)")
@@ -53,19 +113,22 @@ def locate_user(config: dict, node_config: dict) -> tuple[Path, Path]:
     if pid >= len(users):
         raise DeviceDataMissing(f"partition {pid} has no user file ({len(users)} users in {data_dir})")
     user_file = users[pid]
-    store_dir = Path(str(config.get("store-dir") or data_dir / "devices"))
-    return user_file, store_dir / f"{user_file.stem}.sqlite"
+    store = Path(policy.store_path) if policy.store_path else cache_dir() / "devices" / _folder_key(data_dir) / f"{user_file.stem}.sqlite"
+    return user_file, store
+
+
+def _folder_key(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=4)
 def scrubber(mode: str, operator: str, config_path: str = "", secret: bytes = b""):
     """A Presidio scrubber (the engine is loaded once per process and config).
 
-    ``config_path`` is a Presidio-format YAML (``scrub-config``; "" = the
-    packaged client/scrub_default.yaml). ``secret`` keys the ``pseudonym``
-    operator and comes from the device store. ``off`` exists only for the
-    privacy audits' control arm (canary exposure and regurgitation "with
-    scrubbing off"): it stores raw text and says so.
+    ``config_path`` is the owner's Presidio-format YAML ("" = the packaged
+    default). ``secret`` keys the ``pseudonym`` operator and comes from the
+    device store. ``off`` exists only for the audits' control arm, which the
+    device's policy must allow explicitly: it stores raw text and says so.
     """
     if mode == "off":
         from client.store import ScrubOutcome
@@ -78,16 +141,16 @@ def scrubber(mode: str, operator: str, config_path: str = "", secret: bytes = b"
                                 operator=operator, device_secret=secret or None)
 
 
-def open_store(config: dict, node_config: dict) -> DeviceStore:
+def open_store(cfg: RunConfig, policy: DevicePolicy, node_config: dict) -> DeviceStore:
     """Open this user's store, ingesting (and scrubbing) the raw file on first use."""
-    user_file, store_path = locate_user(config, node_config)
+    user_file, store_path = locate_user(cfg, policy, node_config)
+    if not user_file.is_file():
+        raise DeviceDataMissing(f"{user_file}: no such user file")
     store_path.parent.mkdir(parents=True, exist_ok=True)
     store = DeviceStore(store_path)
     if not store.is_ingested():
-        operator = str(config.get("scrub-operator", "tag"))
-        secret = store.device_secret() if operator == "pseudonym" else b""
-        scrub = scrubber(str(config.get("scrub-mode", "full")), operator,
-                         str(config.get("scrub-config", "")), secret)
+        secret = store.device_secret() if cfg.scrub.operator == "pseudonym" else b""
+        scrub = scrubber(cfg.scrub.mode, cfg.scrub.operator, cfg.scrub.config, secret)
         counts = store.ingest_jsonl(user_file, scrub=scrub)
         log.info("ingested %s records into the device store (%d quarantined)", sum(counts.values()), counts.get("quarantined", 0))
     return store
@@ -96,7 +159,7 @@ def open_store(config: dict, node_config: dict) -> DeviceStore:
 def swap_in_user(model: PersonalLM, store: DeviceStore) -> None:
     """Load this user's private tier, or the seeded initial values for a new user."""
     blob = store.get_state(USER_TIER)
-    user_keys = {k for k in model.trainable_state() if tier_of(k) == "user"}
+    user_keys = {k for k in model.trainable_state() if tier_of(k) == USER}
     if blob is None:
         model.reset_to_initial(user_keys)
     else:
@@ -107,13 +170,22 @@ def swap_in_user(model: PersonalLM, store: DeviceStore) -> None:
 
 
 def swap_out_user(model: PersonalLM, store: DeviceStore, accountant: str | None, optimizer: bytes) -> None:
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.trainable_state().items() if tier_of(k) == "user"}
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.trainable_state().items() if tier_of(k) == USER}
     store.put_state(USER_TIER, save_tensors(tensors))
     if accountant is not None:
         store.put_state(ACCOUNTANT, accountant.encode())
     store.put_state(OPTIMIZER, optimizer)
 
 
-def accountant_history(store: DeviceStore) -> str | None:
+def accountant_state(store: DeviceStore) -> str | None:
     blob = store.get_state(ACCOUNTANT)
     return blob.decode() if blob else None
+
+
+def get_json(store: DeviceStore, key: str, default):
+    blob = store.get_state(key)
+    return json.loads(blob) if blob else default
+
+
+def put_json(store: DeviceStore, key: str, value) -> None:
+    store.put_state(key, json.dumps(value).encode())

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from common.tiers import PROFILE_DIM
+from common.kslot import PROFILE_DIM
 
 
 @functools.lru_cache(maxsize=1)

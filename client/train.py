@@ -19,36 +19,10 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.config import TrainConfig
 from common.models import PersonalLM
 
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_steps: int = 3
-    batch_size: int = 8
-    lr: float = 5e-3
-    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
-    max_len: int = 64
-    dp: bool = True
-    noise_multiplier: float = 0.7
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-
-    @classmethod
-    def from_run_config(cls, rc: dict) -> "TrainConfig":
-        return cls(
-            local_steps=int(rc.get("local-steps", cls.local_steps)),
-            batch_size=int(rc.get("batch-size", cls.batch_size)),
-            lr=float(rc.get("lr", cls.lr)),
-            optimizer=str(rc.get("optimizer", cls.optimizer)),
-            max_len=int(rc.get("max-len", cls.max_len)),
-            dp=bool(rc.get("dp", cls.dp)),
-            noise_multiplier=float(rc.get("noise-multiplier", cls.noise_multiplier)),
-            max_grad_norm=float(rc.get("max-grad-norm", cls.max_grad_norm)),
-            delta=float(rc.get("delta", cls.delta)),
-        )
 
 
 # --------------------------------------------------------------------------- #
@@ -154,8 +128,9 @@ def train_local(
 ) -> tuple[TrainResult, str | None, bytes]:
     """Run ``cfg.local_steps`` optimizer steps on this user's data.
 
-    Returns the result, the updated accountant history (JSON) and optimizer state.
-    The model's current tensors are the starting point and are updated in place.
+    Returns the result, the updated accountant state (Opacus ``state_dict`` as
+    JSON) and the optimizer state. The model's current tensors are the
+    starting point and are updated in place.
     """
     from opacus import PrivacyEngine
 
@@ -174,7 +149,7 @@ def train_local(
         gsm.enable_hooks()
         engine = PrivacyEngine(accountant="rdp")
         if accountant_state:
-            engine.accountant.history = [tuple(h) for h in json.loads(accountant_state)]
+            engine.accountant.load_state_dict(_load_accountant_state(accountant_state))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure RNG; see README threat model
             net, optimizer, loader = engine.make_private(
@@ -185,7 +160,7 @@ def train_local(
                 max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
             )
-        sample_rate = 1 / len(loader)
+        rate = 1 / len(loader)
     else:
         gsm.disable_hooks()
         net = model
@@ -199,7 +174,7 @@ def train_local(
                 # Poisson sampling drew an empty batch. The step still counts
                 # against the budget: we charge the accountant as if noise had
                 # been released, which over- rather than under-states epsilon.
-                engine.accountant.step(noise_multiplier=cfg.noise_multiplier, sample_rate=sample_rate)
+                engine.accountant.step(noise_multiplier=cfg.noise_multiplier, sample_rate=rate)
                 steps += 1
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -216,7 +191,7 @@ def train_local(
 
     if cfg.dp:
         gsm.disable_hooks()
-        history = json.dumps([list(h) for h in engine.accountant.history])
+        history = _dump_accountant_state(engine.accountant)
         epsilon = engine.accountant.get_epsilon(delta=cfg.delta)
         raw_opt = optimizer.original_optimizer
     else:
@@ -230,15 +205,48 @@ def train_local(
     return TrainResult(loss=loss, steps=steps, num_examples=len(data), epsilon=epsilon), history, buf.getvalue()
 
 
-def epsilon_from_history(history_json: str | None, delta: float) -> float:
-    """Record-level epsilon of a persisted accountant history (0 before any step)."""
+def _dump_accountant_state(accountant) -> str:
+    state = accountant.state_dict()
+    return json.dumps({"history": [list(h) for h in state["history"]], "mechanism": state["mechanism"]})
+
+
+def _load_accountant_state(blob: str) -> dict:
+    state = json.loads(blob)
+    return {"history": [tuple(h) for h in state["history"]], "mechanism": state["mechanism"]}
+
+
+def _accountant(accountant_state: str | None):
     from opacus.accountants import RDPAccountant
 
-    if not history_json:
-        return 0.0
     acc = RDPAccountant()
-    acc.history = [tuple(h) for h in json.loads(history_json)]
-    return acc.get_epsilon(delta=delta)
+    if accountant_state:
+        acc.load_state_dict(_load_accountant_state(accountant_state))
+    return acc
+
+
+def accountant_history(accountant_state: str | None) -> list[tuple[float, float, int]]:
+    """(noise multiplier, sample rate, steps) entries of a persisted accountant state."""
+    return list(_accountant(accountant_state).history)
+
+
+def epsilon_from_history(accountant_state: str | None, delta: float) -> float:
+    """Record-level epsilon of a persisted accountant state (0 before any step)."""
+    acc = _accountant(accountant_state)
+    return acc.get_epsilon(delta=delta) if acc.history else 0.0
+
+
+def sample_rate(cfg: TrainConfig, num_records: int) -> float:
+    """The Poisson sampling rate of one DP-SGD step: batch / records, at most 1 (as Opacus' DPDataLoader)."""
+    return 1 / max(1, math.ceil(num_records / min(cfg.batch_size, num_records))) if num_records else 1.0
+
+
+def would_exceed(accountant_state: str | None, cfg: TrainConfig, num_records: int, cap: float) -> bool:
+    """Would one more round of ``cfg.local_steps`` DP-SGD steps take this device past ``cap`` (0 = none)?"""
+    if not cfg.dp or cap <= 0:
+        return False
+    acc = _accountant(accountant_state)
+    acc.history.append((cfg.noise_multiplier, sample_rate(cfg, num_records), cfg.local_steps))
+    return acc.get_epsilon(delta=cfg.delta) > cap
 
 
 @torch.no_grad()

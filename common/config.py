@@ -1,97 +1,337 @@
-"""Run configuration: one flat dict of Flower-style ``kebab-case`` keys.
+"""The run configuration: one typed, frozen :class:`RunConfig`, validated once.
 
-The same keys appear in ``pyproject.toml`` under ``[tool.flwr.app.config]``
-(used by ``flwr run .``) and are overridden by the CLI's profiles and flags.
-The ServerApp forwards the client-relevant subset in every message's
-ConfigRecord, so clients need no configuration of their own except where the
-device keeps its data (``--node-config user-file=... store-path=...``).
+Flower hands every app a flat ``run_config`` of ``kebab-case`` keys
+(``pyproject.toml``'s ``[tool.flwr.app.config]`` plus ``--run-config``
+overrides; ``fedpersona simulate --set`` in simulation). Both halves build a
+:class:`RunConfig` from it with :meth:`RunConfig.from_flat`, which checks every
+key's type and range and the rules that tie keys together. A bad value is a
+:class:`ConfigError` naming the key and never echoing the value (a value can
+be a path or free text).
+
+This module is the only place that holds a default. Each section is a frozen
+dataclass; a field's metadata names its flat key and its check.
+
+What the run config decides and what it does not: in deployment the run
+config comes from whoever submits the run, so for a device it is a *request*.
+The device's own :class:`client.policy.DevicePolicy` bounds it (scrubbing, DP,
+noise, clip, budgets, secure aggregation) and owns every device path. The
+keys of :class:`ScrubConfig` and :class:`DataConfig` other than ``scrub-mode``
+are read only by the simulation harness, which writes them into each
+simulated device's policy. Per-round values travel in the message instead
+(``common.wire.MESSAGE_CONFIG``).
 """
 
 from __future__ import annotations
 
-DEFAULTS: dict[str, object] = {
-    # model
-    "model": "smollm2-135m",
-    "lora-rank": 8,
-    "lora-alpha": 16,
-    "lora-targets": "q_proj,v_proj",
-    "user-lora-rank": 4,
-    "prompt-tokens": 4,
-    "lora-split": "ffa",
-    # persona tier (common/tiers.py): K slots, chosen on the device (IFCA); 0 = no persona tier
-    "persona-slots": 4,
-    "persona-assign": "kmeans",  # kmeans: nearest centroid of the device's profile embedding; ifca: lowest loss
-    "persona-min-size": 3,  # a slot with fewer (noisy) members folds into the global tier that round
-    "persona-init-std": 0.001,  # distinct seeded slot inits (round 1's choice is a uniform tie-break)
-    "ifca-examples": 8,  # train examples a device scores each slot on to pick its persona
-    # routing by data volume (training records on the device)
-    "cold-start-below": 5,  # fewer: served by the global tier
-    "frequent-from": 20,  # at least: served by global + persona + user; in between: global + persona
-    # federation
-    "num-server-rounds": 3,
-    "num-supernodes": 20,
-    "fraction-train": 1.0,
-    "round-timeout": 3600.0,
-    # local training and record-level DP (Opacus)
-    "local-steps": 2,
-    "batch-size": 6,
-    "lr": 0.02,
-    "optimizer": "adam",
-    "max-len": 56,
-    "dp": True,
-    "noise-multiplier": 1.0,
-    "max-grad-norm": 1.0,
-    "delta": 1e-5,
-    # user-level DP-FedAvg on the shared tier (Flower's client-side fixed clipping)
-    "user-dp": False,
-    "user-noise-multiplier": 1.0,
-    "user-clip-norm": 1.0,
-    "user-delta": 1e-3,
-    "user-max-epsilon": 0.0,  # 0 = no budget; else stop before a round would exceed it
-    # secure aggregation (SecAgg+ stages over the Message API; server sees sums only)
-    "secagg": False,
-    "secagg-clip-range": 1.0,  # fixed-point range per update coordinate; larger values are clipped on the device
-    "secagg-modulus-bits": 32,
-    # with user-dp under secagg: "distributed" = each client adds a Gaussian share to its
-    # masked update (no party sees a noiseless sum); "server" = the server adds it to the sum
-    "secagg-noise": "distributed",
-    "secagg-max-dropout": 0.3,  # unmask only if >= (1 - this) of the sample survive (the noise shares' denominator)
-    # audits: record every client reply here (protobuf wire bytes) for the wire audit; "" = off
-    "wire-audit-dir": "",
-    # data and devices
-    "data-dir": "data/default",
-    "store-dir": "",
-    "scrub-mode": "full",
-    "scrub-operator": "tag",
-    "scrub-config": "",  # Presidio-format YAML for the device scrubber; "" = client/scrub_default.yaml
-    "num-personas": 4,
-    "holdout-users": 4,  # generated but never federated: non-members for the user-level membership audit
-    "seed": 0,
-    # server-side output
-    "run-dir": "runs/latest",
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key is missing, unknown, mistyped or out of range.
+
+    The message names the key and the rule, never the value.
+    """
+
+    def __init__(self, key: str, reason: str):
+        self.key, self.reason = key, reason
+        super().__init__(f"config key '{key}': {reason}")
+
+
+Check = Callable[[Any], str | None]
+
+
+def _opt(key: str, default: Any, check: Check | None = None) -> Any:
+    return field(default=default, metadata={"key": key, "check": check})
+
+
+def _at_least(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 and math.isfinite(v) else "must be a finite number > 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 and math.isfinite(v) else "must be a finite number >= 0"
+
+
+def _open_unit(v: float) -> str | None:
+    return None if 0 < v < 1 else "must lie strictly between 0 and 1"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must lie in (0, 1]"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else "must be one of " + ", ".join(choices)
+
+
+def _modules(v: str) -> str | None:
+    names = [m.strip() for m in v.split(",")]
+    return None if all(n.isidentifier() for n in names) else "must be a comma-separated list of module names"
+
+
+def coerce_value(key: str, value: Any, like: Any) -> Any:
+    """``value`` as the type of the default ``like``; strings from a command line are parsed."""
+    if isinstance(like, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        # 'False' parsed as a non-empty string once turned secure aggregation *on*.
+        raise ConfigError(key, "expected a boolean (true or false)")
+    if isinstance(like, int):
+        if isinstance(value, bool):
+            raise ConfigError(key, "expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, "expected an integer")
+    if isinstance(like, float):
+        if isinstance(value, bool):
+            raise ConfigError(key, "expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, "expected a number")
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected a string")
+    return value
+
+
+class _Section:
+    """Flat-key (de)serialisation shared by every section."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.metadata["key"] for f in fields(cls)]
+
+    @classmethod
+    def _from_flat(cls, flat: Mapping[str, Any]):
+        values = {}
+        for f in fields(cls):
+            key, check = f.metadata["key"], f.metadata["check"]
+            value = coerce_value(key, flat[key], f.default) if key in flat else f.default
+            problem = check(value) if check else None
+            if problem:
+                raise ConfigError(key, problem)
+            values[f.name] = value
+        return cls(**values)
+
+    def _flat(self) -> dict[str, Any]:
+        return {f.metadata["key"]: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The base model and the shapes of the adapters (both halves derive tensor names from these)."""
+
+    model: str = _opt("model", "smollm2-135m")  # registry name or a local Hugging Face directory
+    lora_rank: int = _opt("lora-rank", 8, _at_least(1))
+    lora_alpha: int = _opt("lora-alpha", 16, _at_least(1))
+    lora_targets: str = _opt("lora-targets", "q_proj,v_proj", _modules)
+    user_lora_rank: int = _opt("user-lora-rank", 4, _at_least(1))
+    prompt_tokens: int = _opt("prompt-tokens", 4, _at_least(1))
+    # ffa: FFA-LoRA, every A frozen at its seeded init, only B trained and shared
+    lora_split: str = _opt("lora-split", "ffa", _one_of("ffa", "separate"))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.lora_targets.split(","))
+
+
+@dataclass(frozen=True)
+class PersonaConfig(_Section):
+    """The persona tier: K slots chosen on the device; 0 slots = no persona tier."""
+
+    slots: int = _opt("persona-slots", 4, _at_least(0))
+    # kmeans: nearest centroid of the device's profile embedding; ifca: lowest loss
+    assign: str = _opt("persona-assign", "kmeans", _one_of("kmeans", "ifca"))
+    # a slot with fewer (noisy) members folds into the global tier that round
+    min_size: int = _opt("persona-min-size", 3, _at_least(1))
+    init_std: float = _opt("persona-init-std", 0.001, _non_negative)
+    ifca_examples: int = _opt("ifca-examples", 8, _at_least(1))
+
+
+@dataclass(frozen=True)
+class RoutingConfig(_Section):
+    """Which tiers serve a user, by the number of training records on the device."""
+
+    cold_start_below: int = _opt("cold-start-below", 5, _at_least(0))  # fewer: the global tier
+    frequent_from: int = _opt("frequent-from", 20, _at_least(0))  # at least: global + persona + user
+
+
+@dataclass(frozen=True)
+class FederationConfig(_Section):
+    num_server_rounds: int = _opt("num-server-rounds", 3, _at_least(1))
+    num_supernodes: int = _opt("num-supernodes", 20, _at_least(1))
+    # share of clients per round; < 1 is Poisson client sampling
+    fraction_train: float = _opt("fraction-train", 1.0, _fraction)
+    round_timeout: float = _opt("round-timeout", 3600.0, _positive)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Local training and record-level DP-SGD (Opacus) on the device."""
+
+    local_steps: int = _opt("local-steps", 2, _at_least(1))
+    batch_size: int = _opt("batch-size", 6, _at_least(1))
+    lr: float = _opt("lr", 0.02, _positive)
+    optimizer: str = _opt("optimizer", "adam", _one_of("adam", "sgd"))
+    max_len: int = _opt("max-len", 56, _at_least(8))  # prompt + answer tokens
+    dp: bool = _opt("dp", True)
+    noise_multiplier: float = _opt("noise-multiplier", 1.0, _positive)
+    max_grad_norm: float = _opt("max-grad-norm", 1.0, _positive)
+    delta: float = _opt("delta", 1e-5, _open_unit)
+    # record-level epsilon cap asked of every device (0 = none asked; the device's policy may hold its own)
+    max_epsilon: float = _opt("max-epsilon", 0.0, _non_negative)
+
+
+@dataclass(frozen=True)
+class UserDPConfig(_Section):
+    """User-level DP-FedAvg on everything shared."""
+
+    enabled: bool = _opt("user-dp", False)
+    noise_multiplier: float = _opt("user-noise-multiplier", 1.0, _positive)
+    clip_norm: float = _opt("user-clip-norm", 1.0, _positive)
+    delta: float = _opt("user-delta", 1e-3, _open_unit)
+    max_epsilon: float = _opt("user-max-epsilon", 0.0, _non_negative)  # 0 = no budget
+
+
+@dataclass(frozen=True)
+class SecAggConfig(_Section):
+    """Secure aggregation (SecAgg+ stages over the Message API): the server sees sums only."""
+
+    enabled: bool = _opt("secagg", False)
+    clip_range: float = _opt("secagg-clip-range", 1.0, _positive)  # fixed-point range per coordinate
+    modulus_bits: int = _opt("secagg-modulus-bits", 32, lambda v: None if 8 <= v <= 64 else "must lie in [8, 64]")
+    # with user-dp: clients add noise shares before masking, or the server adds noise to the sum
+    noise: str = _opt("secagg-noise", "distributed", _one_of("distributed", "server"))
+    max_dropout: float = _opt("secagg-max-dropout", 0.3, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ScrubConfig(_Section):
+    """PII scrubbing. A device reads only ``scrub-mode``, and only as a request its policy may refuse;
+    operator and YAML are the device's own (the simulation harness writes them into its policy)."""
+
+    mode: str = _opt("scrub-mode", "full", _one_of("full", "patterns", "off"))
+    operator: str = _opt("scrub-operator", "tag", _one_of("tag", "mask", "pseudonym"))
+    config: str = _opt("scrub-config", "")  # Presidio-format YAML; "" = the packaged default
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Simulation data (the harness's; a deployed device names its own file in its policy)."""
+
+    data_dir: str = _opt("data-dir", "data/default")
+    num_personas: int = _opt("num-personas", 4, _at_least(1))
+    holdout_users: int = _opt("holdout-users", 4, _at_least(0))  # generated but never federated
+
+
+@dataclass(frozen=True)
+class OutputConfig(_Section):
+    seed: int = _opt("seed", 0, _at_least(0))
+    run_dir: str = _opt("run-dir", "runs/latest")  # the server's output folder
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "persona": PersonaConfig,
+    "routing": RoutingConfig,
+    "federation": FederationConfig,
+    "train": TrainConfig,
+    "user_dp": UserDPConfig,
+    "secagg": SecAggConfig,
+    "scrub": ScrubConfig,
+    "data": DataConfig,
+    "output": OutputConfig,
 }
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    persona: PersonaConfig = field(default_factory=PersonaConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    user_dp: UserDPConfig = field(default_factory=UserDPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        p, fed = self.persona, self.federation
+        if p.slots > fed.num_supernodes:
+            raise ConfigError("persona-slots", "must not exceed num-supernodes")
+        if self.routing.frequent_from < self.routing.cold_start_below:
+            raise ConfigError("frequent-from", "must be >= cold-start-below")
+        if self.secagg.enabled and fed.num_supernodes < 3:
+            raise ConfigError("num-supernodes", "secure aggregation needs at least 3 clients")
+
+    @property
+    def seed(self) -> int:
+        return self.output.seed
+
+    @property
+    def noise_placement(self) -> str:
+        """Where user-level noise is added: on the devices (distributed, needs secagg) or on the server."""
+        return "distributed" if self.secagg.enabled and self.secagg.noise == "distributed" else "server"
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [k for section in _SECTIONS.values() for k in section.keys()]
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+        """Validate a flat ``kebab-case`` mapping (Flower's run config); missing keys take their defaults."""
+        unknown = sorted(set(flat) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(unknown[0], "unknown configuration key" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        return cls(**{name: section._from_flat(flat) for name, section in _SECTIONS.items()})
+
+    def flat(self) -> dict[str, Any]:
+        """The flat ``kebab-case`` form: what Flower's run config and ``config.json`` hold."""
+        out: dict[str, Any] = {}
+        for name in _SECTIONS:
+            out.update(getattr(self, name)._flat())
+        return out
+
+    def with_values(self, **flat: Any) -> "RunConfig":
+        """A validated copy with some flat keys changed (``with_values(**{"persona-slots": 0})``)."""
+        return RunConfig.from_flat({**self.flat(), **flat})
+
+
+DEFAULTS: dict[str, Any] = RunConfig().flat()
 
 # Size/time trade-off knob. "default" is sized for `make demo` (<= 10 min on two
 # cores, install included); "quick" is for smoke tests; "full" for experiments.
-PROFILES: dict[str, dict[str, object]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"model": "tiny-random", "num-supernodes": 6, "num-personas": 3, "persona-slots": 3, "persona-min-size": 1, "num-server-rounds": 2, "local-steps": 2},
     "default": {},
     "full": {"num-supernodes": 32, "num-server-rounds": 5, "local-steps": 4, "batch-size": 16},
 }
 
-SERVER_ONLY = {"run-dir"}  # (generator-only keys like holdout-users are harmless in client messages)
 
-
-def build_config(profile: str = "default", overrides: dict | None = None) -> dict:
+def build_config(profile: str = "default", overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """A profile's settings with ``overrides`` on top, validated."""
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    cfg = {**DEFAULTS, **PROFILES[profile], **(overrides or {})}
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
-    return cfg
-
-
-def client_config(run_config: dict) -> dict:
-    """The subset of the run config sent to clients in each message."""
-    return {k: v for k, v in run_config.items() if k not in SERVER_ONLY}
+        raise ConfigError("profile", "must be one of " + ", ".join(PROFILES))
+    return RunConfig.from_flat({**PROFILES[profile], **(overrides or {})})

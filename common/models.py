@@ -23,11 +23,15 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from common.tiers import GLOBAL, PERSONA, USER
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -200,35 +204,36 @@ def personal_model(spec: "AdapterSpec") -> "PersonalLM":
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Shape of the trainable parts. Both sides derive tensor names from this."""
+    """Shape of the trainable parts. Both sides derive tensor names from this (built from the run config)."""
 
-    base_model: str = "smollm2-135m"
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    user_lora_rank: int = 4
-    prompt_tokens: int = 4
-    seed: int = 0
+    base_model: str
+    lora_rank: int
+    lora_alpha: int
+    target_modules: tuple[str, ...]
+    user_lora_rank: int
+    prompt_tokens: int
+    seed: int
     # "separate": train LoRA A and B of every adapter. "ffa": FFA-LoRA (Sun et
     # al. 2024) freezes every A at its seeded random init and trains only B:
     # half the DP noise dimensions, and averaging B under a shared fixed A is
     # exactly averaging the weight update. Frozen A tensors never travel.
-    lora_split: str = "ffa"
+    lora_split: str
     # A persona-tier adapter (see common/tiers.py); off when persona-slots = 0.
-    persona: bool = True
+    persona: bool
 
     @classmethod
-    def from_run_config(cls, rc: dict) -> "AdapterSpec":
+    def from_config(cls, cfg: "RunConfig") -> "AdapterSpec":
+        m = cfg.model
         return cls(
-            base_model=str(rc.get("model", cls.base_model)),
-            lora_rank=int(rc.get("lora-rank", cls.lora_rank)),
-            lora_alpha=int(rc.get("lora-alpha", cls.lora_alpha)),
-            target_modules=tuple(str(rc.get("lora-targets", ",".join(cls.target_modules))).split(",")),
-            user_lora_rank=int(rc.get("user-lora-rank", cls.user_lora_rank)),
-            prompt_tokens=int(rc.get("prompt-tokens", cls.prompt_tokens)),
-            seed=int(rc.get("seed", cls.seed)),
-            lora_split=str(rc.get("lora-split", cls.lora_split)),
-            persona=int(rc.get("persona-slots", 4)) > 0,
+            base_model=m.model,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
+            target_modules=m.targets,
+            user_lora_rank=m.user_lora_rank,
+            prompt_tokens=m.prompt_tokens,
+            seed=cfg.seed,
+            lora_split=m.lora_split,
+            persona=cfg.persona.slots > 0,
         )
 
 

@@ -1,21 +1,33 @@
-"""The wire contract: what a client may send, and the guard that enforces it.
+"""The wire contract, both directions: what a server message may carry and what a device may send.
 
-Both halves of the egress guard live here, pfl-research style:
+Server to device. Static settings come from the run config (``context.run_config``)
+and the device's own policy; a message carries per-round values only, from the
+allow-list :data:`MESSAGE_CONFIG` (the secure-aggregation stage travels in its
+own ``secagg`` record). A device refuses anything else, and refuses outright
+any key naming a device location (:data:`DEVICE_PATH_KEYS`).
 
-* the device half (:func:`egress_guard_mod`, a Flower client mod) checks every
-  reply *before* it leaves the ClientApp and raises if anything is off;
-* the server half (:meth:`EgressGuard.check` called by the strategy) refuses
-  malformed replies instead of aggregating them.
+Device to server. A reply holds allow-listed records only:
 
-A reply may carry only allow-listed records: one ``ArrayRecord`` whose keys and
-shapes match the shared-tier schema exactly (float32 only), and one
-``MetricRecord`` with allow-listed numeric metrics. No ``ConfigRecord`` (it can
-hold strings), no extra tensors. Error messages name *counts and schema keys*,
-never the offending value or an unexpected key (which could itself be text).
+* a train reply: one ``ArrayRecord`` whose keys and shapes match the K-slot
+  update exactly (float32), or one masked vector under secure aggregation;
+  nothing else (per-client training metrics are not sent at all);
+* an evaluate reply: an empty ``MetricRecord`` (the device keeps its
+  evaluation results; see the README's privacy model);
+* a secure-aggregation stage reply: bytes, integers and a stage name from a
+  fixed set;
+* a **refusal**, for any message: one ``MetricRecord`` with a reason code
+  (:class:`Reason`). Every failure on a device crosses as a refusal, never as
+  an exception's text.
+
+Both halves of the egress guard enforce this: the device's before a reply
+leaves (``client/app.py`` installs it as a Flower mod), the server's before a
+reply is summed (``common/privacy/guard.py``). Error messages name counts and
+schema keys, never a value or an unexpected key (which could itself be text).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from dataclasses import dataclass
@@ -26,17 +38,62 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 SECAGG = "secagg"  # secure-aggregation stage messages (ConfigRecord of bytes and ints)
-MASKED = "masked"  # the one array of a masked train reply (uint32, mod 2**bits)
+MASKED = "masked"  # the one array of a masked train reply (uint32/uint64, mod 2**bits)
+REFUSAL = "refusal"  # a typed refusal: MetricRecord {"reason": Reason}
 SECAGG_REPLY_STAGES = frozenset({"advertise_keys", "shares", "unmask_shares"})
-SECAGG_REPLY_FIELDS = frozenset({"stage", "c_pk", "s_pk", "dst", "ciphertexts", "b_ids", "b_shares", "sk_ids", "sk_shares"})
+SECAGG_REPLY_FIELDS = frozenset({"stage", "session_id", "c_pk", "s_pk", "b_commit", "dst", "ciphertexts", "b_ids", "b_shares", "sk_ids", "sk_shares"})
 
-TRAIN_METRICS = frozenset({"train-loss", "num-examples", "steps", "epsilon"})
-EVAL_METRICS = frozenset(
-    {
-        "nll-base", "nll-global", "nll-persona", "nll-personal", "nll-served", "routing-group",
-        "num-examples", "num-tokens", "epsilon", "user-index", "num-records",
-    }
-)
+# The per-round values a server message may carry in its ConfigRecord: the whole allow-list.
+MESSAGE_CONFIG: dict[str, type] = {"server-round": int}
+# Keys that name a place on the device. Only the device's owner sets these
+# (its policy); from a server, in a message or in the run config, they are refused.
+DEVICE_PATH_KEYS = frozenset({"store-dir", "store-path", "user-file", "wire-audit-dir", "policy-file"})
+
+# A train reply carries no metrics; an evaluate reply carries none of these unless listed.
+EVAL_METRICS: frozenset[str] = frozenset()
+
+
+class Reason(enum.IntEnum):
+    """Why a device declined a message. The only thing a failure sends to the server."""
+
+    CONFIG_INVALID = 1  # the run config failed validation on the device
+    CONFIG_KEY_NOT_ALLOWED = 2  # the message carried a key outside MESSAGE_CONFIG
+    DEVICE_PATH_FROM_SERVER = 3  # the server named a device location
+    SCRUB_BELOW_FLOOR = 4
+    DP_REQUIRED = 5
+    NOISE_BELOW_FLOOR = 6
+    CLIP_ABOVE_CEILING = 7
+    DELTA_ABOVE_CEILING = 8
+    SECAGG_REQUIRED = 9
+    PARTICIPATION_BUDGET_SPENT = 10
+    RECORD_BUDGET_SPENT = 11
+    NO_TRAINING_DATA = 12
+    NO_TEST_DATA = 13
+    INGEST_ERROR = 14  # the user's file is malformed (the device log names file and line)
+    DATA_MISSING = 15  # no user file or policy for this device
+    PROTOCOL_ERROR = 16  # a secure-aggregation stage or message was malformed or out of order
+    EGRESS_VIOLATION = 17  # the device's own guard stopped the reply
+    MODEL_UNAVAILABLE = 18
+    POLICY_INVALID = 19  # the device owner's policy file is malformed
+    NOT_IN_PERSONA_TIER = 20  # informational: not used as a refusal
+    DEVICE_ERROR = 99  # anything else (details only in the device's local log)
+
+
+def refusal_content(reason: Reason):
+    """The RecordDict of a refusal reply."""
+    from flwr.app import MetricRecord, RecordDict
+
+    return RecordDict({REFUSAL: MetricRecord({"reason": int(reason)})})
+
+
+def refusal_reason(content) -> Reason | None:
+    """The reason code of a refusal reply, or None for any other content."""
+    if REFUSAL not in content.keys():
+        return None
+    try:
+        return Reason(int(content[REFUSAL]["reason"]))
+    except (KeyError, ValueError, TypeError):
+        return Reason.DEVICE_ERROR
 
 
 class EgressViolation(RuntimeError):
@@ -50,34 +107,17 @@ def _fingerprint(value: object) -> str:
 
 @dataclass(frozen=True)
 class WireSchema:
-    """Expected arrays of a train reply (name -> shape), all of one dtype.
-
-    Plain rounds send the shared tensors as float32; secure-aggregation rounds
-    send one masked uint32 vector instead.
-    """
+    """Expected arrays of a train reply (name -> shape), all of one dtype."""
 
     arrays: dict[str, tuple[int, ...]]
     dtype: str = "float32"
 
-    @classmethod
-    def masked(cls, layout: dict[str, tuple[int, ...]]) -> "WireSchema":
-        """One uint32 vector as long as the update ``layout`` (key -> shape) it masks."""
-        return cls({MASKED: (sum(math.prod(s) for s in layout.values()),)}, dtype="uint32")
 
-
-def train_reply_schema(shared_shapes: dict[str, tuple[int, ...]], num_slots: int, masked: bool) -> WireSchema:
-    """The train-reply contract, from the model's live shared shapes (both halves call this).
-
-    * no persona tier, no secure aggregation: the new global values;
-    * persona tier: the K-slot update (global, K slots, count vector);
-    * secure aggregation: one masked vector as long as that update.
-    """
-    from common.tiers import update_layout, wire_shapes
-
-    if not num_slots and not masked:
-        return WireSchema(dict(shared_shapes))
-    layout = update_layout(wire_shapes(shared_shapes, num_slots), num_slots)
-    return WireSchema.masked(layout) if masked else WireSchema(layout)
+def train_reply_schema(update_shapes: dict[str, tuple[int, ...]], masked_dtype: str | None = None) -> WireSchema:
+    """The train-reply contract: the K-slot update (``KSlotCodec.update_shapes``), or one masked vector as long."""
+    if masked_dtype is None:
+        return WireSchema(dict(update_shapes))
+    return WireSchema({MASKED: (sum(math.prod(s) for s in update_shapes.values()),)}, dtype=masked_dtype)
 
 
 class EgressGuard:
@@ -87,35 +127,47 @@ class EgressGuard:
     def check(self, content, kind: str) -> None:
         """Raise :class:`EgressViolation` unless ``content`` (a RecordDict) fits ``kind``.
 
-        ``kind`` is ``"train"`` (arrays + train metrics), ``"evaluate"`` (metrics
-        only) or ``"query"`` (a secure-aggregation stage reply).
+        ``kind`` is ``"train"``, ``"evaluate"`` or ``"query"`` (a secure-aggregation
+        stage reply). A refusal fits every kind.
         """
         from flwr.app import ArrayRecord, MetricRecord
 
+        names = set(content.keys())
+        if REFUSAL in names:
+            self._check_refusal(content)
+            return
         if kind == "query":
             self.check_secagg(content)
             return
-
-        allowed_metrics = TRAIN_METRICS if kind == "train" else EVAL_METRICS
-        expected_records = {ARRAYS, METRICS} if kind == "train" else {METRICS}
-        names = set(content.keys())
-        if names != expected_records:
-            extra = names - expected_records
+        expected = {ARRAYS} if kind == "train" else {METRICS}
+        if names != expected:
+            extra = names - expected
             raise EgressViolation(
-                f"{kind} reply must hold records {sorted(expected_records)}; "
+                f"{kind} reply must hold records {sorted(expected)}; "
                 f"{len(extra)} unexpected record(s) (fingerprint {_fingerprint(sorted(extra))}), "
-                f"missing {sorted(expected_records - names)}"
+                f"missing {sorted(expected - names)}"
             )
-        for name in names:
-            record = content[name]
-            if name == ARRAYS:
-                if not isinstance(record, ArrayRecord):
-                    raise EgressViolation(f"record '{ARRAYS}' must be an ArrayRecord")
-                self._check_arrays(record)
-            else:
-                if not isinstance(record, MetricRecord):
-                    raise EgressViolation(f"record '{METRICS}' must be a MetricRecord")
-                self._check_metrics(record, allowed_metrics)
+        if kind == "train":
+            if not isinstance(content[ARRAYS], ArrayRecord):
+                raise EgressViolation(f"record '{ARRAYS}' must be an ArrayRecord")
+            self._check_arrays(content[ARRAYS])
+        else:
+            if not isinstance(content[METRICS], MetricRecord):
+                raise EgressViolation(f"record '{METRICS}' must be a MetricRecord")
+            self._check_metrics(content[METRICS], EVAL_METRICS)
+
+    @staticmethod
+    def _check_refusal(content) -> None:
+        from flwr.app import MetricRecord
+
+        if set(content.keys()) != {REFUSAL} or not isinstance(content[REFUSAL], MetricRecord):
+            raise EgressViolation(f"a refusal must hold exactly one MetricRecord '{REFUSAL}'")
+        record = content[REFUSAL]
+        if set(record.keys()) != {"reason"}:
+            raise EgressViolation("a refusal holds only its reason code")
+        value = record["reason"]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in {int(r) for r in Reason}:
+            raise EgressViolation("a refusal's reason must be a known reason code")
 
     def _check_arrays(self, record) -> None:
         keys = set(record.keys())
@@ -175,26 +227,15 @@ class EgressGuard:
                 raise EgressViolation(f"metric {key}: only numbers may leave the device")
 
 
-def flatten(record, keys=None) -> np.ndarray:
-    """One float64 vector of an ArrayRecord's arrays, in ``keys`` order (default: its own).
-
-    The secure-aggregation vector layout: the client flattens its update in the
-    key order the server sent, and the server un-flattens the sum with it.
-    """
-    keys = list(record.keys()) if keys is None else list(keys)
-    return np.concatenate([record[k].numpy().reshape(-1) for k in keys]).astype(np.float64)
-
-
-def unflatten(vector: np.ndarray, like):
-    """The inverse of :func:`flatten`: float32 arrays shaped and keyed like ``like``."""
-    from flwr.app import Array, ArrayRecord
-
-    out, start = {}, 0
-    for key, arr in like.items():
-        size = math.prod(arr.shape)
-        out[key] = Array(vector[start : start + size].reshape(arr.shape).astype(np.float32))
-        start += size
-    return ArrayRecord(out)
+def message_config_violation(config: dict) -> Reason | None:
+    """Why a server message's ConfigRecord is not acceptable, or None if it is."""
+    if any(key in DEVICE_PATH_KEYS for key in config):
+        return Reason.DEVICE_PATH_FROM_SERVER
+    for key, value in config.items():
+        kind = MESSAGE_CONFIG.get(key)
+        if kind is None or isinstance(value, bool) or not isinstance(value, kind):
+            return Reason.CONFIG_KEY_NOT_ALLOWED
+    return None
 
 
 def reply_nbytes(content) -> int:

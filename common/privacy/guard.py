@@ -1,0 +1,37 @@
+"""The egress guard as the last privacy step: the device's check before a reply leaves, the server's before it is summed."""
+
+from __future__ import annotations
+
+import logging
+
+from common.privacy.base import DeviceUpdate, ServerAggregate, ServerRound, Step
+from common.wire import ARRAYS, EgressGuard, EgressViolation, WireSchema
+
+log = logging.getLogger(__name__)
+
+
+class Guard(Step):
+    name = "guard"
+    rank = 50
+
+    def __init__(self, schema: WireSchema):
+        self.guard = EgressGuard(schema)
+
+    def device(self, update: DeviceUpdate) -> dict[str, float]:
+        from flwr.app import RecordDict
+
+        self.guard.check(RecordDict({ARRAYS: update.payload}), "train")
+        return {}
+
+    def server(self, agg: ServerAggregate, rnd: ServerRound) -> dict[str, float]:
+        kept = []
+        for reply in agg.replies:
+            try:
+                self.guard.check(reply.content, "train")
+            except EgressViolation as err:
+                agg.rejected += 1
+                log.warning("round %d: dropped a malformed train reply: %s", rnd.server_round, err)
+                continue
+            kept.append(reply)
+        agg.replies = kept
+        return {"rejected": float(agg.rejected)}

@@ -1,0 +1,71 @@
+"""User-level Gaussian noise on the summed update: where it is added, and how much.
+
+The released sum carries noise of std ``z*C`` on every coordinate. Where it
+comes from (``placement``):
+
+* ``server``: the server adds it to the unmasked sum and is trusted to do so;
+* ``distributed`` (secure aggregation only): every device adds a share of std
+  ``z*C / sqrt(m)`` before masking, where ``m`` is the fewest contributors the
+  secure sum will unmask. The released sum then carries variance at least
+  ``(z*C)**2`` and no party, the server included, ever holds a noiseless sum.
+
+Noise is drawn from a CSPRNG (``common.csprng``): the server never knows, or
+chooses, a seed.
+
+The server half reports the noise std of the released sum and a
+signal-to-noise estimate from the sum alone: the norm the sum has beyond what
+noise explains, ``sqrt(max(0, |sum|^2 - d*std^2))``, over the noise's expected
+norm ``std*sqrt(d)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from common import csprng
+from common.privacy.base import DeviceUpdate, ServerAggregate, ServerRound, Step
+
+PLACEMENTS = ("server", "distributed")
+
+
+class GaussianNoise(Step):
+    name = "noise"
+    rank = 20
+
+    def __init__(self, noise_multiplier: float, clip_norm: float, placement: str):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"noise placement must be one of {PLACEMENTS}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip_norm = float(clip_norm)
+        self.placement = placement
+
+    @property
+    def std(self) -> float:
+        """Noise std of the released sum, per coordinate."""
+        return self.noise_multiplier * self.clip_norm
+
+    def share_std(self, min_contributors: int) -> float:
+        return self.std / math.sqrt(min_contributors)
+
+    def device(self, update: DeviceUpdate) -> dict[str, float]:
+        if self.placement != "distributed":
+            return {}
+        if not update.min_contributors:
+            raise ValueError("distributed noise needs the secure sum's minimum number of contributors")
+        share = self.share_std(update.min_contributors)
+        update.vector += csprng.gaussian(update.vector.shape, share)
+        return {"noise-share-std": share}
+
+    def server(self, agg: ServerAggregate, rnd: ServerRound) -> dict[str, float]:
+        if agg.total is None:
+            return {}
+        if self.placement == "server":
+            agg.total += csprng.gaussian(agg.total.shape, self.std)
+            std = self.std
+        else:
+            std = math.sqrt(agg.contributors) * self.share_std(rnd.state["min_contributors"])
+        d = agg.total.size
+        excess = float(np.dot(agg.total, agg.total)) - d * std**2
+        return {"noise-std": std, "snr": math.sqrt(max(0.0, excess)) / (std * math.sqrt(d))}

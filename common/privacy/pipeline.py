@@ -1,0 +1,62 @@
+"""A run's privacy pipeline, built the same way on both halves from the run config.
+
+Order (device; the server runs the reverse): user-level ``clip``, ``noise``,
+``accounting`` (only with user-level DP), one summation step (``plain-sum`` or
+``secure-sum``), and the egress ``guard`` last. Without user-level DP the
+pipeline is just the sum and the guard. Without the persona tier it is the
+same pipeline over a K-slot layout with K = 0.
+"""
+
+from __future__ import annotations
+
+from common.config import RunConfig
+from common.kslot import KSlotCodec
+from common.privacy.accounting import Accounting
+from common.privacy.base import Pipeline
+from common.privacy.clip import Clip
+from common.privacy.guard import Guard
+from common.privacy.noise import GaussianNoise
+from common.privacy.sums import PlainSum, SecureSum
+from common.wire import train_reply_schema
+
+# Far tails of a device's noise share are clipped by the fixed-point range;
+# six standard deviations make that a ~2e-9 event per coordinate.
+NOISE_RANGE_SIGMAS = 6.0
+
+
+def masked_dtype(modulus_bits: int) -> str:
+    return "uint32" if modulus_bits <= 32 else "uint64"
+
+
+def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
+    ud, sa = cfg.user_dp, cfg.secagg
+    steps = []
+    noise = None
+    if ud.enabled:
+        noise = GaussianNoise(ud.noise_multiplier, ud.clip_norm, cfg.noise_placement)
+        steps += [
+            Clip(ud.clip_norm, codec),
+            noise,
+            Accounting(ud.noise_multiplier, cfg.federation.num_supernodes, sample_rate(cfg), ud.delta, ud.max_epsilon or None),
+        ]
+    if sa.enabled:
+        share_range = None
+        if noise is not None and noise.placement == "distributed":
+            def share_range(min_contributors: int) -> float:
+                return ud.clip_norm + NOISE_RANGE_SIGMAS * noise.share_std(min_contributors)
+        steps.append(SecureSum(codec, sa.clip_range, sa.modulus_bits, sa.max_dropout, share_range))
+        schema = train_reply_schema(codec.update_shapes, masked_dtype(sa.modulus_bits))
+    else:
+        steps.append(PlainSum(codec))
+        schema = train_reply_schema(codec.update_shapes)
+    steps.append(Guard(schema))
+    return Pipeline(steps)
+
+
+def sample_rate(cfg: RunConfig) -> float:
+    """The Poisson client-sampling rate: ``round(f*N)/N``, or 1 when every client takes part."""
+    fed = cfg.federation
+    if fed.fraction_train >= 1.0:
+        return 1.0
+    return max(1, round(fed.fraction_train * fed.num_supernodes)) / fed.num_supernodes
+

@@ -1,0 +1,205 @@
+"""The full simulation report: the server's report plus what the devices kept to themselves.
+
+A simulation holds every device on one machine, so the harness can read each
+device's store after the run: its held-out scores per tier stack, its routing
+group, its record-level epsilon, and its per-round diagnostics (training loss,
+whether its update was clipped, the privacy steps' device-side metrics).
+None of this crossed the wire; the report says so. ``report.json`` holds:
+
+* ``server``: the server's own report (``server.json``), unchanged;
+* ``users``: one row per device, and ``utility``: token-weighted means over the
+  devices that evaluated (``users`` says how many of how many);
+* ``training``: per round, the mean training loss, the share of devices whose
+  update was clipped and the quantiles of their pre-clip norms;
+* ``epsilon_record_level``: each device's epsilon, its maximum and mean;
+* ``diagnostics``: persona recovery against the generator's ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from client import device
+from client.store import DeviceStore
+from server.report import SERVER_REPORT, render_markdown as render_server
+from simulations.diagnostics import persona_recovery
+
+TIERS = ("base", "global", "persona", "personal", "served")
+GROUPS = {0: "cold-start", 1: "occasional", 2: "frequent"}
+
+
+def device_results(harness: dict) -> list[dict]:
+    """One row per federated device, from its store (devices that never stored a result are listed without scores)."""
+    rows = []
+    for dev in harness["devices"]:
+        path = Path(dev["store"])
+        store = DeviceStore(path) if path.is_file() else None
+        ev = device.get_json(store, device.EVAL_RESULTS, None) if store else None
+        diag = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}}) if store else {"rounds": {}}
+        row = {"user_index": dev["partition"], "user_id": dev["user_id"], "evaluated": ev is not None, "rounds_trained": len(diag["rounds"]), "diagnostics": diag["rounds"]}
+        if ev is not None:
+            row.update(
+                {
+                    "records": ev["records"],
+                    "train_records": ev["train_records"],
+                    "test_examples": ev["test_examples"],
+                    "test_tokens": ev["test_tokens"],
+                    "routing_group": GROUPS[ev["routing_group"]],
+                    "persona": ev["persona"],
+                    **{f"nll_{t}": ev["nll"][t] for t in TIERS},
+                    "epsilon_record_level": ev["epsilon"],
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def _token_mean(rows: list[dict], key: str) -> float:
+    tokens = sum(r["test_tokens"] for r in rows)
+    return sum(r[key] * r["test_tokens"] for r in rows) / tokens if tokens else float("nan")
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Token-weighted mean held-out NLL per tier stack, overall and per routing group, over the devices that evaluated."""
+    scored = [r for r in rows if r["evaluated"]]
+    out: dict = {"users": len(scored), "users_total": len(rows)}
+    for t in TIERS:
+        nll = _token_mean(scored, f"nll_{t}")
+        out[t] = {"nll": nll, "ppl": math.exp(nll) if math.isfinite(nll) else float("nan")}
+    out["users_personal_beats_global"] = sum(r["nll_personal"] < r["nll_global"] for r in scored)
+    out["users_persona_beats_global"] = sum(r["nll_persona"] < r["nll_global"] for r in scored)
+    out["routing_groups"] = {
+        name: {"users": len(members), **{t: _token_mean(members, f"nll_{t}") for t in TIERS if t != "base"}}
+        for name in GROUPS.values()
+        for members in [[r for r in scored if r["routing_group"] == name]]
+    }
+    return out
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    if len(values) == 1:
+        return {"q10": values[0], "q50": values[0], "q90": values[0]}
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return {"q10": q[0], "q50": statistics.median(values), "q90": q[-1]}
+
+
+def training_rounds(rows: list[dict]) -> list[dict]:
+    """Per round, from the devices' own diagnostics: mean loss, clip fraction, pre-clip norm quantiles."""
+    rounds = sorted({int(r) for row in rows for r in row["diagnostics"]})
+    out = []
+    for rnd in rounds:
+        entries = [row["diagnostics"][str(rnd)] for row in rows if str(rnd) in row["diagnostics"]]
+        losses = [e["train_loss"] for e in entries if e["train_loss"] is not None and math.isfinite(e["train_loss"])]
+        clip = [e["privacy"]["clip"] for e in entries if "clip" in e.get("privacy", {})]
+        item = {"round": rnd, "devices": len(entries), "train_loss": statistics.fmean(losses) if losses else float("nan")}
+        if clip:
+            item["clip_fraction"] = statistics.fmean(c["clipped"] for c in clip)
+            item["update_norm"] = _quantiles([c["model-norm"] for c in clip])
+        out.append(item)
+    return out
+
+
+def build_full_report(run_dir: Path, harness: dict, wall_s: float) -> dict:
+    server = json.loads((Path(run_dir) / SERVER_REPORT).read_text())
+    rows = device_results(harness)
+    eps = [r["epsilon_record_level"] for r in rows if r["evaluated"] and r["epsilon_record_level"] is not None]
+    report = {
+        "config": harness["run"],
+        "wall_time_s": wall_s,
+        "source": "server: what the server learned; everything else: read from the simulated devices' stores by the harness (never sent)",
+        "server": server,
+        "metric": "held-out negative log-likelihood per target token (lower is better); ppl = exp(nll)",
+        "utility": summarise(rows),
+        "users": [{k: v for k, v in r.items() if k != "diagnostics"} for r in rows],
+        "training": training_rounds(rows),
+        "epsilon_record_level": {
+            "delta": harness["run"]["delta"],
+            "dp": bool(harness["run"]["dp"]),
+            "max": max(eps) if eps else None,
+            "mean": statistics.fmean(eps) if eps else None,
+        },
+    }
+    if harness["run"]["persona-slots"]:
+        report["diagnostics"] = {"persona_recovery": persona_recovery(harness)}
+    return report
+
+
+def _f(value, spec: str = ".4f") -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def render_markdown(report: dict) -> str:
+    u = report["utility"]
+    cfg = report["config"]
+    lines = [
+        "# fedpersona simulation report",
+        "",
+        f"Model `{cfg['model']}`, {u['users_total']} devices ({u['users']} evaluated), {len(report['server']['rounds'])} rounds, "
+        f"wall time {report['wall_time_s']:.0f} s.",
+        "",
+        f"Metric: {report['metric']}. Utility, per-user rows and training diagnostics were read from the",
+        "simulated devices' stores by the harness: devices never send them.",
+        "",
+        "## Held-out utility",
+        "",
+        "| model | NLL/token | perplexity |",
+        "|---|---|---|",
+    ]
+    for name, label in (
+        ("base", "base model"),
+        ("global", "global tier"),
+        ("persona", "global + persona (the device's own choice of slot)"),
+        ("personal", "global + persona + user (user adapter + soft prompt)"),
+        ("served", "as served: each user's routing group"),
+    ):
+        lines.append(f"| {label} | {_f(u[name]['nll'])} | {_f(u[name]['ppl'], '.2f')} |")
+    lines += [
+        "",
+        f"Persona beats global for {u['users_persona_beats_global']} of {u['users']} users; "
+        f"personalised beats global for {u['users_personal_beats_global']}.",
+        "",
+        "### Per routing group (cold-start: global; occasional: + persona; frequent: + persona + user)",
+        "",
+        "| group | users | global | global + persona | personal | served |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, g in u["routing_groups"].items():
+        lines.append(f"| {name} | {g['users']} | {_f(g['global'])} | {_f(g['persona'])} | {_f(g['personal'])} | {_f(g['served'])} |")
+    lines += ["", "## Training (device diagnostics, per round)", "", "| round | devices | mean train loss | clip fraction | update norm q10 / q50 / q90 |", "|---|---|---|---|---|"]
+    for r in report["training"]:
+        q = r.get("update_norm", {})
+        norms = " / ".join(_f(q.get(k), ".3g") for k in ("q10", "q50", "q90")) if q else "-"
+        lines.append(f"| {r['round']} | {r['devices']} | {_f(r['train_loss'])} | {_f(r.get('clip_fraction'), '.2f')} | {norms} |")
+    e = report["epsilon_record_level"]
+    lines += [
+        "",
+        "## Per-user results (record-level epsilon from each device's Opacus accountant)",
+        "",
+        f"delta = {e['delta']}; DP-SGD {'on' if e['dp'] else 'off (epsilon = inf)'}; max epsilon {_f(e['max'], '.2f')}.",
+        "",
+        "| user | records | group | persona | NLL base | NLL global | NLL persona | NLL personal | epsilon |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in report["users"]:
+        if not x["evaluated"]:
+            lines.append(f"| {x['user_index']} | - | - | - | not evaluated | | | | |")
+            continue
+        eps = "inf" if x["epsilon_record_level"] is None else f"{x['epsilon_record_level']:.2f}"
+        lines.append(
+            f"| {x['user_index']} | {x['records']} | {x['routing_group']} | {'-' if x['persona'] is None else x['persona']} | {x['nll_base']:.3f} "
+            f"| {x['nll_global']:.3f} | {x['nll_persona']:.3f} | {x['nll_personal']:.3f} | {eps} |"
+        )
+    server_md = render_server(report["server"]).split("\n", 1)[1]
+    return "\n".join(lines) + "\n\n## What the server learned" + server_md.replace("\n## ", "\n### ")
+
+
+def write_full_report(run_dir: Path, harness: dict, wall_s: float) -> dict:
+    report = build_full_report(run_dir, harness, wall_s)
+    (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (Path(run_dir) / "report.md").write_text(render_markdown(report))
+    return report
