@@ -195,7 +195,7 @@ class TrainConfig(_Section):
     optimizer: str = _opt("optimizer", "adam", _one_of("adam", "sgd"))
     max_len: int = _opt("max-len", 56, _at_least(8))  # prompt + answer tokens
     dp: bool = _opt("dp", True)
-    noise_multiplier: float = _opt("noise-multiplier", 1.0, _positive)
+    noise_multiplier: float = _opt("noise-multiplier", 1.0, _non_negative)  # 0 = clipping only
     max_grad_norm: float = _opt("max-grad-norm", 1.0, _positive)
     delta: float = _opt("delta", 1e-5, _open_unit)
     # record-level epsilon cap asked of every device (0 = none asked; the device's policy may hold its own)
