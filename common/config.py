@@ -63,7 +63,7 @@ DEFAULTS: dict[str, object] = {
     "store-dir": "",
     "scrub-mode": "full",
     "scrub-operator": "tag",
-    "scrub-config": "",  # Presidio-format YAML for the device scrubber; "" = client/scrub_default.yaml
+    "scrub-config": "",  # Presidio-format YAML for the device scrubber; "" = client/pii/scrub_default.yaml
     "num-personas": 4,
     "holdout-users": 4,  # generated but never federated: non-members for the user-level membership audit
     "seed": 0,
