@@ -142,7 +142,7 @@ def pii_eval(
     limit: int = typer.Option(0, help="Evaluate only the first N records (0 = all)."),
 ) -> None:
     """Precision, recall and F2 of the scrubber per entity type on a labelled span file."""
-    from client import pii_eval as pe
+    from simulations import pii_eval as pe
 
     result = pe.evaluate_file(file, mode=mode, limit=limit or None)
     console.print(pe.render_markdown(result))
