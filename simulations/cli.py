@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-preserving federated personalization.")
+# typer's pretty tracebacks print every frame's local variables by default; a
+# crash during ingestion, scrubbing or training would then print user text.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-preserving federated personalization.", pretty_exceptions_show_locals=False)
 console = Console()
 
 

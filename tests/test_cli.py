@@ -6,6 +6,9 @@ Span files are written by the tests themselves; nothing reads ../shared.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -53,3 +56,40 @@ def test_pii_eval_command_reports_a_malformed_file_without_a_traceback(tmp_path)
     assert result.exit_code == 1
     assert f"{bad}: record 0: missing or non-list 'spans'" in result.output
     assert "Ann Lee" not in result.output
+
+
+# A crash while a span file is being scrubbed: the scrubber raises while the
+# frames above it (the predict adapter, evaluate_file) hold the file's text
+# in local variables. typer's pretty exception handler is sys.excepthook, so
+# it only runs in a real process, not under CliRunner.
+_CRASH_SCRIPT = """
+import sys
+from client.pii import Scrubber
+
+class CrashingScrubber:
+    def analyze_batch(self, texts):
+        raise RuntimeError("analyzer crashed")
+
+Scrubber.from_config = classmethod(lambda cls, *args, **kwargs: CrashingScrubber())
+from simulations.cli import app
+app(["pii-eval", sys.argv[1], "--mode", "patterns"], prog_name="fedpersona")
+"""
+
+
+def test_crash_traceback_does_not_print_local_variables(tmp_path):
+    planted = "Vandermeulenhoek"  # one word, so a wrapped line cannot split it
+    spans = tmp_path / "spans.json"
+    spans.write_text(json.dumps([{"full_text": f"Write to Anneke {planted} today.",
+                                  "spans": []}]), encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TYPER_STANDARD_TRACEBACK", "_TYPER_STANDARD_TRACEBACK")}
+    env.update(PYTHONPATH=str(root), COLUMNS="200", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, str(spans)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    # typer's rich traceback ran (it names the frames) ...
+    assert "RuntimeError: analyzer crashed" in output and "evaluate_file" in output, output
+    # ... and showed no local variables, so not the text being scrubbed.
+    assert planted not in output, output
