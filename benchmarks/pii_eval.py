@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything must work offline; make accidental hub access fail fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from client.pii_eval import evaluate_file, render_markdown, scrubber_predictor
-    from client.scrub import Scrubber
+    from client.pii import Scrubber
+    from simulations.pii_eval import evaluate_file, render_markdown, scrubber_predictor
 
     t0 = time.perf_counter()
     scrubber = Scrubber.from_config(args.config, mode=args.mode)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     # thinc's CPU ops run on numpy/BLAS, covered by the *_NUM_THREADS vars.
 
-    from client.scrub import Scrubber
+    from client.pii import Scrubber
 
     docs = make_docs(n, args.seed)
     texts = [d.text for d in docs]

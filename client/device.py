@@ -135,7 +135,7 @@ def scrubber(mode: str, operator: str, config_path: str = "", secret: bytes = b"
 
         log.warning("scrub-mode=off: raw text is stored UNSCRUBBED on this device (an audit control arm, never for real data)")
         return lambda texts: [ScrubOutcome(text, 0, None) for text in texts]
-    from client.scrub import Scrubber
+    from client.pii import Scrubber
 
     return Scrubber.from_config(Path(config_path) if config_path else None, mode=mode,
                                 operator=operator, device_secret=secret or None)

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-# Pretty tracebacks must not print local variables: a crash in ingestion, scrubbing or
-# training could otherwise put user text on the terminal.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Privacy-preserving federated personalization.")
+# typer's pretty tracebacks print every frame's local variables by default; a
+# crash during ingestion, scrubbing or training would then print user text.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-preserving federated personalization.", pretty_exceptions_show_locals=False)
 console = Console()
 
 
@@ -159,12 +159,24 @@ def generate(
 def pii_eval(
     file: Path = typer.Argument(..., help="Presidio-evaluator JSON: full_text + spans."),
     mode: str = typer.Option("full", help="full (NER + patterns) or patterns."),
-    limit: int = typer.Option(0, help="Evaluate only the first N records (0 = all)."),
+    limit: int = typer.Option(0, min=0, help="Evaluate only the first N records (0 = all)."),
 ) -> None:
     """Precision, recall and F2 of the scrubber per entity type on a labelled span file."""
-    from client import pii_eval as pe
+    from client.pii import Scrubber
+    from client.pii.scrubber import MODES
+    from simulations import pii_eval as pe
 
-    result = pe.evaluate_file(file, mode=mode, limit=limit or None)
+    if mode not in MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(MODES)}", param_hint="--mode")
+    # evaluate_file scores any predict function, so the scrubber for the mode is built here.
+    predict = pe.scrubber_predictor(Scrubber.from_config(mode=mode))
+    try:
+        result = pe.evaluate_file(file, predict, limit=limit or None)
+    except pe.EvalDataError as err:
+        # The message names the file and record only; printed without markup
+        # so brackets in a path are not read as rich styles.
+        console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
     console.print(pe.render_markdown(result))
 
 

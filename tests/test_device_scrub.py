@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from client import device
-from client.scrub import DEFAULT_CONFIG_PATH, Scrubber
+from client.pii import DEFAULT_CONFIG_PATH, Scrubber
 from common.config import build_config, client_config
 
 PSEUDONYM = re.compile(r"<[A-Z_]+_[0-9a-f]{8}>")

@@ -1,4 +1,4 @@
-"""Tests for client/name_lexicon.py: person names found by given/family-name lexicons.
+"""Tests for client/pii/name_lexicon.py: person names found by given/family-name lexicons.
 
 The lexicon is Faker's (a pinned dependency, no data from ../shared). The
 recognizer is exercised alone (patterns mode, no NER) and inside the full
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from client.name_lexicon import (
+from client.pii.name_lexicon import (
     LexiconError,
     NameLexiconRecognizer,
     build_lexicon,
 )
-from client.scrub import DEFAULT_CONFIG_PATH, Scrubber, ScrubConfigError
+from client.pii import DEFAULT_CONFIG_PATH, Scrubber, ScrubConfigError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for client/pii_eval.py: span-overlap P/R/F2 on hand-made data."""
+"""Tests for simulations/pii_eval.py: span-overlap P/R/F2 on hand-made data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.pii_eval import (
+from simulations.pii_eval import (
     EvalDataError,
     Span,
     evaluate,
@@ -97,7 +97,7 @@ def test_f2_weights_recall():
 
 
 def load_records_inline():
-    from client.pii_eval import Record
+    from simulations.pii_eval import Record
 
     return [Record("Ann is ok or no", [Span("PERSON", 0, 3)])]
 

@@ -1,4 +1,4 @@
-"""Tests for client/scrub.py: the on-device PII scrubber.
+"""Tests for client/pii/: the on-device PII scrubber.
 
 All inputs are synthetic (literal fake values or seeded Faker); nothing is
 read from ../shared. Engines are built once per module (loading spaCy takes
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from faker import Faker
 
-from client.scrub import DEFAULT_CONFIG_PATH, Scrubber, ScrubError, ScrubOutcome
+from client.pii import DEFAULT_CONFIG_PATH, Scrubber, ScrubError
+from client.store import ScrubOutcome
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -157,7 +158,7 @@ def test_analyzer_error_is_a_code_not_text(full, monkeypatch):
 def test_no_network_during_construction_and_scrub(monkeypatch):
     # Fresh engine (bypass the cache) with every outbound connection made
     # to fail loudly; e-mail validation (tldextract) is the usual culprit.
-    from client import scrub as scrub_mod
+    from client.pii import scrubber as scrubber_mod
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     attempts = []
@@ -172,7 +173,7 @@ def test_no_network_during_construction_and_scrub(monkeypatch):
     # Name resolution comes before connect(); on an offline machine it fails
     # first, so record it too or a fetch attempt would go unnoticed.
     monkeypatch.setattr(socket, "getaddrinfo", no_connect)
-    scrub_mod._cached_analyzer.cache_clear()
+    scrubber_mod._cached_analyzer.cache_clear()
     s = Scrubber.from_config(mode="full")
     out = s(["Mail me at someone@mail.example.co.uk or visit http://shop.example.de/x."])[0]
     assert out.error is None and "someone@" not in out.text and "shop.example" not in out.text
@@ -205,7 +206,7 @@ def test_yaml_custom_recognizer_without_code(tmp_path: Path):
 
 
 def test_broken_config_is_an_error_not_a_silent_default(tmp_path: Path):
-    from client.scrub import ScrubConfigError
+    from client.pii import ScrubConfigError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("recognizer_registry: [unclosed\n", encoding="utf-8")
@@ -246,7 +247,7 @@ def test_weak_phone_shapes_need_and_find_their_cue(full, patterns, text, number)
 
 
 def test_phone_regions_from_yaml_are_applied_and_typos_rejected(tmp_path: Path):
-    from client.scrub import ScrubConfigError
+    from client.pii import ScrubConfigError
 
     base = DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
     assert "supported_regions: [US, GB, DE, FR]" in base

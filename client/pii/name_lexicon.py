@@ -25,7 +25,7 @@ Rules:
    Vasquez"): PERSON at a lower score.
 4. An ORG/LOC span from the NER model made of names: the same span as
    PERSON with a score above the NER score, so the overlap policy in
-   client/scrub.py keeps the PERSON reading.
+   client/pii/scrubber.py keeps the PERSON reading.
 
 Runs that read as organisations, streets or places ("Conway Inc", "East
 Lauren", "Thompson Curve") are skipped, and where the NER model labelled a
@@ -45,9 +45,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from presidio_analyzer import EntityRecognizer, RecognizerResult
-from presidio_analyzer.input_validation import yaml_recognizer_models
 from presidio_analyzer.nlp_engine import NlpArtifacts
-from pydantic import ConfigDict, Field
 
 
 # Calendar words double as given names (April, June, August...) and are
@@ -226,7 +224,8 @@ class NameLexiconRecognizer(EntityRecognizer):
     Constructor arguments are what the YAML entry may set (Presidio passes
     the entry's keys through): ``faker_locales`` (list, default all),
     ``first_name_files`` / ``last_name_files`` (UTF-8, one name per line),
-    ``use_faker`` and the three scores.
+    ``use_faker`` and the three scores. Their YAML schema is
+    ``client.pii.recognizers.NameLexiconRecognizerConfig``.
     """
 
     ENTITY = "PERSON"
@@ -376,7 +375,7 @@ class NameLexiconRecognizer(EntityRecognizer):
         Presidio drops the labels it ignores (LANGUAGE, WORK_OF_ART...) and
         those are exactly the readings that should stop a name guess.
         """
-        # client/scrub.py's engine keeps the spaCy Doc as `.doc`; Presidio's
+        # client/pii/nlp_engine.py's engine keeps the spaCy Doc as `.doc`; Presidio's
         # own engines pass it as `.tokens`.
         if nlp_artifacts is None:
             return []
@@ -415,29 +414,3 @@ class NameLexiconRecognizer(EntityRecognizer):
             if has_given or (label == "ORGANIZATION" and all_names):
                 out.append(self._result(start, end, self.relabel_score, "ner_relabel"))
         return out
-
-
-class NameLexiconRecognizerConfig(yaml_recognizer_models.PredefinedRecognizerConfig):
-    """YAML schema of the recognizer's entry.
-
-    Presidio validates each predefined entry with a pydantic model and,
-    for models it does not know, silently drops unknown keys; a typo in
-    ``first_name_files`` would then quietly disable the user's list. This
-    model declares the keys and forbids others. It is registered in
-    Presidio's ``CONFIG_MODEL_MAP``, the extension point Presidio uses for its
-    own configurable recognizers (HuggingFace, GLiNER).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    faker_locales: list[str] | None = None
-    first_name_files: list[str] = Field(default_factory=list)
-    last_name_files: list[str] = Field(default_factory=list)
-    use_faker: bool = True
-    given_name_score: float = Field(default=0.6, ge=0, le=1)
-    family_name_score: float = Field(default=0.4, ge=0, le=1)
-    relabel_score: float = Field(default=0.9, ge=0, le=1)
-
-
-yaml_recognizer_models.CONFIG_MODEL_MAP.setdefault(
-    NameLexiconRecognizer.__name__, NameLexiconRecognizerConfig)

@@ -17,8 +17,9 @@ are reported as "unmapped" with their counts and excluded from the overall
 scores; predictions of types that no mapped gold type produces are likewise
 excluded from precision (the dataset cannot tell whether they are right).
 
-This module lives under client/ because it evaluates the on-device scrubber;
-it only ever reads synthetic, labelled data.
+This is a developer tool, not device code: it reads labelled (synthetic)
+evaluation data and never runs on a device, so it lives in simulations/ and
+takes the scrubber as a ``predict`` function rather than importing client.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ DEFAULT_ENTITY_MAPPING: dict[str, str | None] = {
     "IBAN_CODE": "IBAN_CODE",
     "IP_ADDRESS": "IP_ADDRESS",
     "US_DRIVER_LICENSE": "US_DRIVER_LICENSE",
-    # Presidio has no street-address entity; client/scrub_default.yaml adds a
+    # Presidio has no street-address entity; client/pii/scrub_default.yaml adds a
     # STREET_ADDRESS recognizer, which also covers postal codes.
     "STREET_ADDRESS": "STREET_ADDRESS",
     "ZIP_CODE": "STREET_ADDRESS",
@@ -203,7 +204,7 @@ def evaluate_file(
 
 
 def scrubber_predictor(scrubber: Any) -> Callable[[list[str]], list[list[Span]]]:
-    """Adapter: a client.scrub.Scrubber as a ``predict`` function."""
+    """Adapter: a client.pii.Scrubber as a ``predict`` function."""
 
     def predict(texts: list[str]) -> list[list[Span]]:
         return [[Span(r.entity_type, r.start, r.end) for r in res]
