@@ -146,12 +146,19 @@ def open_store(cfg: RunConfig, policy: DevicePolicy, node_config: dict) -> Devic
     user_file, store_path = locate_user(cfg, policy, node_config)
     if not user_file.is_file():
         raise DeviceDataMissing(f"{user_file}: no such user file")
+    fresh = not store_path.exists()
     store_path.parent.mkdir(parents=True, exist_ok=True)
     store = DeviceStore(store_path)
     if not store.is_ingested():
         secret = store.device_secret() if cfg.scrub.operator == "pseudonym" else b""
         scrub = scrubber(cfg.scrub.mode, cfg.scrub.operator, cfg.scrub.config, secret)
-        counts = store.ingest_jsonl(user_file, scrub=scrub)
+        try:
+            counts = store.ingest_jsonl(user_file, scrub=scrub)
+        except Exception:
+            if fresh:  # a failed first ingest leaves no empty store behind
+                for path in (store_path, *(store_path.with_name(store_path.name + s) for s in ("-wal", "-shm", "-journal"))):
+                    path.unlink(missing_ok=True)
+            raise
         log.info("ingested %s records into the device store (%d quarantined)", sum(counts.values()), counts.get("quarantined", 0))
     return store
 

@@ -66,11 +66,11 @@ class TieredFedAvg(Strategy):
     # -- cohort and messages ----------------------------------------------------------
     def _cohort(self, grid: Grid) -> list[int]:
         # Wait for every node of the federation, then keep each with probability q.
-        node_ids, _ = sample_nodes(grid, self.population, self.population)
+        node_ids = sorted(sample_nodes(grid, self.population, self.population)[0])
         if self.rate < 1.0:
             keep = csprng.bernoulli(len(node_ids), self.rate)
             node_ids = [nid for nid, k in zip(node_ids, keep) if k]
-        return sorted(node_ids)
+        return node_ids
 
     def _message(self, nid: int, arrays: ArrayRecord, server_round: int, kind: str, extra: dict | None = None) -> Message:
         content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}

@@ -2,55 +2,45 @@
 
 from __future__ import annotations
 
-import pytest
 import json
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+import pytest
+from flwr.app import Array, Message, RecordDict
+from helpers import device_context, quick, server_message, user_files
 
-from common.config import build_config, client_config
-from common.models import PROMPT_KEY, AdapterSpec, personal_model
-from common.tiers import server_state
+from client import device
+from client.app import app
+from common.models import PROMPT_KEY
+from common.wire import REFUSAL, Reason
 
 
 @pytest.fixture
 def setup(tiny_data, task_identity, tmp_path):
-    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "devices")})
-    model = personal_model(AdapterSpec.from_run_config(cfg))
-    model.reset_to_initial()
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(), run_config={})
-    return cfg, model, ctx
-
-
-def _message(cfg, model, kind):
-    """What the ServerApp sends: the global tier and every persona slot (common.tiers.server_state)."""
-    arrays = server_state(model.shared_state(), int(cfg["persona-slots"]), float(cfg["persona-init-std"]), 0)
-    content = {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": ConfigRecord(client_config(cfg))}
-    return Message(content=RecordDict(content), dst_node_id=1, message_type=kind)
+    cfg = quick()
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg)
+    return cfg, ctx, tmp_path / "device-1" / "store.sqlite"
 
 
 def _lora_b(prefix):
     return {f"{prefix}/layers.{layer}.self_attn.{proj}.lora_B" for layer in (0, 1) for proj in ("q_proj", "v_proj")}
 
 
-def test_train_reply_is_a_k_slot_update(setup):
-    from client.app import app
+def test_train_reply_is_a_k_slot_update_and_nothing_else(setup):
     from client.persona import CHOICE_STATE
-    from client import device
 
-    cfg, model, ctx = setup
+    cfg, ctx, store_path = setup
     # The contract, spelled out: with the default FFA split, LoRA B (A is frozen
     # at its seeded init on every party and never travels) of the global
-    # adapter and of all K persona slots, plus the one-hot count; nothing else.
-    assert cfg["lora-split"] == "ffa" and cfg["persona-slots"] == 3
+    # adapter and of all K persona slots, the centroid block and the one-hot
+    # count; no metrics at all.
+    assert cfg.model.lora_split == "ffa" and cfg.persona.slots == 3
     expected = _lora_b("global") | _lora_b("persona0") | _lora_b("persona1") | _lora_b("persona2") | {"persona-centroids", "persona-count"}
-    reply = app(_message(cfg, model, "train"), ctx)
-    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    reply = app(server_message(cfg, "train"), ctx)
+    assert set(reply.content.keys()) == {"arrays"}
     arrays = reply.content["arrays"]
     assert set(arrays.keys()) == expected
     assert PROMPT_KEY not in arrays and not any(k.startswith("user/") for k in arrays)
-    assert set(reply.content["metrics"].keys()) == {"train-loss", "num-examples", "steps", "epsilon"}
-    assert reply.content["metrics"]["epsilon"] > 0
     # Exactly one slot carries a change, the one the device chose and kept to itself.
     count = arrays["persona-count"].numpy()
     chosen = int(np.argmax(count))
@@ -60,64 +50,81 @@ def test_train_reply_is_a_k_slot_update(setup):
     # The centroid block carries the device's unit profile embedding in that row only.
     rows = arrays["persona-centroids"].numpy()
     assert rows.shape == (3, 384) and np.linalg.norm(rows, axis=1) == pytest.approx([1.0 if k == chosen else 0.0 for k in range(3)], abs=1e-5)
-    store = device.open_store(client_config(cfg), ctx.node_config)
-    assert json.loads(store.get_state(CHOICE_STATE))["train"] == {"0": chosen}
+    store = device.DeviceStore(store_path)
+    assert json.loads(store.get_state(CHOICE_STATE))["train"] == {"1": chosen}
+    # What the device learned about its round stays with it.
+    diag = device.get_json(store, device.DIAGNOSTICS, None)
+    assert diag["rounds"]["1"]["persona"] == chosen and diag["rounds"]["1"]["epsilon"] > 0
 
 
-def test_without_persona_tier_the_reply_is_the_global_values(tiny_data, task_identity, tmp_path):
-    from client.app import app
-
-    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "persona-slots": 0})
-    model = personal_model(AdapterSpec.from_run_config(cfg))
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config={})
-    reply = app(_message(cfg, model, "train"), ctx)
+def test_without_persona_tier_the_reply_is_the_global_update(tiny_data, task_identity, tmp_path):
+    cfg = quick(persona_slots=0)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[0], cfg)
+    reply = app(server_message(cfg, "train"), ctx)
     assert set(reply.content["arrays"].keys()) == _lora_b("global")
 
 
 def test_separate_split_sends_a_and_b(tiny_data, task_identity, tmp_path):
-    from client.app import app
-
-    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lora-split": "separate", "persona-slots": 0})
-    model = personal_model(AdapterSpec.from_run_config(cfg))
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config={})
-    reply = app(_message(cfg, model, "train"), ctx)
-    expected = {
-        f"global/layers.{layer}.self_attn.{proj}.lora_{ab}" for layer in (0, 1) for proj in ("q_proj", "v_proj") for ab in "AB"
-    }
+    cfg = quick(lora_split="separate", persona_slots=0)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[0], cfg)
+    reply = app(server_message(cfg, "train"), ctx)
+    expected = {f"global/layers.{layer}.self_attn.{proj}.lora_{ab}" for layer in (0, 1) for proj in ("q_proj", "v_proj") for ab in "AB"}
     assert set(reply.content["arrays"].keys()) == expected
 
 
-def test_user_tier_stays_on_device_and_persists(setup):
-    from client import device
-    from client.app import app
+def test_a_device_out_of_the_persona_tier_sends_zero_slots_and_count(tiny_data, task_identity, tmp_path):
+    cfg = quick()
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg, persona_tier=False)
+    arrays = app(server_message(cfg, "train"), ctx).content["arrays"]
+    assert not arrays["persona-count"].numpy().any() and not arrays["persona-centroids"].numpy().any()
+    assert not any(arrays[k].numpy().any() for k in arrays.keys() if k.startswith("persona") and "lora" in k)
+    assert any(arrays[k].numpy().any() for k in _lora_b("global"))
 
-    cfg, model, ctx = setup
-    app(_message(cfg, model, "train"), ctx)
-    store = device.open_store(client_config(cfg), ctx.node_config)
+
+def test_user_tier_stays_on_device_and_the_accountant_persists(setup):
+    cfg, ctx, store_path = setup
+    app(server_message(cfg, "train", 1), ctx)
+    store = device.DeviceStore(store_path)
     assert store.get_state(device.USER_TIER) is not None
-    eps1 = app(_message(cfg, model, "evaluate"), ctx).content["metrics"]["epsilon"]
-    app(_message(cfg, model, "train"), ctx)
-    eps2 = app(_message(cfg, model, "evaluate"), ctx).content["metrics"]["epsilon"]
+    app(server_message(cfg, "evaluate", 1), ctx)
+    eps1 = device.get_json(store, device.EVAL_RESULTS, None)["epsilon"]
+    app(server_message(cfg, "train", 2), ctx)
+    app(server_message(cfg, "evaluate", 2), ctx)
+    eps2 = device.get_json(store, device.EVAL_RESULTS, None)["epsilon"]
     assert 0 < eps1 < eps2  # the accountant is not reset between rounds
+    # Persisted through Opacus' state_dict, not a bare history list.
+    state = json.loads(store.get_state(device.ACCOUNTANT))
+    assert state["mechanism"] == "rdp" and len(state["history"]) >= 1
 
 
-def test_evaluate_reply_is_metrics_only(setup):
-    from client.app import app
-
-    cfg, model, ctx = setup
-    reply = app(_message(cfg, model, "evaluate"), ctx)
-    assert set(reply.content.keys()) == {"metrics"}
-    m = reply.content["metrics"]
-    assert {"nll-base", "nll-global", "nll-persona", "nll-personal", "nll-served", "routing-group", "num-tokens"} <= set(m.keys())
-    assert m["routing-group"] == 2 and m["nll-served"] == m["nll-personal"]  # ~40 train tasks: a frequent user
+def test_evaluate_reply_carries_no_metrics_and_the_results_stay_on_the_device(setup):
+    cfg, ctx, store_path = setup
+    reply = app(server_message(cfg, "evaluate"), ctx)
+    assert set(reply.content.keys()) == {"metrics"} and len(reply.content["metrics"]) == 0
+    results = device.get_json(device.DeviceStore(store_path), device.EVAL_RESULTS, None)
+    assert set(results["nll"]) == {"base", "global", "persona", "personal", "served"}
+    assert results["routing_group"] == 2 and results["nll"]["served"] == results["nll"]["personal"]  # ~40 train tasks: a frequent user
 
 
 def test_server_cannot_overwrite_the_user_tier(setup):
-    from client.app import app
+    from common.wire import refusal_reason
 
-    cfg, model, ctx = setup
-    msg = _message(cfg, model, "train")
-    msg.content["arrays"][PROMPT_KEY] = Array(model.user_embedding.weight.detach().numpy().copy())
-    content = dict(msg.content.items())
-    with pytest.raises(ValueError, match="user-tier"):
-        app(Message(content=RecordDict(content), dst_node_id=1, message_type="train"), ctx)
+    cfg, ctx, _ = setup
+    msg = server_message(cfg, "train")
+    msg.content["arrays"][PROMPT_KEY] = Array(np.zeros((4, 64), dtype=np.float32))
+    reply = app(Message(content=RecordDict(dict(msg.content.items())), dst_node_id=1, message_type="train"), ctx)
+    assert refusal_reason(reply.content) == Reason.PROTOCOL_ERROR
+
+
+def test_a_device_without_training_tasks_declines_with_a_reason(tiny_data, task_identity, tmp_path):
+    only_docs = tmp_path / "docs.jsonl"
+    only_docs.write_text('{"type":"document","id":"d1","text":"Just a note."}\n{"type":"task","id":"t1","split":"test","input":"a","output":"b"}\n')
+    cfg = quick()
+    ctx = device_context(tmp_path, 1, only_docs, cfg)
+    reply = app(server_message(cfg, "train"), ctx)
+    assert set(reply.content.keys()) == {REFUSAL} and Reason(reply.content[REFUSAL]["reason"]) == Reason.NO_TRAINING_DATA
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    ctx = device_context(tmp_path, 2, empty, cfg)
+    reply = app(server_message(cfg, "evaluate"), ctx)
+    assert Reason(reply.content[REFUSAL]["reason"]) == Reason.NO_TEST_DATA

@@ -5,27 +5,27 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from helpers import quick, user_files
+
 from client import device
 from client.pii import DEFAULT_CONFIG_PATH, Scrubber
-from common.config import build_config, client_config
+from client.policy import DevicePolicy
 
 PSEUDONYM = re.compile(r"<[A-Z_]+_[0-9a-f]{8}>")
 BARE_TAG = re.compile(r"<[A-Z_]+>")
 
 
-def _cfg(tiny_data: Path, tmp_path: Path, **extra) -> dict:
-    return client_config(build_config("quick", {"data-dir": str(tiny_data / "data"),
-                                                "store-dir": str(tmp_path / "devices"),
-                                                "scrub-mode": "patterns", **extra}))
+def _store(tiny_data: Path, tmp_path: Path, index: int, **policy):
+    cfg = DevicePolicy(user_file=str(user_files(tiny_data)[index]), store_path=str(tmp_path / f"d{index}.sqlite"), min_scrub_mode="patterns", **policy)
+    return device.open_store(cfg.admit(quick(scrub_mode="patterns")), cfg, {})
 
 
 def test_pseudonym_operator_keys_each_device_with_its_own_stored_secret(tiny_data, tmp_path):
-    cfg = _cfg(tiny_data, tmp_path, **{"scrub-operator": "pseudonym"})
-    stores = [device.open_store(cfg, {"partition-id": p, "num-partitions": 3}) for p in (0, 1)]
+    stores = [_store(tiny_data, tmp_path, p, scrub_operator="pseudonym") for p in (0, 1)]
     secrets = [s.device_secret() for s in stores]
     assert all(len(s) == 32 for s in secrets) and secrets[0] != secrets[1]
     # Stable: reopening the store gives the same secret (pseudonyms stay consistent).
-    again = device.open_store(cfg, {"partition-id": 0, "num-partitions": 3})
+    again = _store(tiny_data, tmp_path, 0, scrub_operator="pseudonym")
     assert again.device_secret() == secrets[0]
     texts = [t for s in stores for t in s.documents() + [o for _, o in s.tasks("train")]]
     assert any(PSEUDONYM.search(t) for t in texts)
@@ -37,7 +37,7 @@ def test_pseudonym_operator_keys_each_device_with_its_own_stored_secret(tiny_dat
     assert a.pseudonym("PERSON", "Jane Roe") != b.pseudonym("PERSON", "Jane Roe")
 
 
-def test_scrub_config_points_the_device_at_a_user_yaml(tiny_data, tmp_path):
+def test_the_scrubber_yaml_is_the_device_owners_never_the_runs(tiny_data, tmp_path):
     yaml_path = tmp_path / "mine.yaml"
     yaml_path.write_text(DEFAULT_CONFIG_PATH.read_text(encoding="utf-8") + """
     - name: ProjectCodeRecognizer
@@ -47,8 +47,11 @@ def test_scrub_config_points_the_device_at_a_user_yaml(tiny_data, tmp_path):
       patterns:
         - {name: code, regex: "\\\\bPRJ-\\\\d{4}\\\\b", score: 0.6}
 """, encoding="utf-8")
-    cfg = _cfg(tiny_data, tmp_path, **{"scrub-config": str(yaml_path)})
-    scrub = device.scrubber(cfg["scrub-mode"], cfg["scrub-operator"], cfg["scrub-config"])
+    policy = DevicePolicy(scrub_config=str(yaml_path), min_scrub_mode="patterns")
+    # A run config that names another YAML (say, one with no recognizers) is ignored: the policy's stands.
+    admitted = policy.admit(quick(scrub_mode="patterns", scrub_config="/tmp/empty.yaml", scrub_operator="mask"))
+    assert (admitted.scrub.config, admitted.scrub.operator) == (str(yaml_path), "tag")
+    scrub = device.scrubber(admitted.scrub.mode, admitted.scrub.operator, admitted.scrub.config)
     assert scrub(["Ship PRJ-1234 today."])[0].text == "Ship <PROJECT_CODE> today."
-    default = device.scrubber(cfg["scrub-mode"], cfg["scrub-operator"])
+    default = device.scrubber("patterns", "tag")
     assert "PRJ-1234" in default(["Ship PRJ-1234 today."])[0].text

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import spec
+
 from common.models import (
     PROMPT_KEY,
-    AdapterSpec,
     ModelNotAvailable,
     canonical_lora_name,
     load_base_model,
@@ -32,7 +33,7 @@ def test_local_directory_is_loaded_by_path(tmp_path):
 
 
 def test_tiers_and_names():
-    model = personal_model(AdapterSpec(base_model="tiny-random"))
+    model = personal_model(spec())
     keys = set(model.trainable_state())
     assert PROMPT_KEY in keys
     assert {tier_of(k) for k in keys} == {"global", "persona", "user"}
@@ -42,7 +43,7 @@ def test_tiers_and_names():
     for module in model.peft.modules():
         if hasattr(module, "lora_A") and "persona" in module.lora_A:
             assert torch.equal(module.lora_A["persona"].weight, module.lora_A["global"].weight)
-    without = personal_model(AdapterSpec(base_model="tiny-random", persona=False))
+    without = personal_model(spec(persona_slots=0))
     assert {tier_of(k) for k in without.trainable_state()} == {"global", "user"}
     assert canonical_lora_name("base_model.model.model.layers.3.self_attn.q_proj.lora_A.global.weight") == "global/layers.3.self_attn.q_proj.lora_A"
 
@@ -51,13 +52,13 @@ def test_same_spec_same_initial_shared_tier_in_every_process():
     """Clients and server derive identical initial global adapters from the seed."""
     from common.models import PersonalLM
 
-    a = personal_model(AdapterSpec(base_model="tiny-random", seed=3)).shared_state()
-    b = PersonalLM(AdapterSpec(base_model="tiny-random", seed=3)).shared_state()
+    a = personal_model(spec(seed=3)).shared_state()
+    b = PersonalLM(spec(seed=3)).shared_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_base_model_is_untouched_by_disabled_adapters():
-    model = personal_model(AdapterSpec(base_model="tiny-random"))
+    model = personal_model(spec())
     ids = torch.tensor([[1, 2, 3, 4]])
     mask = torch.ones_like(ids)
     with torch.no_grad():

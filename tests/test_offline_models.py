@@ -67,14 +67,16 @@ def test_smollm2_converts_caches_and_reloads_offline(fresh_cache, no_network):
 
 
 def test_real_dp_step_changes_lora_weights(fresh_cache, no_network):
-    from client.train import TrainConfig, encode_pairs, train_local
+    from helpers import quick
+
+    from client.train import encode_pairs, train_local
     from common.models import AdapterSpec, PersonalLM
 
-    model = PersonalLM(AdapterSpec(base_model="smollm2-135m", lora_split="separate"))
+    model = PersonalLM(AdapterSpec.from_config(quick(model="smollm2-135m", lora_split="separate")))
     pairs = [(f"Write a short note about topic {i}.", f"Status: ok. Topic {i}. Next: ship. EOM.") for i in range(8)]
     data = encode_pairs(model.tokenizer, pairs, 48)
     before = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-    result, history, _ = train_local(model, data, TrainConfig(local_steps=1, batch_size=4), None, None, torch.Generator().manual_seed(0))
+    result, history, _ = train_local(model, data, quick(local_steps=1, batch_size=4).train, None, None, torch.Generator().manual_seed(0))
     changed = [k for k, v in model.trainable_state().items() if not torch.equal(before[k], v)]
     assert result.steps == 1 and 0 < result.epsilon < float("inf")
     assert len(changed) == len(before), "some LoRA tensors did not change under DP-SGD"

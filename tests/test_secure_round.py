@@ -1,150 +1,93 @@
 """Secure aggregation wired into the Message API: the real strategy, the real ClientApp.
 
 A loopback grid routes messages in-process (a transport for the test, nothing
-more). A spy records each client's plain update just before it is masked; the
+more). A spy records each device's plain update just before it is masked; the
 server, which only ever sees masked vectors and shares, must still produce
-exactly the mean of those updates, within the fixed-point quantisation bound.
+exactly the result of the plain arithmetic on those updates, within the
+fixed-point quantisation bound.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, RecordDict
+from helpers import LoopbackGrid, codec_for, device_context, initial_arrays, quick, strategy_for, user_files
 
-from common.config import build_config, client_config
-from common.models import AdapterSpec, personal_model
+from client.app import app
 from common.secagg import SecAggClient
-from common.tiers import server_state
-from common.wire import train_reply_schema
-
-
-class LoopbackGrid:
-    def __init__(self, app, contexts, drop=()):
-        self.app, self.contexts, self.drop = app, contexts, set(drop)
-        self.seen = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            nid = msg.metadata.dst_node_id
-            self.seen.append((msg.metadata.message_type, msg.content))
-            if (nid, msg.metadata.message_type) in self.drop:
-                continue
-            reply = self.app(msg, self.contexts[nid])
-            # Flower's runtime stamps the sender on delivery; this loopback does it here.
-            reply.metadata.__dict__["_src_node_id"] = nid
-            replies.append(reply)
-        return replies
+from server.aggregate import apply_sum
 
 
 @pytest.fixture
-def round_setup(tiny_data, task_identity, tmp_path, monkeypatch):
-    from client.app import app
-
-    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "dev"), "secagg": True, "dp": False})
-    model = personal_model(AdapterSpec.from_run_config(cfg))
-    model.reset_to_initial()
-    contexts = {
-        100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": 3}, state=RecordDict(), run_config={})
-        for i in range(3)
-    }
+def spy(monkeypatch):
+    """Each device's update as it goes into masking (what the server must never see one of)."""
     updates = {}
     real = SecAggClient.masked_input
 
-    def spy(self, msg, vector=None, **kw):
+    def masked_input(self, msg, vector=None, **kw):
         updates[self.node_id] = np.array(vector, copy=True)
         return real(self, msg, vector, **kw)
 
-    monkeypatch.setattr(SecAggClient, "masked_input", spy)
-    return app, cfg, model, contexts, updates
+    monkeypatch.setattr(SecAggClient, "masked_input", masked_input)
+    return updates
 
 
-def _strategy(cfg, **extra):
-    from server.secure_strategy import SecAggFedAvg
-
-    args = {"min_train_nodes": 3, "min_available_nodes": 3, "num_slots": int(cfg["persona-slots"]), **extra}
-    return SecAggFedAvg(num_rounds=1, clip_range=float(cfg["secagg-clip-range"]), fraction_train=1.0, **args)
+def _devices(tmp_path, tiny_data, cfg, n):
+    users = user_files(tiny_data)
+    return {100 + i: device_context(tmp_path, 100 + i, users[i % len(users)], cfg) for i in range(n)}
 
 
-def _initial(cfg, model) -> ArrayRecord:
-    arrays = server_state(model.shared_state(), int(cfg["persona-slots"]), float(cfg["persona-init-std"]), 0)
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+def _round(cfg, contexts, drop=()):
+    strategy = strategy_for(cfg)
+    grid = LoopbackGrid(app, contexts, drop=drop)
+    initial = initial_arrays(cfg)
+    messages = strategy.configure_train(1, initial, ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages)
+    new, _ = strategy.aggregate_train(1, replies)
+    return strategy, initial, messages, replies, new
+
+
+def _flat(codec, arrays):
+    return np.concatenate([np.asarray(arrays[k].numpy() if hasattr(arrays[k], "numpy") else arrays[k]).reshape(-1) for k in codec.server_shapes])
 
 
 @pytest.mark.parametrize("slots", [0, 3])
-def test_server_gets_exactly_the_mean_update_and_never_a_plain_one(round_setup, slots):
-    from common.wire import EgressGuard, flatten
-    from server.slot_strategy import apply_update_sum
-
-    app, cfg, model, contexts, updates = round_setup
-    cfg = {**cfg, "persona-slots": slots}
-    initial = _initial(cfg, model)
-    grid = LoopbackGrid(app, contexts)
-    strategy = _strategy(cfg)
-    messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
-    replies = grid.send_and_receive(messages)
-    new, metrics = strategy.aggregate_train(1, replies)
-
-    assert set(updates) == set(contexts) and all(np.abs(u).max() > 0 for u in updates.values())
-    plain_sum = np.sum(list(updates.values()), axis=0)
-    # What the server computed from the masked replies equals the plain arithmetic
-    # on the clients' own (unmasked) updates: the global mean, the per-slot means
-    # and the per-slot counts.
-    expected, info = apply_update_sum(initial, plain_sum, 3, slots, 1.0, None)
-    bound = 3 * 2 * float(cfg["secagg-clip-range"]) / 2**32 * 3 + 1e-7  # 3 summands of one quantisation step each
-    assert np.abs(flatten(new) - flatten(expected)).max() <= max(bound, 1e-6)
-    assert metrics is not None
+def test_server_gets_exactly_the_plain_result_and_never_a_plain_update(spy, tiny_data, task_identity, tmp_path, slots):
+    cfg = quick(secagg=True, dp=False, persona_slots=slots, num_supernodes=3)
+    contexts = _devices(tmp_path, tiny_data, cfg, 3)
+    strategy, initial, messages, replies, new = _round(cfg, contexts)
+    codec = codec_for(cfg)
+    assert set(spy) == set(contexts) and all(np.abs(u).max() > 0 for u in spy.values())
+    expected, info = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum(list(spy.values()), axis=0), 3, cfg.persona.min_size, True)
+    bound = 3 * 2 * cfg.secagg.clip_range / 2**32 * 3 + 1e-7  # 3 summands of one quantisation step each
+    assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() <= max(bound, 1e-6)
+    row = strategy.rounds[1]
+    assert row["contributors"] == 3 and row["refused"] == {} and row["failed"] == 0
     if slots:
-        counts = strategy.slot_rounds[1].counts
-        assert np.allclose(counts, info.counts, atol=1e-6) and round(sum(counts)) == 3
-    # The train replies carry one masked uint32 vector and no float tensor.
-    shapes = {k: tuple(v.shape) for k, v in model.shared_params().items()}
-    guard_schema = train_reply_schema(shapes, slots, masked=True)
-
+        assert np.allclose(row["persona_counts"], info.counts) and round(sum(row["persona_counts"])) == 3
+    # Train replies carry one masked uint32 vector and no float tensor; the message carried the round number only.
     for reply in replies:
-        EgressGuard(guard_schema).check(reply.content, "train")
-        masked = reply.content["arrays"]["masked"].numpy()
-        assert masked.dtype == np.uint32
-
-
-def test_sum_survives_a_client_dropping_before_its_masked_input(round_setup, tiny_data, tmp_path):
-    from common.wire import flatten
-
-    from server.slot_strategy import apply_update_sum
-
-    app, cfg, model, _, updates = round_setup
-    # Five devices (two reuse a user file with their own store): with 3 clients
-    # and threshold 2, one dropout would rightly abort the round.
-    users = sorted((tiny_data / "data" / "users").glob("*.jsonl"))
-    contexts = {
-        200 + i: Context(
-            run_id=1,
-            node_id=200 + i,
-            node_config={"user-file": str(users[i % 3]), "store-path": str(tmp_path / f"dev{i}.sqlite")},
-            state=RecordDict(),
-            run_config={},
-        )
-        for i in range(5)
-    }
-    initial = _initial(cfg, model)
-    grid = LoopbackGrid(app, contexts, drop={(204, "train")})
-    strategy = _strategy(cfg, min_train_nodes=5, min_available_nodes=5)
-    messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
-    replies = grid.send_and_receive(messages)
-    new, _ = strategy.aggregate_train(1, replies)
-    survivors = [updates[n] for n in range(200, 204)]
-    # Fixed denominator for the global tier (clients asked, not clients
-    # answered), as DP-FedAvg requires; slots divide by their decoded counts.
-    expected, info = apply_update_sum(initial, np.sum(survivors, axis=0), 5, int(cfg["persona-slots"]), 1.0, None)
-    assert np.abs(flatten(new) - flatten(expected)).max() < 1e-6
-    assert round(sum(info.counts)) == 4
-    assert strategy.dropped[1] == 1
+        assert set(reply.content["arrays"].keys()) == {"masked"} and reply.content["arrays"]["masked"].numpy().dtype == np.uint32
+    for msg in messages:
+        assert dict(msg.content["config"]) == {"server-round": 1}
     # Key, share and unmask replies are counted per client, next to the train reply.
-    assert set(strategy.query_bytes[1]) == set(contexts) and min(strategy.query_bytes[1].values()) > 0
+    assert set(row["secagg_bytes"]) == set(contexts) and min(row["secagg_bytes"].values()) > 0
+
+
+def test_sum_survives_a_client_dropping_before_its_masked_input(spy, tiny_data, task_identity, tmp_path):
+    # Five devices: with 3 clients and threshold 2, one dropout would rightly abort the round.
+    cfg = quick(secagg=True, dp=False, num_supernodes=5)
+    contexts = _devices(tmp_path, tiny_data, cfg, 5)
+    strategy, initial, _, _, new = _round(cfg, contexts, drop={(104, "train")})
+    codec = codec_for(cfg)
+    survivors = [spy[n] for n in range(100, 104)]
+    # Fixed denominator for the global tier (clients asked, not clients answered),
+    # as DP-FedAvg requires; slots divide by their decoded counts.
+    expected, info = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum(survivors, axis=0), 5, cfg.persona.min_size, True)
+    assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-6
+    assert round(sum(info.counts)) == 4
+    assert strategy.rounds[1]["contributors"] == 4 and strategy.rounds[1]["steps"]["secure-sum"]["dropped"] == 1
 
 
 def test_query_replies_may_not_smuggle_text():
@@ -160,57 +103,63 @@ def test_query_replies_may_not_smuggle_text():
     assert "jane" not in str(err.value)
 
 
-def test_distributed_noise_no_party_sees_a_noiseless_sum(round_setup):
-    """User-level DP under secure aggregation: the clients' noise shares are the only noise.
+def test_distributed_noise_no_party_sees_a_noiseless_sum(spy, tiny_data, task_identity, tmp_path, monkeypatch):
+    """User-level DP under secure aggregation: the devices' noise shares are the only noise.
 
-    Each device adds N(0, (zC)^2 / m) before masking (m = the minimum number of
-    survivors the protocol unmasks), so the unmasked sum already carries noise
-    of std >= zC, and the server adds none of its own.
+    Each device adds N(0, (zC)^2 / m) before masking (m = the fewest survivors
+    the protocol unmasks), so the unmasked sum already carries noise of std
+    >= zC, and the server adds none of its own.
     """
-    from common.dp import make_user_accountant
-    from common.wire import flatten
-    from server.slot_strategy import apply_update_sum
+    from common import csprng
+    from common.privacy import noise as noise_mod
 
-    app, cfg, model, contexts, updates = round_setup
     z, clip = 1.0, 0.05
-    cfg = {**cfg, "user-dp": True, "user-noise-multiplier": z, "user-clip-norm": clip}
-    initial = _initial(cfg, model)
+    cfg = quick(secagg=True, dp=False, user_dp=True, user_noise_multiplier=z, user_clip_norm=clip, num_supernodes=3)
+    contexts = _devices(tmp_path, tiny_data, cfg, 3)
+    server_draws = []
+    real = csprng.gaussian
+
+    def counted(shape, std):
+        server_draws.append(std)
+        return real(shape, std)
+
+    strategy = strategy_for(cfg)
     grid = LoopbackGrid(app, contexts)
-    accountant = make_user_accountant(3, 1e-3, None)
-    strategy = _strategy(cfg, user_dp={"noise_multiplier": z, "clip_norm": clip}, server_noise=False, accountant=accountant)
-    server_rng = strategy.rng = np.random.default_rng(0)
-    before = server_rng.bit_generator.state
-    messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
-    new, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    initial = initial_arrays(cfg)
+    messages = strategy.configure_train(1, initial, ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages)
+    monkeypatch.setattr(noise_mod.csprng, "gaussian", counted)  # from here on only the server runs
+    new, _ = strategy.aggregate_train(1, replies)
 
-    noised_sum = np.sum(list(updates.values()), axis=0)  # what the devices masked: update + noise share
-    assert noised_sum.std() == pytest.approx(z * clip, rel=0.05)  # 3 shares of variance (zC)^2/3
-    expected, info = apply_update_sum(initial, noised_sum, 3, 3, 1.0, clip)
-    assert np.abs(flatten(new) - flatten(expected)).max() < 1e-5
-    assert server_rng.bit_generator.state == before  # the server drew no noise of its own
-    assert accountant.get_epsilon(1e-3) > 0
+    noised_sum = np.sum(list(spy.values()), axis=0)  # what the devices masked: clipped update + noise share
+    assert noised_sum.std() == pytest.approx(z * clip, rel=0.05)  # 3 shares of variance (zC)^2/3 (m = 3)
+    codec = codec_for(cfg)
+    clip_step = strategy.pipeline.step("clip")
+    unscaled = noised_sum.copy()
+    for part, slices in codec.part_slices().items():
+        if part != "model":
+            for sl in slices:
+                unscaled[sl] /= clip_step.fixed_part_scale
+    expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, unscaled, 3, cfg.persona.min_size, False)
+    assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-5
+    assert server_draws == []  # the server drew no noise of its own
+    assert strategy.pipeline.step("accounting").accountant.get_epsilon(1e-3) > 0
+    assert strategy.rounds[1]["steps"]["noise"]["noise-std"] == pytest.approx(z * clip)
 
 
-def test_poisson_client_sampling_uses_the_expected_cohort_as_denominator(round_setup, tiny_data, tmp_path):
-    """DP-FedAvg with Poisson sampling: each node kept with probability q; the mean divides by q*N."""
-    from common.wire import flatten
-    from server.slot_strategy import apply_update_sum
+def test_poisson_client_sampling_uses_the_expected_cohort_as_denominator(spy, tiny_data, task_identity, tmp_path, monkeypatch):
+    """DP-FedAvg with Poisson sampling: each node kept with probability q (CSPRNG); the mean divides by q*N."""
+    from common import csprng
 
-    app, cfg, model, _, updates = round_setup
-    users = sorted((tiny_data / "data" / "users").glob("*.jsonl"))
-    contexts = {
-        300 + i: Context(run_id=1, node_id=300 + i, node_config={"user-file": str(users[i % 3]), "store-path": str(tmp_path / f"p{i}.sqlite")}, state=RecordDict(), run_config={})
-        for i in range(8)
-    }
-    initial = _initial(cfg, model)
-    grid = LoopbackGrid(app, contexts)
-    strategy = _strategy(cfg, min_train_nodes=8, min_available_nodes=8, poisson_rate=0.5)
-    strategy.rng = np.random.default_rng(3)
-    draws = np.random.default_rng(3).random(8) < 0.5  # the same stream the strategy will use, in message order
-    messages = strategy.configure_train(1, initial, ConfigRecord(client_config(cfg)), grid)
+    cfg = quick(secagg=True, dp=False, num_supernodes=8, fraction_train=0.5)
+    contexts = _devices(tmp_path, tiny_data, cfg, 8)
+    draws = np.array([True, False, True, True, False, True, False, False])
+    monkeypatch.setattr(csprng, "bernoulli", lambda n, p: draws[:n] if p == 0.5 else np.ones(n, bool))
+    strategy, initial, messages, _, new = _round(cfg, contexts)
     chosen = {m.metadata.dst_node_id for m in messages}
-    assert len(chosen) == draws.sum() and 3 <= len(chosen) < 8 and chosen <= set(contexts)
-    new, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
-    assert set(updates) == chosen
-    expected, _ = apply_update_sum(initial, np.sum([updates[n] for n in sorted(chosen)], axis=0), 0.5 * 8, int(cfg["persona-slots"]), 1.0, None)
-    assert np.abs(flatten(new) - flatten(expected)).max() < 1e-6
+    assert chosen == {100 + i for i in np.flatnonzero(draws)}
+    assert set(spy) == chosen
+    codec = codec_for(cfg)
+    expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum([spy[n] for n in sorted(chosen)], axis=0), 0.5 * 8, cfg.persona.min_size, True)
+    assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-6
+    assert strategy.rounds[1]["sampled"] == 4 and strategy.rounds[1]["expected"] == 4.0

@@ -8,15 +8,17 @@ import math
 import pytest
 import torch
 
-from client.train import TrainConfig, encode_pairs, epsilon_from_history, evaluate_nll, train_local
-from common.models import AdapterSpec, personal_model, tier_of
+from helpers import quick, spec
+
+from client.train import encode_pairs, epsilon_from_history, evaluate_nll, train_local
+from common.models import personal_model, tier_of
 
 PAIRS = [(f"Write a short note about topic {i}.", f"Status: ok. Topic: {i}. Next: ship it. EOM.") for i in range(24)]
 
 
 @pytest.fixture(scope="module", params=["separate", "ffa"])
 def model(request):
-    return personal_model(AdapterSpec(base_model="tiny-random", lora_split=request.param))
+    return personal_model(spec(lora_split=request.param))
 
 
 def _snapshot(model):
@@ -28,7 +30,7 @@ def test_dp_step_changes_every_trainable_tensor(model):
     model.reset_to_initial()
     data = encode_pairs(model.tokenizer, PAIRS, 64)
     before = _snapshot(model)
-    result, history, _ = train_local(model, data, TrainConfig(local_steps=1, batch_size=8), None, None, torch.Generator().manual_seed(0))
+    result, history, _ = train_local(model, data, quick(local_steps=1, batch_size=8).train, None, None, torch.Generator().manual_seed(0))
     assert result.steps == 1
     after = _snapshot(model)
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
@@ -45,18 +47,18 @@ def test_ffa_keeps_every_lora_a_frozen(model):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
     assert frozen and not any(k.endswith("lora_A") for k in model.trainable_state())
     data = encode_pairs(model.tokenizer, PAIRS, 64)
-    train_local(model, data, TrainConfig(local_steps=2, batch_size=8), None, None)
+    train_local(model, data, quick(local_steps=2, batch_size=8).train, None, None)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_accountant_persists_across_rounds(model):
     model.reset_to_initial()
     data = encode_pairs(model.tokenizer, PAIRS, 64)
-    cfg = TrainConfig(local_steps=2, batch_size=8, noise_multiplier=1.0)
+    cfg = quick(local_steps=2, batch_size=8, noise_multiplier=1.0).train
     r1, h1, o1 = train_local(model, data, cfg, None, None)
     r2, h2, _ = train_local(model, data, cfg, h1, o1)
     assert 0 < r1.epsilon < r2.epsilon
-    steps = sum(h[2] for h in json.loads(h2))
+    steps = sum(h[2] for h in json.loads(h2)["history"])
     assert steps == 4  # two rounds of two steps, not reset between rounds
     assert epsilon_from_history(h2, cfg.delta) == pytest.approx(r2.epsilon)
 
@@ -66,7 +68,7 @@ def test_accountant_matches_independent_rdp_computation(model):
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    history = json.dumps([[0.9, 0.25, 12]])
+    history = json.dumps({"history": [[0.9, 0.25, 12]], "mechanism": "rdp"})
     ours = epsilon_from_history(history, 1e-5)
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     acc = RdpAccountant(orders)
@@ -79,7 +81,7 @@ def test_without_dp_epsilon_is_infinite_and_training_still_learns(model):
     model.reset_to_initial()
     data = encode_pairs(model.tokenizer, PAIRS, 64)
     before, _ = evaluate_nll(model, data, ("global", "user"))
-    result, history, _ = train_local(model, data, TrainConfig(local_steps=8, batch_size=8, dp=False, lr=1e-2), None, None)
+    result, history, _ = train_local(model, data, quick(local_steps=8, batch_size=8, dp=False, lr=1e-2).train, None, None)
     after, _ = evaluate_nll(model, data, ("global", "user"))
     assert math.isinf(result.epsilon) and history is None
     assert after < before
@@ -91,3 +93,15 @@ def test_loss_covers_only_output_tokens(model):
     prompt_len = len(model.tokenizer("in put\n", add_special_tokens=False)["input_ids"])
     assert (labels[0, :prompt_len] == -100).all()
     assert (labels[0, prompt_len:][mask[0, prompt_len:] == 1] != -100).all()
+
+
+def test_would_exceed_charges_one_more_round_at_the_device_rate():
+    from client.train import sample_rate, would_exceed
+
+    cfg = quick(local_steps=2, batch_size=6).train
+    assert sample_rate(cfg, 60) == pytest.approx(0.1) and sample_rate(cfg, 3) == 1.0
+    state = json.dumps({"history": [[1.0, 0.1, 2]], "mechanism": "rdp"})
+    now = epsilon_from_history(state, cfg.delta)
+    after = epsilon_from_history(json.dumps({"history": [[1.0, 0.1, 4]], "mechanism": "rdp"}), cfg.delta)
+    assert not would_exceed(state, cfg, 60, after + 1e-6) and would_exceed(state, cfg, 60, (now + after) / 2)
+    assert not would_exceed(state, cfg, 60, 0.0)  # no cap

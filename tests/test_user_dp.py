@@ -6,11 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from helpers import device_context, quick, server_message, user_files
 
-from common.config import build_config, client_config
-from common.dp import independent_user_epsilon, make_user_accountant, rounds_within_budget
-from common.models import AdapterSpec, personal_model
+from common.privacy.accounting import independent_user_epsilon, make_user_accountant, noise_for_epsilon, rounds_within_budget
 
 
 def _compose(acc, z, n, rounds):
@@ -73,59 +71,45 @@ def test_budget_stops_before_it_would_be_exceeded():
     assert rounds_within_budget(make_user_accountant(10, 1e-3, None), 1.0, 10, 7) == 7
 
 
-def test_device_clips_the_whole_shared_update(tiny_data, task_identity, tmp_path):
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+def _update_norm(arrays) -> float:
+    return math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in arrays.values()))
 
+
+def test_device_clips_the_whole_shared_update(tiny_data, task_identity, tmp_path):
+    """Without the persona tier: the global tier's change is clipped to C (the same pipeline, K = 0)."""
     from client.app import app
 
-    # Without the persona tier: Flower's fixedclipping_mod clips the new values' change.
-    cfg = build_config("quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lr": 0.5, "persona-slots": 0})
-    model = personal_model(AdapterSpec.from_run_config(cfg))
-    model.reset_to_initial()
-    sent = model.shared_state()
     clip = 1e-3
-    content = {"arrays": ArrayRecord(sent), "config": ConfigRecord({**client_config(cfg), KEY_CLIPPING_NORM: clip})}
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(), run_config={})
-    reply = app(Message(content=RecordDict(content), dst_node_id=1, message_type="train"), ctx)
-    got = reply.content["arrays"].to_numpy_ndarrays()
-    delta = np.sqrt(sum(float(((g - s.numpy()) ** 2).sum()) for g, s in zip(got, sent.values())))
-    assert 0 < delta <= clip * (1 + 1e-4)
+    cfg = quick(lr=0.5, persona_slots=0, user_dp=True, user_clip_norm=clip)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[2], cfg)
+    reply = app(server_message(cfg, "train"), ctx)
+    update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert 0 < _update_norm(update) <= clip * (1 + 1e-4)
 
 
 def test_k_slot_update_is_clipped_with_its_count(tiny_data, task_identity, tmp_path):
     """Persona tier + user-level DP: the whole K-slot vector (update, count, profile) has norm <= C."""
-    from flwr.app import Array
-
     from client.app import app
-    from common.tiers import server_state
 
     clip = 1e-3
-    cfg = build_config(
-        "quick", {"data-dir": str(tiny_data / "data"), "store-dir": str(tmp_path / "d"), "lr": 0.5, "user-dp": True, "user-clip-norm": clip}
-    )
-    model = personal_model(AdapterSpec.from_run_config(cfg))
-    model.reset_to_initial()
-    sent = server_state(model.shared_state(), 3, 1e-3, 0)
-    content = {"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}), "config": ConfigRecord(client_config(cfg))}
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(), run_config={})
-    reply = app(Message(content=RecordDict(content), dst_node_id=1, message_type="train"), ctx)
+    cfg = quick(lr=0.5, user_dp=True, user_clip_norm=clip)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[2], cfg)
+    reply = app(server_message(cfg, "train"), ctx)
     arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     count = arrays.pop("persona-count")
     profile = arrays.pop("persona-centroids")
     share = clip / math.sqrt(3)  # update, count and profile each get a third of C^2
     assert sorted(count.tolist()) == pytest.approx([0, 0, share])
     assert np.linalg.norm(profile) == pytest.approx(share, rel=1e-4)
-    norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in arrays.values()))
-    assert 0 < norm <= share * (1 + 1e-4)
+    assert 0 < _update_norm(arrays) <= share * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("target", [8.0, 2.0])
 def test_noise_calibration_hits_the_budget_from_below(target):
-    from common.dp import noise_for_epsilon
-
     z = noise_for_epsilon(target, rounds=3, delta=1e-3, population=20)
     assert independent_user_epsilon(z, 3, 1e-3) <= target * 1.02
-    assert independent_user_epsilon(z - 0.01, 3, 1e-3) > independent_user_epsilon(z, 3, 1e-3)
+    # z is the smallest such noise (to 0.01): a little less noise overshoots the target.
+    assert independent_user_epsilon(z - 0.01, 3, 1e-3) > target
     acc = make_user_accountant(20, 1e-3, target)
     assert rounds_within_budget(acc, z, 20, 3) == 3  # the calibrated run is not cut short
     assert rounds_within_budget(make_user_accountant(20, 1e-3, target), z * 0.8, 20, 3) < 3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.wire import ARRAYS, METRICS, EgressGuard, EgressViolation, WireSchema
+from common.wire import ARRAYS, METRICS, REFUSAL, EgressGuard, EgressViolation, Reason, WireSchema, message_config_violation, refusal_content
 
 SCHEMA = WireSchema({"global/layers.0.q.lora_A": (2, 3), "global/layers.0.q.lora_B": (3, 2)})
 SECRET = "Jane Doe, 555-0100, jane@example.com"
@@ -18,16 +18,18 @@ def good_arrays(**overrides):
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def train_reply(arrays=None, metrics=None, **extra):
-    content = {ARRAYS: arrays or good_arrays(), METRICS: metrics or MetricRecord({"train-loss": 1.0, "num-examples": 3})}
+def train_reply(arrays=None, **extra):
+    content = {ARRAYS: arrays or good_arrays()}
     content.update(extra)
     return RecordDict(content)
 
 
-def test_valid_train_and_evaluate_replies_pass():
+def test_valid_train_evaluate_and_refusal_replies_pass():
     guard = EgressGuard(SCHEMA)
     guard.check(train_reply(), "train")
-    guard.check(RecordDict({METRICS: MetricRecord({"nll-base": 2.0, "num-examples": 3})}), "evaluate")
+    guard.check(RecordDict({METRICS: MetricRecord({})}), "evaluate")
+    for kind in ("train", "evaluate", "query"):
+        guard.check(refusal_content(Reason.DP_REQUIRED), kind)
 
 
 CASES = {
@@ -35,7 +37,12 @@ CASES = {
     "PII string as a config value under an allowed record name": lambda: RecordDict(
         {ARRAYS: good_arrays(), METRICS: ConfigRecord({"train-loss": SECRET})}
     ),
-    "PII as a metric name": lambda: train_reply(metrics=MetricRecord({SECRET: 1.0, "num-examples": 3})),
+    "any metrics on a train reply": lambda: train_reply(metrics=MetricRecord({"train-loss": 1.0, "num-examples": 3})),
+    "PII as a metric name": lambda: train_reply(metrics=MetricRecord({SECRET: 1.0})),
+    "a refusal with text": lambda: RecordDict({REFUSAL: ConfigRecord({"reason": SECRET})}),
+    "a refusal with an extra field": lambda: RecordDict({REFUSAL: MetricRecord({"reason": 5, "detail": 1.0})}),
+    "a refusal with an unknown code": lambda: RecordDict({REFUSAL: MetricRecord({"reason": 12345})}),
+    "a refusal beside arrays": lambda: RecordDict({REFUSAL: MetricRecord({"reason": 5}), ARRAYS: good_arrays()}),
     "unexpected tensor": lambda: train_reply(
         arrays=good_arrays(**{"user/layers.0.q.lora_A": np.zeros((2, 3), np.float32)})
     ),
@@ -65,6 +72,16 @@ def test_evaluate_reply_may_not_carry_arrays():
         EgressGuard(SCHEMA).check(train_reply(), "evaluate")
 
 
-def test_train_metrics_outside_allow_list_are_refused():
+def test_evaluate_replies_carry_no_per_user_metric():
     with pytest.raises(EgressViolation):
-        EgressGuard(SCHEMA).check(train_reply(metrics=MetricRecord({"nll-base": 1.0, "num-examples": 3})), "train")
+        EgressGuard(SCHEMA).check(RecordDict({METRICS: MetricRecord({"nll-base": 1.0, "num-examples": 3})}), "evaluate")
+
+
+def test_the_message_config_allow_list():
+    """A server message carries per-round values only: the round number. Everything else is refused."""
+    assert message_config_violation({"server-round": 3}) is None
+    assert message_config_violation({}) is None
+    assert message_config_violation({"server-round": "3"}) == Reason.CONFIG_KEY_NOT_ALLOWED
+    assert message_config_violation({"server-round": 1, "noise-multiplier": 0.0}) == Reason.CONFIG_KEY_NOT_ALLOWED
+    assert message_config_violation({"store-dir": "/tmp"}) == Reason.DEVICE_PATH_FROM_SERVER
+    assert message_config_violation({"wire-audit-dir": "/tmp"}) == Reason.DEVICE_PATH_FROM_SERVER
