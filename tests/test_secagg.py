@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.secagg_driver import run_secagg_round
 from common.secagg import (
     FixedPointCodec,
     SecAggAbort,
@@ -18,7 +19,6 @@ from common.secagg import (
     SecAggServer,
     VectorPacker,
     default_neighbours,
-    run_secagg_round,
 )
 from common.secagg_crypto import MaskExpander, neighbour_graph, shamir_combine, shamir_split
 
