@@ -163,8 +163,12 @@ class SecAggParams:
         object.__setattr__(self, "neighbours", k)
         if k < n - 1 and k % 2:
             raise ValueError("a sparse graph needs an even number of neighbours")
-        if not 2 <= self.threshold <= k:
-            raise ValueError(f"threshold must be in [2, {k}] (the neighbourhood size)")
+        if not k // 2 < self.threshold <= k:
+            # t <= k/2 lets two disjoint halves of a neighbourhood each hold t
+            # shares: a server could then get a client's self-mask seed from one
+            # half and its mask key from the other, and unmask it without any
+            # colluder. t <= k: the client must be able to reach t holders.
+            raise ValueError("threshold must be more than half the neighbourhood size and at most that size")
         if self.vector_len < 1:
             raise ValueError("vector_len must be positive")
         if len(self.session_id) < 16 or len(self.graph_seed) < 16:
@@ -236,6 +240,14 @@ class SecAggParams:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "SecAggParams":
+        """Parse a setup message (or saved state); every problem is a :class:`SecAggProtocolError`."""
+        try:
+            return cls._from_config(cfg)
+        except (KeyError, TypeError, ValueError) as err:
+            raise SecAggProtocolError(f"setup parameters rejected: {err}") from None
+
+    @classmethod
+    def _from_config(cls, cfg: Mapping[str, Any]) -> "SecAggParams":
         return cls(
             session_id=bytes(cfg["session_id"]),
             node_ids=tuple(int(i) for i in cfg["node_ids"]),

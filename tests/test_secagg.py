@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -51,12 +52,12 @@ def _keyed_session(ids, length, **kwargs):
 
 
 @pytest.mark.parametrize("drop_frac", [0.0, 0.3])
-@pytest.mark.parametrize("neighbours", [None, 4], ids=["full", "sparse-k4"])
+@pytest.mark.parametrize("neighbours", [None, 6], ids=["full", "sparse-k6"])
 def test_masked_sum_matches_plain_sum(drop_frac, neighbours):
     vecs = _vectors(10, 5000, seed=1)
     ids = sorted(vecs)
-    # 3 dropped out of 10 with k=4, t=2: pick dropouts no neighbourhood cannot absorb.
-    params = SecAggParams.create(ids, 5000, neighbours=9 if neighbours is None else neighbours, threshold=2 if neighbours else 5)
+    # 3 dropped out of 10 with k=6, t=4: pick dropouts every neighbourhood can absorb.
+    params = SecAggParams.create(ids, 5000, neighbours=9 if neighbours is None else neighbours, threshold=4 if neighbours else 5)
     n_drop = int(round(drop_frac * len(ids)))
     dropped = _droppable(params, n_drop)
     result = run_secagg_round(vecs, params, drop_after_shares=dropped)
@@ -72,18 +73,12 @@ def test_masked_sum_matches_plain_sum(drop_frac, neighbours):
 
 
 def _droppable(params: SecAggParams, n_drop: int) -> list[int]:
-    """Greedy choice of ``n_drop`` clients whose loss leaves every neighbourhood >= t."""
-    alive = set(params.node_ids)
-    chosen: list[int] = []
-    for cand in params.node_ids:
-        if len(chosen) == n_drop:
-            break
-        trial = alive - {cand}
-        if all(len(params.neighbours_of(i) & trial) >= params.threshold for i in params.node_ids):
-            alive = trial
-            chosen.append(cand)
-    assert len(chosen) == n_drop, "test setup: could not find a tolerable dropout set"
-    return chosen
+    """``n_drop`` clients whose loss leaves every neighbourhood >= t (first such set found)."""
+    for chosen in itertools.combinations(params.node_ids, n_drop):
+        alive = set(params.node_ids) - set(chosen)
+        if all(len(params.neighbours_of(i) & alive) >= params.threshold for i in params.node_ids):
+            return list(chosen)
+    raise AssertionError("test setup: no tolerable dropout set")
 
 
 def test_dropouts_at_every_stage_still_sum_correctly():
@@ -227,6 +222,23 @@ def test_client_refuses_inconsistent_unmask_request():
         clients[2].share_keys({"stage": "share_keys", "ids": [], "c_pks": [], "s_pks": []})  # replayed stage
 
 
+def test_threshold_must_exceed_half_the_neighbourhood():
+    """With t <= k/2 two disjoint halves of a neighbourhood each hold t shares:
+    the server could ask one half for a client's self-mask seed and the other
+    for its mask key, and unmask that client without any colluder."""
+    ids = list(range(1, 11))
+    for k, t in ((8, 4), (8, 2), (4, 2), (9, 4)):
+        with pytest.raises(ValueError, match="threshold"):
+            SecAggParams.create(ids, 10, neighbours=k, threshold=t)
+    assert SecAggParams.create(ids, 10, neighbours=8, threshold=5).threshold == 5
+    assert SecAggParams.create(ids, 10, neighbours=8).threshold == 5  # default k//2 + 1
+    # A client checks the setup message itself: it cannot rely on the server's params.
+    setup = SecAggServer(SecAggParams.create(ids, 10, neighbours=8, threshold=5)).setup_message()
+    with pytest.raises(SecAggProtocolError, match="threshold"):
+        SecAggClient(ids[0], {**setup, "threshold": 4})
+    SecAggClient(ids[0], setup)
+
+
 # ------------------------------------------------------------------------ Shamir
 
 
@@ -330,9 +342,9 @@ def test_round_through_flower_records_and_stateless_clients():
     # as a Message-API ClientApp will be.
     vecs = _vectors(8, 3000, seed=10)
     ids = sorted(vecs)
-    params = SecAggParams.create(ids, 3000, neighbours=6, threshold=3)
-    result = run_secagg_round(vecs, params, drop_after_shares=[ids[1], ids[5]], via_flower_records=True)
-    assert result.dropped == (ids[1], ids[5])
+    params = SecAggParams.create(ids, 3000, neighbours=6, threshold=4)
+    result = run_secagg_round(vecs, params, drop_after_shares=_droppable(params, 2), via_flower_records=True)
+    assert len(result.dropped) == 2 and len(result.survivors) == 6
     assert np.abs(result.sum - _plain(vecs, result.survivors)).max() <= params.codec.error_bound(6)
 
 
