@@ -4,12 +4,18 @@ Secure aggregation adds vectors modulo ``M = 2**modulus_bits``; floats must
 first become integers. Each coordinate is clipped to ``[-R, R]``, shifted by
 ``+R`` and scaled onto the integer grid ``{0, 1, ..., L}`` with
 
-    L = floor((M - 1) / max_summands)          (``levels``)
-    step = 2R / L                              (one grid unit, in float units)
+    L = min(floor((M - 1) / max_summands), 2**53)     (``levels``)
+    step = 2R / L                                       (one grid unit, in float units)
 
 so that a sum of up to ``max_summands`` encodings never exceeds ``M - 1``: the
-modular sum *is* the integer sum and decoding is exact arithmetic. The decoder
-of a sum of ``n`` encodings removes the ``n`` offsets: ``sum = S * step - n*R``.
+modular sum *is* the integer sum. The grid stops at 2**53 levels because the
+encoder computes in float64, whose integers end there: a finer grid would put
+``+R`` one float ulp above ``L`` and ``max_summands`` such inputs would wrap the
+modulus. Moduli wider than ``53 + log2(max_summands)`` bits therefore buy
+headroom, not precision, and every modulus up to 64 bits decodes exactly. The
+decoder of a sum ``S`` of ``n`` encodings centres it in exact integer
+arithmetic before converting to float, ``sum = (S - n*floor(L/2)) * step`` (plus
+``-n*R/L`` when ``L`` is odd), so no ``n*R``-sized offset cancels in float.
 
 Quantisation error of a decoded sum of ``n`` encodings, per coordinate, for
 inputs inside ``[-R, R]``:
@@ -18,7 +24,7 @@ inputs inside ``[-R, R]``:
 * stochastic rounding (``floor(v + U[0,1))``): unbiased, ``|err| < n * step``,
   standard deviation ``<= sqrt(n) * step / 2``;
 * plus float64 arithmetic slack of at most ``4 * n * R * 2**-52`` (it only
-  matters once ``L`` approaches 2**53, i.e. ``modulus_bits`` near 64).
+  matters once ``L`` approaches 2**53, i.e. ``modulus_bits`` of 53 and more).
 
 :meth:`FixedPointCodec.error_bound` returns exactly this bound. Values outside
 ``[-R, R]`` are clipped (their error is unbounded by construction) and
@@ -38,6 +44,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+MAX_LEVELS = 1 << 53  # float64 represents every integer up to here
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ class FixedPointCodec:
 
     @property
     def levels(self) -> int:
-        return (self.modulus - 1) // self.max_summands
+        # Capped at 2**53: every level must be an exactly representable float64.
+        return min((self.modulus - 1) // self.max_summands, MAX_LEVELS)
 
     @property
     def scale(self) -> float:
@@ -129,7 +138,12 @@ class FixedPointCodec:
         t = np.asarray(total)
         if t.dtype != self.dtype:
             raise ValueError(f"expected {np.dtype(self.dtype).name}, got {t.dtype}")
-        return t.astype(np.float64) * self.step - num_summands * self.clip_range
+        # S - n*half as an exact integer: mod 2**64 in uint64, then read as
+        # signed; |S - n*half| <= n*L/2 < 2**63, so the reading is exact.
+        half = self.levels // 2
+        centred = (t.astype(np.uint64) - np.uint64(num_summands * half)).view(np.int64)
+        offset = (2 * half - self.levels) * self.clip_range / self.levels  # 0, or -R/L for odd L
+        return centred.astype(np.float64) * self.step + num_summands * offset
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,28 @@ def test_uint64_modulus_round():
     assert np.abs(result.sum - _plain(vecs, result.survivors)).max() <= params.codec.error_bound(5)
 
 
+@pytest.mark.parametrize("bits", [56, 60, 64])
+def test_moduli_beyond_float64_precision_decode_exactly(bits):
+    """From 54 bits on, the grid used to outgrow float64: +R encoded one float
+    ulp above the top level and five such inputs wrapped the modulus (5 x +1.0
+    decoded to -5). The grid is now capped at 2**53 levels, so the extra bits
+    are headroom, and the decoder works on exact integers."""
+    ids = [1, 2, 3, 4, 5]
+    for value in (1.0, -1.0, 0.999999, 0.0):
+        for stochastic in (False, True):
+            params = SecAggParams.create(ids, 4, modulus_bits=bits, clip_range=1.0, stochastic_rounding=stochastic)
+            result = run_secagg_round({i: np.full(4, value) for i in ids}, params)
+            assert np.abs(result.sum - 5 * value).max() <= params.codec.error_bound(5)
+    codec = FixedPointCodec(1.0, bits, 5, stochastic=False)
+    top = codec.encode(np.ones(3)).values
+    assert int(top.max()) <= codec.levels and 5 * int(top.max()) < codec.modulus
+    vecs = _vectors(6, 2000, seed=11)
+    params = SecAggParams.create(sorted(vecs), 2000, modulus_bits=bits)
+    result = run_secagg_round(vecs, params)
+    assert result.modular_sum.dtype == np.uint64
+    assert np.abs(result.sum - _plain(vecs, result.survivors)).max() <= params.codec.error_bound(6)
+
+
 def test_packed_segments_sum_in_one_round():
     rng = np.random.default_rng(5)
     n = 7
