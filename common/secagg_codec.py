@@ -32,6 +32,16 @@ inputs inside ``[-R, R]``:
 there is no meaningful fixed-point image of NaN, and silently mapping it to a
 number would corrupt the aggregate.
 
+Noise shares and the range. A client that adds a Gaussian noise share of std
+``sigma`` to a value of magnitude ``<= C`` before encoding should set
+``R = C + k * sigma`` with ``k`` of 8 to 10, not 6, and count the clipping
+event against ``delta``: :func:`clip_probability` gives
+``P(|x + N(0, sigma^2)| > R)`` for the worst ``|x| = C``, union-bounded over the
+coordinates (about ``6e-16`` per coordinate at ``k = 8``, ``8e-24`` at 10, ``1e-9``
+at 6).
+A clipped noise share is no longer Gaussian, so the DP guarantee holds with
+``delta`` increased by that probability (times the clients that add shares).
+
 The modulus is a power of two on purpose: numpy's unsigned arithmetic wraps
 modulo 2**32 / 2**64 for free, and reducing a uniform PRG word to ``bits``
 bits with a bit mask has no modulo bias.
@@ -46,6 +56,25 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_LEVELS = 1 << 53  # float64 represents every integer up to here
+
+
+def clip_probability(clip_range: float, bound: float, sigma: float, coords: int = 1) -> float:
+    """Probability that some coordinate of ``x + N(0, sigma^2 I)`` leaves ``[-R, R]``.
+
+    ``x`` has ``coords`` coordinates of magnitude ``<= bound`` (``C``); ``R`` is
+    ``clip_range``. Per coordinate the worst case is ``|x| = C``:
+    ``Q((R - C) / sigma) + Q((R + C) / sigma)`` with ``Q`` the standard normal
+    upper tail; coordinates are union-bounded, so the result is at most 1 and
+    needs no independence between them. Add it to the mechanism's ``delta``.
+    """
+    if not (sigma >= 0 and bound >= 0 and coords >= 0) or not all(map(math.isfinite, (clip_range, bound, sigma))):
+        raise ValueError("clip_probability needs finite ranges, sigma >= 0 and coords >= 0")
+    if sigma == 0:
+        return 0.0 if bound <= clip_range or coords == 0 else 1.0
+    tail = 0.5 * math.erfc((clip_range - bound) / (sigma * math.sqrt(2))) + 0.5 * math.erfc(
+        (clip_range + bound) / (sigma * math.sqrt(2))
+    )
+    return min(1.0, coords * tail)
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,10 @@ class FixedPointCodec:
         """Max per-coordinate |decoded sum - true sum| for in-range inputs."""
         rounding = self.step if self.stochastic else self.step / 2
         return num_summands * (rounding + 4.0 * self.clip_range * 2.0**-52)
+
+    def clip_probability(self, bound: float, sigma: float, coords: int = 1) -> float:
+        """:func:`clip_probability` at this codec's ``clip_range``."""
+        return clip_probability(self.clip_range, bound, sigma, coords)
 
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> EncodedVector:
         """Encode a float vector; returns values in ``[0, levels]`` of :attr:`dtype`."""

@@ -312,6 +312,33 @@ def test_codec_clips_and_counts_out_of_range():
         codec.decode_sum(enc.values, 5)
 
 
+def test_clip_probability_of_a_noised_coordinate():
+    """P(a value |x| <= C plus N(0, sigma^2) leaves [-R, R]), union-bounded over
+    coordinates: what a caller adds to delta when it sets R = C + k*sigma."""
+    from common.secagg_codec import clip_probability
+
+    c, sigma = 0.5, 0.1
+    q = lambda z: 0.5 * math.erfc(z / math.sqrt(2))  # noqa: E731  (Gaussian upper tail)
+    for k in (6, 8, 10):
+        r = c + k * sigma
+        p1 = clip_probability(r, c, sigma, 1)
+        assert p1 == pytest.approx(q(k) + q(k + 2 * c / sigma), rel=1e-9)
+        assert clip_probability(r, c, sigma, 460_800) == pytest.approx(460_800 * p1, rel=1e-9)
+    assert clip_probability(c + 8 * sigma, c, sigma, 10**6) < 1e-9 < clip_probability(c + 6 * sigma, c, sigma, 10**6)
+    assert clip_probability(c, c, sigma, 10) == 1.0  # union bound capped at 1
+    assert clip_probability(1.0, 0.5, 0.0, 10) == 0.0 and clip_probability(0.4, 0.5, 0.0, 1) == 1.0
+    # Monte Carlo at the worst-case value |x| = C, where the bound is exact per coordinate.
+    z = np.random.default_rng(12).normal(0.0, sigma, 2_000_000)
+    r = c + 2 * sigma
+    assert np.mean(np.abs(c + z) > r) == pytest.approx(clip_probability(r, c, sigma, 1), rel=0.02)
+    assert np.mean(np.abs(0.1 + z) > r) < clip_probability(r, c, sigma, 1)  # smaller |x| clips less
+    # The codec answers for its own range.
+    codec = FixedPointCodec(clip_range=c + 8 * sigma)
+    assert codec.clip_probability(c, sigma, 100) == clip_probability(c + 8 * sigma, c, sigma, 100)
+    with pytest.raises(ValueError):
+        clip_probability(1.0, 0.5, -1.0, 1)
+
+
 def test_stochastic_rounding_is_unbiased():
     codec = FixedPointCodec(clip_range=1.0, modulus_bits=8, max_summands=1, stochastic=True)
     x = np.full(200_000, 0.3 * codec.step + 0.1)  # sits between grid points
