@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.csprng import rounding_rng
+
 MAX_LEVELS = 1 << 53  # float64 represents every integer up to here
 
 
@@ -151,8 +153,9 @@ class FixedPointCodec:
         v *= self.scale
         if self.stochastic:
             # Quantisation noise is not a secret, so a fast non-cryptographic
-            # generator is enough; it only has to be independent of the data.
-            rng = rng if rng is not None else np.random.default_rng()
+            # generator is enough; it only has to be independent of the data
+            # (the default one is seeded from OS entropy all the same).
+            rng = rng if rng is not None else rounding_rng()
             v += rng.random(v.shape)
             np.floor(v, out=v)
         else:
@@ -234,7 +237,7 @@ class VectorPacker:
         """Encode every segment into one flat vector; also return per-segment clip counts."""
         if set(arrays) != set(self.offsets):
             raise ValueError("arrays must have exactly the packer's segment names")
-        rng = rng if rng is not None else np.random.default_rng()
+        rng = rng if rng is not None else rounding_rng()
         flat = np.empty(self.size, dtype=self.dtype)
         clipped = {}
         for s in self.segments:
