@@ -70,6 +70,7 @@ Threat model / what is trusted:
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -111,6 +112,7 @@ __all__ = [
 ]
 
 STAGE = "stage"
+SESSION = "session_id"
 
 
 class SecAggAbort(RuntimeError):
@@ -263,9 +265,16 @@ class SecAggParams:
         )
 
 
-def _expect_stage(msg: Mapping[str, Any], stage: str) -> None:
+def _expect(msg: Mapping[str, Any], stage: str, session_id: bytes) -> None:
+    """The message must be the named stage of this session (messages name fields, never values)."""
+    if not isinstance(msg, Mapping):
+        raise SecAggProtocolError(f"a {stage!r} message must be a mapping")
     if msg.get(STAGE) != stage:
-        raise SecAggProtocolError(f"expected a {stage!r} message, got {msg.get(STAGE)!r}")
+        raise SecAggProtocolError(f"expected a {stage!r} message (field 'stage')")
+    got = msg.get(SESSION)
+    if not isinstance(got, bytes) or not hmac.compare_digest(got, session_id):
+        # A stale message (an earlier round's, delivered late) or another session's.
+        raise SecAggProtocolError(f"{stage!r} message is not from this session (field {SESSION!r})")
 
 
 # ============================================================== device half
@@ -275,7 +284,8 @@ class SecAggClient:
     """The device side of one secure-aggregation round (single use)."""
 
     def __init__(self, node_id: int, setup: Mapping[str, Any]) -> None:
-        _expect_stage(setup, "setup")
+        if not isinstance(setup, Mapping) or setup.get(STAGE) != "setup":
+            raise SecAggProtocolError("expected a 'setup' message (field 'stage')")
         self.params = SecAggParams.from_config(setup)
         if node_id not in self.params.node_ids:
             raise SecAggProtocolError("this node was not sampled for the session")
@@ -348,11 +358,11 @@ class SecAggClient:
     # -- stage 0 reply
     def advertise_keys(self) -> dict[str, Any]:
         self._advance("setup", "advertised")
-        return {STAGE: "advertise_keys", "c_pk": self._c_pk, "s_pk": self._s_pk}
+        return {STAGE: "advertise_keys", SESSION: self.params.session_id, "c_pk": self._c_pk, "s_pk": self._s_pk}
 
     # -- stage 1
     def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        _expect_stage(msg, "share_keys")
+        _expect(msg, "share_keys", self.params.session_id)
         self._advance("advertised", "shared")
         p = self.params
         ids = [int(i) for i in msg["ids"]]
@@ -375,7 +385,7 @@ class SecAggClient:
             key = agree(self._c_sk, self._peer_keys[nid][0], INFO_ENC, p.session_id)
             cts.append(encrypt_for(key, p.session_id, self.node_id, nid, b_shares[x] + sk_shares[x]))
             dst.append(nid)
-        return {STAGE: "shares", "dst": dst, "ciphertexts": cts}
+        return {STAGE: "shares", SESSION: p.session_id, "dst": dst, "ciphertexts": cts}
 
     # -- stage 2
     def masked_input(
@@ -392,7 +402,7 @@ class SecAggClient:
         already ``encoded`` integer vector (e.g. from a :class:`VectorPacker`
         built with the same ``modulus_bits`` and ``max_summands``).
         """
-        _expect_stage(msg, "masked_input")
+        _expect(msg, "masked_input", self.params.session_id)
         self._advance("shared", "masked")
         p = self.params
         if (vector is None) == (encoded is None):
@@ -431,7 +441,7 @@ class SecAggClient:
 
     # -- stage 3
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        _expect_stage(msg, "unmask")
+        _expect(msg, "unmask", self.params.session_id)
         self._advance("masked", "unmasked")
         p = self.params
         survivors = {int(i) for i in msg["survivors"]}
@@ -454,7 +464,7 @@ class SecAggClient:
                 sk_shares.append(sk_share)
         # Our own secrets are never revealed by us; drop them from memory.
         self._b = b""
-        return {STAGE: "unmask_shares", "b_ids": b_ids, "b_shares": b_shares, "sk_ids": sk_ids, "sk_shares": sk_shares}
+        return {STAGE: "unmask_shares", SESSION: p.session_id, "b_ids": b_ids, "b_shares": b_shares, "sk_ids": sk_ids, "sk_shares": sk_shares}
 
 
 # ============================================================== server half
@@ -510,7 +520,7 @@ class SecAggServer:
     def receive_keys(self, node_id: int, reply: Mapping[str, Any]) -> None:
         if self._stage != "setup" or node_id not in self.params.node_ids:
             raise SecAggProtocolError("unexpected key advertisement")
-        _expect_stage(reply, "advertise_keys")
+        _expect(reply, "advertise_keys", self.params.session_id)
         c_pk, s_pk = bytes(reply["c_pk"]), bytes(reply["s_pk"])
         if len(c_pk) != 32 or len(s_pk) != 32:
             raise SecAggProtocolError("malformed public key")
@@ -526,6 +536,7 @@ class SecAggServer:
             peers = sorted(self.params.neighbours_of(nid) & self._u1)
             out[nid] = {
                 STAGE: "share_keys",
+                SESSION: self.params.session_id,
                 "ids": peers,
                 "c_pks": [self._keys[j][0] for j in peers],
                 "s_pks": [self._keys[j][1] for j in peers],
@@ -535,7 +546,7 @@ class SecAggServer:
     def receive_shares(self, node_id: int, reply: Mapping[str, Any]) -> None:
         if self._stage != "share_keys" or node_id not in self._u1:
             raise SecAggProtocolError("unexpected shares")
-        _expect_stage(reply, "shares")
+        _expect(reply, "shares", self.params.session_id)
         dst = [int(d) for d in reply["dst"]]
         if set(dst) != self.params.neighbours_of(node_id) & self._u1 or len(dst) != len(set(dst)):
             # A partial share set would leave some neighbours unable to help
@@ -551,7 +562,7 @@ class SecAggServer:
         out = {}
         for nid in self._u2:
             srcs = sorted(s for s in self.params.neighbours_of(nid) & self._u2)
-            out[nid] = {STAGE: "masked_input", "src": srcs, "ciphertexts": [self._cts[s][nid] for s in srcs]}
+            out[nid] = {STAGE: "masked_input", SESSION: self.params.session_id, "src": srcs, "ciphertexts": [self._cts[s][nid] for s in srcs]}
         return out
 
     def receive_masked_input(self, node_id: int, masked: np.ndarray) -> None:
@@ -576,12 +587,12 @@ class SecAggServer:
             raise SecAggAbort(f"only {len(self._u3)} masked inputs arrived; need {p.min_survivors}")
         self._check_neighbourhoods(self._u2, self._u3, "before unmasking")
         survivors, dropped = sorted(self._u3), sorted(self._u2 - self._u3)
-        return {nid: {STAGE: "unmask", "survivors": survivors, "dropped": dropped} for nid in self._u3}
+        return {nid: {STAGE: "unmask", SESSION: p.session_id, "survivors": survivors, "dropped": dropped} for nid in self._u3}
 
     def receive_unmask(self, node_id: int, reply: Mapping[str, Any]) -> None:
         if self._stage != "unmask" or node_id not in self._u3 or node_id in self._responders:
             raise SecAggProtocolError("unexpected unmask reply")
-        _expect_stage(reply, "unmask_shares")
+        _expect(reply, "unmask_shares", self.params.session_id)
         nb = self.params.neighbours_of(node_id)
         x = self.params.secure_id(node_id)
         for src, share in zip(reply["b_ids"], reply["b_shares"], strict=True):

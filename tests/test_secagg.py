@@ -239,9 +239,9 @@ def test_client_refuses_inconsistent_unmask_request():
     for i, m in server.masked_input_messages().items():
         clients[i].masked_input(m, np.zeros(10))
     with pytest.raises(SecAggProtocolError, match="both"):
-        clients[1].unmask({"stage": "unmask", "survivors": [1, 2, 3], "dropped": [3, 4]})
-    with pytest.raises(SecAggProtocolError, match="stage"):
-        clients[2].share_keys({"stage": "share_keys", "ids": [], "c_pks": [], "s_pks": []})  # replayed stage
+        clients[1].unmask({"stage": "unmask", "session_id": params.session_id, "survivors": [1, 2, 3], "dropped": [3, 4]})
+    with pytest.raises(SecAggProtocolError, match="stage"):  # a replayed stage
+        clients[2].share_keys({"stage": "share_keys", "session_id": params.session_id, "ids": [], "c_pks": [], "s_pks": []})
 
 
 def test_threshold_must_exceed_half_the_neighbourhood():
@@ -259,6 +259,48 @@ def test_threshold_must_exceed_half_the_neighbourhood():
     with pytest.raises(SecAggProtocolError, match="threshold"):
         SecAggClient(ids[0], {**setup, "threshold": 4})
     SecAggClient(ids[0], setup)
+
+
+def test_every_stage_message_and_reply_carries_and_checks_the_session_id():
+    """A message from another (e.g. an earlier) session is refused by both
+    sides, and refusing it does not consume the stage."""
+    ids = [1, 2, 3, 4, 5]
+    params = SecAggParams.create(ids, 10)
+    sid, other = params.session_id, SecAggParams.create(ids, 10).session_id
+    server = SecAggServer(params)
+    setup = server.setup_message()
+    assert setup["session_id"] == sid
+    clients = {i: SecAggClient(i, setup) for i in ids}
+
+    def stale(msg):
+        return {**msg, "session_id": other}
+
+    def both(deliver, msg, *args):
+        """``deliver`` refuses ``msg`` from another session or without one, then accepts it."""
+        for bad in (stale(msg), {k: v for k, v in msg.items() if k != "session_id"}):
+            with pytest.raises(SecAggProtocolError, match="session"):
+                deliver(bad, *args)
+        return deliver(msg, *args)
+
+    for i, c in clients.items():
+        reply = c.advertise_keys()
+        assert reply["session_id"] == sid
+        both(lambda r, i=i: server.receive_keys(i, r), reply)
+    for i, m in server.share_keys_messages().items():
+        assert m["session_id"] == sid
+        reply = both(clients[i].share_keys, m)
+        assert reply["session_id"] == sid
+        both(lambda r, i=i: server.receive_shares(i, r), reply)
+    for i, m in server.masked_input_messages().items():
+        assert m["session_id"] == sid
+        y = both(clients[i].masked_input, m, np.zeros(10))
+        server.receive_masked_input(i, y)  # a bare array: bound to the session by its masks
+    for i, m in server.unmask_messages().items():
+        assert m["session_id"] == sid
+        reply = both(clients[i].unmask, m)
+        assert reply["session_id"] == sid
+        both(lambda r, i=i: server.receive_unmask(i, r), reply)
+    assert np.abs(server.finalize().sum).max() <= params.codec.error_bound(5)
 
 
 # ------------------------------------------------------------------------ Shamir
