@@ -72,12 +72,15 @@ from __future__ import annotations
 
 import hmac
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from cryptography.exceptions import InvalidTag
 
 from common.secagg_codec import FixedPointCodec, Segment, VectorPacker  # noqa: F401  (re-export)
 from common.secagg_crypto import (
@@ -131,6 +134,102 @@ def default_neighbours(num_clients: int) -> int:
     return num_clients - 1 if k >= num_clients - 1 else k
 
 
+class _InvalidParam(ValueError):
+    """A parameter check failed; names the field (and never its value)."""
+
+    def __init__(self, field_name: str, why: str) -> None:
+        super().__init__(f"{field_name} {why}")
+        self.field, self.why = field_name, why
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed reads of one message's fields.
+
+    Every problem (missing, wrong type, wrong length) is a
+    :class:`SecAggProtocolError` naming the message and the field, never the
+    value: a value is whatever a peer chose to send, and errors end up in logs.
+    """
+
+    def __init__(self, msg: Any, what: str, prefix: str = "") -> None:
+        if not isinstance(msg, Mapping):
+            raise SecAggProtocolError(f"{what}: not a mapping")
+        self._msg, self._what, self._prefix = msg, what, prefix
+
+    def error(self, key: str, why: str) -> SecAggProtocolError:
+        return SecAggProtocolError(f"{self._what}: field {self._prefix + key!r} {why}")
+
+    def _raw(self, key: str) -> Any:
+        try:
+            return self._msg[self._prefix + key]
+        except KeyError:
+            raise self.error(key, "is missing") from None
+
+    def get_int(self, key: str) -> int:
+        v = self._raw(key)
+        if not _is_int(v):
+            raise self.error(key, "must be an integer")
+        return int(v)
+
+    def get_bool(self, key: str) -> bool:
+        v = self._raw(key)
+        if not isinstance(v, bool):
+            raise self.error(key, "must be a boolean")
+        return v
+
+    def get_float(self, key: str) -> float:
+        v = self._raw(key)
+        try:
+            x = float(v) if _is_int(v) or isinstance(v, float) else math.nan
+        except OverflowError:
+            x = math.nan
+        if not math.isfinite(x):
+            raise self.error(key, "must be a finite number")
+        return x
+
+    def get_str(self, key: str, allowed: frozenset[str]) -> str:
+        v = self._raw(key)
+        if not isinstance(v, str) or v not in allowed:
+            raise self.error(key, "is not one of " + ", ".join(map(repr, sorted(allowed))))
+        return v
+
+    def get_bytes(self, key: str, length: int | None = None, min_length: int = 0) -> bytes:
+        v = self._raw(key)
+        if not isinstance(v, (bytes, bytearray)):
+            raise self.error(key, "must be bytes")
+        if (length is not None and len(v) != length) or len(v) < min_length:
+            raise self.error(key, "has the wrong length")
+        return bytes(v)
+
+    def _list(self, key: str, length: int | None, like: str | None) -> list:
+        v = self._raw(key)
+        if not isinstance(v, (list, tuple)):
+            raise self.error(key, "must be a list")
+        if length is not None and len(v) != length:
+            raise self.error(key, f"must have one entry per entry of {self._prefix + like!r}" if like else "has the wrong length")
+        return list(v)
+
+    def get_ints(self, key: str, length: int | None = None, like: str | None = None, distinct: bool = True) -> list[int]:
+        v = self._list(key, length, like)
+        if not all(_is_int(i) for i in v):
+            raise self.error(key, "must be a list of integers")
+        out = [int(i) for i in v]
+        if distinct and len(set(out)) != len(out):
+            raise self.error(key, "lists a node twice")
+        return out
+
+    def get_blobs(self, key: str, length: int | None = None, like: str | None = None, item_len: int | None = None) -> list[bytes]:
+        v = self._list(key, length, like)
+        if not all(isinstance(b, (bytes, bytearray)) for b in v):
+            raise self.error(key, "must be a list of bytes")
+        if item_len is not None and any(len(b) != item_len for b in v):
+            raise self.error(key, "holds an entry of the wrong length")
+        return [bytes(b) for b in v]
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     """Round parameters the server chooses and every client receives in the setup message."""
@@ -148,34 +247,48 @@ class SecAggParams:
     min_survivors: int = 0  # 0 -> threshold
 
     def __post_init__(self) -> None:
+        # Every message names the field and never its value (see _Fields).
         ids = tuple(sorted(int(i) for i in self.node_ids))
         object.__setattr__(self, "node_ids", ids)
         if len(set(ids)) != len(ids):
-            raise ValueError("node ids must be distinct")
+            raise _InvalidParam("node_ids", "must be distinct")
+        if any(not 0 <= i < 1 << 64 for i in ids):
+            raise _InvalidParam("node_ids", "must be unsigned 64-bit integers (Flower node ids)")
         n = len(ids)
         if n < 3:
-            raise ValueError("secure aggregation needs at least 3 clients")
+            raise _InvalidParam("node_ids", "must list at least 3 clients for secure aggregation")
         if self.max_summands == 0:
             object.__setattr__(self, "max_summands", n)
         if self.min_survivors == 0:
             object.__setattr__(self, "min_survivors", self.threshold)
         if self.max_summands < n:
-            raise ValueError("max_summands must be >= the number of clients")
+            raise _InvalidParam("max_summands", "must be >= the number of clients")
+        if not 1 <= self.min_survivors <= n:
+            raise _InvalidParam("min_survivors", "must be between 1 and the number of clients")
+        if self.neighbours < 2:
+            raise _InvalidParam("neighbours", "must be at least 2")
         k = min(self.neighbours, n - 1)
         object.__setattr__(self, "neighbours", k)
         if k < n - 1 and k % 2:
-            raise ValueError("a sparse graph needs an even number of neighbours")
+            raise _InvalidParam("neighbours", "must be even for a sparse graph")
         if not k // 2 < self.threshold <= k:
             # t <= k/2 lets two disjoint halves of a neighbourhood each hold t
             # shares: a server could then get a client's self-mask seed from one
             # half and its mask key from the other, and unmask it without any
             # colluder. t <= k: the client must be able to reach t holders.
-            raise ValueError("threshold must be more than half the neighbourhood size and at most that size")
+            raise _InvalidParam("threshold", "must be more than half the neighbourhood size and at most that size")
         if self.vector_len < 1:
-            raise ValueError("vector_len must be positive")
-        if len(self.session_id) < 16 or len(self.graph_seed) < 16:
-            raise ValueError("session_id and graph_seed need >= 16 random bytes")
-        self.codec  # validates modulus/clip  # noqa: B018
+            raise _InvalidParam("vector_len", "must be positive")
+        if len(self.session_id) < 16:
+            raise _InvalidParam("session_id", "needs >= 16 random bytes")
+        if len(self.graph_seed) < 16:
+            raise _InvalidParam("graph_seed", "needs >= 16 random bytes")
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            raise _InvalidParam("clip_range", "must be a positive finite number")
+        if not 2 <= self.modulus_bits <= 64:
+            raise _InvalidParam("modulus_bits", "must be in [2, 64]")
+        if (1 << self.modulus_bits) - 1 < self.max_summands:
+            raise _InvalidParam("modulus_bits", "leaves no fixed-point grid for max_summands summands")
 
     @classmethod
     def create(
@@ -241,54 +354,56 @@ class SecAggParams:
         }
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "SecAggParams":
-        """Parse a setup message (or saved state); every problem is a :class:`SecAggProtocolError`."""
-        try:
-            return cls._from_config(cfg)
-        except (KeyError, TypeError, ValueError) as err:
-            raise SecAggProtocolError(f"setup parameters rejected: {err}") from None
+    def from_config(cls, cfg: Mapping[str, Any], *, what: str = "setup", prefix: str = "") -> "SecAggParams":
+        """Parse a setup message (or, with a ``prefix``, saved client state).
 
-    @classmethod
-    def _from_config(cls, cfg: Mapping[str, Any]) -> "SecAggParams":
-        return cls(
-            session_id=bytes(cfg["session_id"]),
-            node_ids=tuple(int(i) for i in cfg["node_ids"]),
-            vector_len=int(cfg["vector_len"]),
-            neighbours=int(cfg["neighbours"]),
-            threshold=int(cfg["threshold"]),
-            graph_seed=bytes(cfg["graph_seed"]),
-            modulus_bits=int(cfg["modulus_bits"]),
-            clip_range=float(cfg["clip_range"]),
-            max_summands=int(cfg["max_summands"]),
-            stochastic_rounding=bool(cfg["stochastic_rounding"]),
-            min_survivors=int(cfg["min_survivors"]),
+        Every problem is a :class:`SecAggProtocolError` that names the field.
+        """
+        f = _Fields(cfg, what, prefix)
+        fields = dict(
+            session_id=f.get_bytes("session_id"),
+            node_ids=tuple(f.get_ints("node_ids")),
+            vector_len=f.get_int("vector_len"),
+            neighbours=f.get_int("neighbours"),
+            threshold=f.get_int("threshold"),
+            graph_seed=f.get_bytes("graph_seed"),
+            modulus_bits=f.get_int("modulus_bits"),
+            clip_range=f.get_float("clip_range"),
+            max_summands=f.get_int("max_summands"),
+            stochastic_rounding=f.get_bool("stochastic_rounding"),
+            min_survivors=f.get_int("min_survivors"),
         )
+        try:
+            return cls(**fields)
+        except _InvalidParam as err:
+            raise f.error(err.field, err.why) from None
 
 
-def _expect(msg: Mapping[str, Any], stage: str, session_id: bytes) -> None:
-    """The message must be the named stage of this session (messages name fields, never values)."""
-    if not isinstance(msg, Mapping):
-        raise SecAggProtocolError(f"a {stage!r} message must be a mapping")
-    if msg.get(STAGE) != stage:
-        raise SecAggProtocolError(f"expected a {stage!r} message (field 'stage')")
+def _expect(msg: Any, stage: str, session_id: bytes) -> _Fields:
+    """The message must be the named stage of this session; returns its field reader."""
+    f = _Fields(msg, f"{stage!r} message")
+    f.get_str(STAGE, frozenset({stage}))
     got = msg.get(SESSION)
     if not isinstance(got, bytes) or not hmac.compare_digest(got, session_id):
         # A stale message (an earlier round's, delivered late) or another session's.
-        raise SecAggProtocolError(f"{stage!r} message is not from this session (field {SESSION!r})")
+        raise f.error(SESSION, "does not match this session")
+    return f
 
 
 # ============================================================== device half
+
+CT_LEN = 12 + 2 * SHARE_LEN + 16  # nonce + (b share || s_sk share) + GCM tag
+_CLIENT_STAGES = frozenset({"setup", "advertised", "shared", "masked", "unmasked"})
 
 
 class SecAggClient:
     """The device side of one secure-aggregation round (single use)."""
 
     def __init__(self, node_id: int, setup: Mapping[str, Any]) -> None:
-        if not isinstance(setup, Mapping) or setup.get(STAGE) != "setup":
-            raise SecAggProtocolError("expected a 'setup' message (field 'stage')")
+        _Fields(setup, "setup").get_str(STAGE, frozenset({"setup"}))
         self.params = SecAggParams.from_config(setup)
         if node_id not in self.params.node_ids:
-            raise SecAggProtocolError("this node was not sampled for the session")
+            raise SecAggProtocolError("setup: field 'node_ids' does not list this node: it was not sampled")
         self.node_id = node_id
         self.sid = self.params.secure_id(node_id)
         self.graph_neighbours = self.params.neighbours_of(node_id)
@@ -335,24 +450,34 @@ class SecAggClient:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "SecAggClient":
+        """Resume from :meth:`to_state`; a damaged state is a :class:`SecAggProtocolError`."""
+        f = _Fields(state, "client state")
         self = cls.__new__(cls)
-        self.params = SecAggParams.from_config({k[2:]: v for k, v in state.items() if k.startswith("p.")})
-        self.node_id = int(state["node_id"])
+        self.params = SecAggParams.from_config(state, what="client state", prefix="p.")
+        self.node_id = f.get_int("node_id")
+        if self.node_id not in self.params.node_ids:
+            raise f.error("node_id", "is not in the session")
         self.sid = self.params.secure_id(self.node_id)
         self.graph_neighbours = self.params.neighbours_of(self.node_id)
-        self._stage = str(state["stage"])
-        self._c_sk = private_from_bytes(bytes(state["c_sk"]))
-        self._s_sk = private_from_bytes(bytes(state["s_sk"]))
+        self._stage = f.get_str("stage", _CLIENT_STAGES)
+        self._c_sk = private_from_bytes(f.get_bytes("c_sk", 32))
+        self._s_sk = private_from_bytes(f.get_bytes("s_sk", 32))
         self._c_pk, self._s_pk = public_bytes(self._c_sk), public_bytes(self._s_sk)
-        self._b = bytes(state["b"])
-        self._peer_keys = {
-            int(i): (bytes(c), bytes(s))
-            for i, c, s in zip(state["peer_ids"], state["peer_c_pks"], state["peer_s_pks"], strict=True)
-        }
-        self._held = {
-            int(i): (bytes(b), bytes(k)) for i, b, k in zip(state["held_ids"], state["held_b"], state["held_sk"], strict=True)
-        }
-        self.num_clipped = int(state["num_clipped"])
+        # The seed is forgotten once the masked input is out (see unmask()).
+        self._b = f.get_bytes("b", 0 if self._stage == "unmasked" else SEED_LEN)
+        peers = f.get_ints("peer_ids")
+        if not set(peers) <= self.graph_neighbours:
+            raise f.error("peer_ids", "lists a node that is not a neighbour")
+        c_pks = f.get_blobs("peer_c_pks", len(peers), "peer_ids", 32)
+        s_pks = f.get_blobs("peer_s_pks", len(peers), "peer_ids", 32)
+        self._peer_keys = {i: (c, s) for i, c, s in zip(peers, c_pks, s_pks)}
+        held = f.get_ints("held_ids")
+        if not set(held) <= set(peers):
+            raise f.error("held_ids", "lists a node whose keys are unknown")
+        held_b = f.get_blobs("held_b", len(held), "held_ids", SHARE_LEN)
+        held_sk = f.get_blobs("held_sk", len(held), "held_ids", SHARE_LEN)
+        self._held = {i: (b, k) for i, b, k in zip(held, held_b, held_sk)}
+        self.num_clipped = f.get_int("num_clipped")
         return self
 
     # -- stage 0 reply
@@ -362,21 +487,21 @@ class SecAggClient:
 
     # -- stage 1
     def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        _expect(msg, "share_keys", self.params.session_id)
-        self._advance("advertised", "shared")
         p = self.params
-        ids = [int(i) for i in msg["ids"]]
-        if len(set(ids)) != len(ids) or not set(ids) <= self.graph_neighbours:
+        f = _expect(msg, "share_keys", p.session_id)
+        ids = f.get_ints("ids")
+        if not set(ids) <= self.graph_neighbours:
             # The graph follows from the setup message; a server adding peers
             # outside it would weaken SecAgg+'s per-neighbourhood threshold.
-            raise SecAggProtocolError("share-keys message lists nodes that are not my neighbours")
+            raise f.error("ids", "lists nodes that are not my neighbours")
+        c_pks = f.get_blobs("c_pks", len(ids), "ids", 32)
+        s_pks = f.get_blobs("s_pks", len(ids), "ids", 32)
+        if any(c == s for c, s in zip(c_pks, s_pks)):
+            raise f.error("s_pks", "repeats a node's encryption key as its mask key")
+        self._advance("advertised", "shared")
         if len(ids) < p.threshold:
             raise SecAggAbort(f"only {len(ids)} neighbours advertised keys; threshold is {p.threshold}")
-        for nid, c_pk, s_pk in zip(ids, msg["c_pks"], msg["s_pks"], strict=True):
-            c_pk, s_pk = bytes(c_pk), bytes(s_pk)
-            if len(c_pk) != 32 or len(s_pk) != 32 or c_pk == s_pk:
-                raise SecAggProtocolError("malformed public keys")
-            self._peer_keys[nid] = (c_pk, s_pk)
+        self._peer_keys = {nid: (c, s) for nid, c, s in zip(ids, c_pks, s_pks)}
         xs = [p.secure_id(n) for n in ids]
         b_shares = shamir_split(self._b, p.threshold, xs)
         sk_shares = shamir_split(private_bytes(self._s_sk), p.threshold, xs)
@@ -400,35 +525,45 @@ class SecAggClient:
 
         Pass the float ``vector`` to encode it with the session codec, or an
         already ``encoded`` integer vector (e.g. from a :class:`VectorPacker`
-        built with the same ``modulus_bits`` and ``max_summands``).
+        built with the same ``modulus_bits`` and ``max_summands``). A bad
+        message is a :class:`SecAggProtocolError`, a bad vector (the caller's
+        own mistake) a ``ValueError``; neither consumes the stage.
         """
-        _expect(msg, "masked_input", self.params.session_id)
-        self._advance("shared", "masked")
         p = self.params
+        f = _expect(msg, "masked_input", p.session_id)
+        srcs = f.get_ints("src")
+        if not set(srcs) <= set(self._peer_keys):
+            raise f.error("src", "lists nodes whose keys I never received")
+        blobs = f.get_blobs("ciphertexts", len(srcs), "src", CT_LEN)
+        if self._stage != "shared":
+            raise SecAggProtocolError(f"client is at stage {self._stage!r}, cannot run 'masked'")
         if (vector is None) == (encoded is None):
             raise ValueError("pass exactly one of vector / encoded")
         codec = p.codec
         if encoded is None:
             enc = codec.encode(np.asarray(vector).reshape(-1), rng)
-            y, self.num_clipped = enc.values, enc.num_clipped
+            y, num_clipped = enc.values, enc.num_clipped
         else:
             e = np.asarray(encoded).reshape(-1)
             # Check before casting: a cast would silently wrap out-of-range values.
             if e.dtype.kind not in "ui" or (e.size and (int(e.min()) < 0 or int(e.max()) >> p.modulus_bits)):
                 raise ValueError(f"encoded values must be integers in [0, 2**{p.modulus_bits})")
-            y = e.astype(codec.dtype, copy=True)
+            y, num_clipped = e.astype(codec.dtype, copy=True), 0
         if y.shape != (p.vector_len,):
             raise ValueError(f"vector has {y.size} values, the session expects {p.vector_len}")
 
-        srcs = [int(s) for s in msg["src"]]
-        if len(set(srcs)) != len(srcs) or not set(srcs) <= set(self._peer_keys):
-            raise SecAggProtocolError("shares from unknown senders")
-        for src, blob in zip(srcs, msg["ciphertexts"], strict=True):
+        held = {}
+        for src, blob in zip(srcs, blobs):
             key = agree(self._c_sk, self._peer_keys[src][0], INFO_ENC, p.session_id)
-            pt = decrypt_from(key, p.session_id, src, self.node_id, bytes(blob))
-            self._held[src] = (pt[:SHARE_LEN], pt[SHARE_LEN:])
-        if len(self._held) < p.threshold:
-            raise SecAggAbort(f"only {len(self._held)} neighbours shared keys; threshold is {p.threshold}")
+            try:
+                pt = decrypt_from(key, p.session_id, src, self.node_id, blob)
+            except InvalidTag:
+                raise f.error("ciphertexts", "holds a share that fails authentication") from None
+            held[src] = (pt[:SHARE_LEN], pt[SHARE_LEN:])
+        self._advance("shared", "masked")
+        self._held, self.num_clipped = held, num_clipped
+        if len(held) < p.threshold:
+            raise SecAggAbort(f"only {len(held)} neighbours shared keys; threshold is {p.threshold}")
 
         # Mask only with neighbours that completed share-keys: exactly those the
         # server can later unmask (it holds their shares' recipients).
@@ -441,25 +576,33 @@ class SecAggClient:
 
     # -- stage 3
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        _expect(msg, "unmask", self.params.session_id)
-        self._advance("masked", "unmasked")
         p = self.params
-        survivors = {int(i) for i in msg["survivors"]}
-        dropped = {int(i) for i in msg["dropped"]}
+        f = _expect(msg, "unmask", p.session_id)
+        survivors = set(f.get_ints("survivors"))
+        dropped = set(f.get_ints("dropped"))
+        if not (survivors | dropped) <= set(p.node_ids):
+            raise f.error("survivors", "or 'dropped' lists a node outside the session")
         if survivors & dropped:
             # Revealing both shares of one client would let the server strip all
             # of its masks: the core SecAgg invariant.
-            raise SecAggProtocolError("a node is listed as both survivor and dropped")
+            raise f.error("survivors", "and 'dropped' overlap")
         if self.node_id not in survivors:
-            raise SecAggProtocolError("I sent a masked input but am not listed as a survivor")
+            raise f.error("survivors", "does not list me, yet I sent a masked input")
         if len(survivors) < p.min_survivors:
-            raise SecAggProtocolError(f"only {len(survivors)} survivors; refusing below {p.min_survivors}")
+            raise f.error("survivors", "lists fewer nodes than min_survivors")
+        if not set(self._held) <= survivors | dropped:
+            # The server's dropped set is everyone who shared keys but sent no
+            # masked input, so every neighbour that sent me shares is in one list.
+            raise f.error("survivors", "and 'dropped' omit a neighbour that sent me shares")
+        if not (survivors | dropped) & self.graph_neighbours <= set(self._held):
+            raise f.error("survivors", "or 'dropped' lists a neighbour that never sent me shares")
+        self._advance("masked", "unmasked")
         b_ids, b_shares, sk_ids, sk_shares = [], [], [], []
         for src, (b_share, sk_share) in self._held.items():
             if src in survivors:
                 b_ids.append(src)
                 b_shares.append(b_share)
-            elif src in dropped:
+            else:
                 sk_ids.append(src)
                 sk_shares.append(sk_share)
         # Our own secrets are never revealed by us; drop them from memory.
@@ -520,10 +663,10 @@ class SecAggServer:
     def receive_keys(self, node_id: int, reply: Mapping[str, Any]) -> None:
         if self._stage != "setup" or node_id not in self.params.node_ids:
             raise SecAggProtocolError("unexpected key advertisement")
-        _expect(reply, "advertise_keys", self.params.session_id)
-        c_pk, s_pk = bytes(reply["c_pk"]), bytes(reply["s_pk"])
-        if len(c_pk) != 32 or len(s_pk) != 32:
-            raise SecAggProtocolError("malformed public key")
+        f = _expect(reply, "advertise_keys", self.params.session_id)
+        c_pk, s_pk = f.get_bytes("c_pk", 32), f.get_bytes("s_pk", 32)
+        if c_pk == s_pk:
+            raise f.error("s_pk", "repeats the encryption key: the two key pairs must differ")
         self._keys[node_id] = (c_pk, s_pk)
 
     # -- stage 1
@@ -546,13 +689,14 @@ class SecAggServer:
     def receive_shares(self, node_id: int, reply: Mapping[str, Any]) -> None:
         if self._stage != "share_keys" or node_id not in self._u1:
             raise SecAggProtocolError("unexpected shares")
-        _expect(reply, "shares", self.params.session_id)
-        dst = [int(d) for d in reply["dst"]]
-        if set(dst) != self.params.neighbours_of(node_id) & self._u1 or len(dst) != len(set(dst)):
+        f = _expect(reply, "shares", self.params.session_id)
+        dst = f.get_ints("dst")
+        if set(dst) != self.params.neighbours_of(node_id) & self._u1:
             # A partial share set would leave some neighbours unable to help
             # unmask; treat the sender as dropped rather than guess.
-            raise SecAggProtocolError("shares must address exactly the sender's live neighbours")
-        self._cts[node_id] = {d: bytes(c) for d, c in zip(dst, reply["ciphertexts"], strict=True)}
+            raise f.error("dst", "must address exactly the sender's live neighbours")
+        cts = f.get_blobs("ciphertexts", len(dst), "dst", CT_LEN)
+        self._cts[node_id] = dict(zip(dst, cts))
 
     # -- stage 2
     def masked_input_messages(self) -> dict[int, dict[str, Any]]:
@@ -569,9 +713,9 @@ class SecAggServer:
         if self._stage != "masked_input" or node_id not in self._u2 or node_id in self._u3:
             raise SecAggProtocolError("unexpected masked input")
         p = self.params
-        y = np.asarray(masked)
-        if y.dtype != p.codec.dtype or y.shape != (p.vector_len,):
-            raise SecAggProtocolError(f"masked input must be {np.dtype(p.codec.dtype).name}[{p.vector_len}]")
+        if not isinstance(masked, np.ndarray) or masked.dtype != p.codec.dtype or masked.shape != (p.vector_len,):
+            raise SecAggProtocolError(f"masked input must be a {np.dtype(p.codec.dtype).name} array of the session's vector_len")
+        y = masked
         # Running sum: memory stays O(vector) however many clients report.
         if self._acc is None:
             self._acc = y.copy()
@@ -592,15 +736,23 @@ class SecAggServer:
     def receive_unmask(self, node_id: int, reply: Mapping[str, Any]) -> None:
         if self._stage != "unmask" or node_id not in self._u3 or node_id in self._responders:
             raise SecAggProtocolError("unexpected unmask reply")
-        _expect(reply, "unmask_shares", self.params.session_id)
+        f = _expect(reply, "unmask_shares", self.params.session_id)
         nb = self.params.neighbours_of(node_id)
+        b_ids = f.get_ints("b_ids")
+        b_shares = f.get_blobs("b_shares", len(b_ids), "b_ids", SHARE_LEN)
+        sk_ids = f.get_ints("sk_ids")
+        sk_shares = f.get_blobs("sk_shares", len(sk_ids), "sk_ids", SHARE_LEN)
+        # An honest client reveals seed shares of survivors and key shares of
+        # the dropped, and only for its own neighbours.
+        if not set(b_ids) <= self._u3 & nb:
+            raise f.error("b_ids", "lists a node that is not a surviving neighbour")
+        if not set(sk_ids) <= (self._u2 - self._u3) & nb:
+            raise f.error("sk_ids", "lists a node that is not a dropped neighbour")
         x = self.params.secure_id(node_id)
-        for src, share in zip(reply["b_ids"], reply["b_shares"], strict=True):
-            if int(src) in self._u3 and int(src) in nb:
-                self._b_shares.setdefault(int(src), {})[x] = bytes(share)
-        for src, share in zip(reply["sk_ids"], reply["sk_shares"], strict=True):
-            if int(src) in self._u2 - self._u3 and int(src) in nb:
-                self._sk_shares.setdefault(int(src), {})[x] = bytes(share)
+        for src, share in zip(b_ids, b_shares):
+            self._b_shares.setdefault(src, {})[x] = share
+        for src, share in zip(sk_ids, sk_shares):
+            self._sk_shares.setdefault(src, {})[x] = share
         self._responders.add(node_id)
 
     def finalize(self) -> SecAggResult:

@@ -238,7 +238,7 @@ def test_client_refuses_inconsistent_unmask_request():
     params, server, clients = _keyed_session(ids, 10, neighbours=3, threshold=2)
     for i, m in server.masked_input_messages().items():
         clients[i].masked_input(m, np.zeros(10))
-    with pytest.raises(SecAggProtocolError, match="both"):
+    with pytest.raises(SecAggProtocolError, match="overlap"):
         clients[1].unmask({"stage": "unmask", "session_id": params.session_id, "survivors": [1, 2, 3], "dropped": [3, 4]})
     with pytest.raises(SecAggProtocolError, match="stage"):  # a replayed stage
         clients[2].share_keys({"stage": "share_keys", "session_id": params.session_id, "ids": [], "c_pks": [], "s_pks": []})
