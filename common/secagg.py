@@ -70,6 +70,7 @@ Threat model / what is trusted:
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import numbers
@@ -111,6 +112,7 @@ __all__ = [
     "SecAggResult",
     "SecAggAbort",
     "SecAggProtocolError",
+    "choose_neighbours",
     "default_neighbours",
 ]
 
@@ -127,11 +129,119 @@ class SecAggProtocolError(RuntimeError):
 
 
 def default_neighbours(num_clients: int) -> int:
-    """SecAgg+ neighbourhood size k ~ 2*ceil(log2 N), even; the full graph when that is >= N-1."""
+    """The log-degree heuristic k ~ 2*ceil(log2 N) (even; the full graph when that is >= N-1).
+
+    This is the SecAgg+ rule of thumb (Flower's ``SecAggPlusWorkflow``
+    default is of this order); it does NOT meet the bounds of
+    :func:`choose_neighbours` at small N and is kept for like-for-like
+    benchmarks against Flower. Sessions default to :func:`choose_neighbours`.
+    """
     if num_clients <= 3:
         return num_clients - 1
     k = 2 * math.ceil(math.log2(num_clients))
     return num_clients - 1 if k >= num_clients - 1 else k
+
+
+# Defaults of SecAggParams.create: the threat the graph is sized for.
+COLLUDER_FRACTION = 0.1  # gamma: clients that may collude with the server
+DROPOUT_FRACTION = 0.3  # delta: clients that may drop out (the strategy's secagg-max-dropout)
+SECURITY_BITS = 40  # sigma: privacy fails with probability <= 2**-40 over the graph
+CORRECTNESS_BITS = 20  # eta: an abort for too few live neighbours has probability <= 2**-20
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _hypergeom_tail(population: int, marked: int, draws: int, at_least: int) -> float:
+    """P(X >= at_least), X ~ Hypergeometric: marked ones among ``draws`` drawn without replacement."""
+    lo, hi = max(at_least, 0, draws - (population - marked)), min(marked, draws)
+    base = _log_comb(population, draws)
+    total = sum(math.exp(_log_comb(marked, j) + _log_comb(population - marked, draws - j) - base) for j in range(lo, hi + 1))
+    return min(1.0, total)
+
+
+def _cut_off_bound(n: int, k: int, removed: int, honest: int) -> float:
+    """Union bound on P(the honest survivors' subgraph is disconnected).
+
+    Disconnected means some set S of s <= honest/2 honest survivors has no
+    edge to the other honest survivors: every edge leaving S ends in S or in
+    the ``removed`` colluders and dropouts. s = 1 is exact for a uniformly
+    random k-regular graph (a node's neighbourhood is a uniform k-subset):
+    ``C(removed, k) / C(n-1, k)``. For s >= 2: at most ``n (e k)**(s-1)``
+    connected sets of size s (the standard count in a max-degree-k graph),
+    each with >= ks/2 incident edges, each ending inside ``S + removed`` with
+    probability <= (removed + s - 1)/(n - 1), treated as independent. That
+    independence is a heuristic for regular graphs, which is why the result
+    only sizes k (documented as conservative: every term over-counts), and
+    tests/test_secagg_graph.py checks the outcome by sampling.
+    """
+    total = 0.0
+    for s in range(1, honest // 2 + 1):
+        if s == 1:
+            log_term = math.log(n) + _log_comb(removed, k) - _log_comb(n - 1, k) if removed >= k else -math.inf
+        else:
+            q = (removed + s - 1) / (n - 1)
+            log_term = math.log(n) + (s - 1) * math.log(math.e * k) + math.ceil(k * s / 2) * math.log(q)
+        if log_term > 0:
+            return 1.0
+        total += math.exp(log_term)
+    return min(1.0, total)
+
+
+@functools.lru_cache(maxsize=64)
+def choose_neighbours(
+    num_clients: int,
+    colluder_fraction: float = COLLUDER_FRACTION,
+    dropout_fraction: float = DROPOUT_FRACTION,
+    security_bits: int = SECURITY_BITS,
+    correctness_bits: int = CORRECTNESS_BITS,
+) -> tuple[int, int]:
+    """The sparsest neighbour graph (k, t) that meets SecAgg+'s three conditions.
+
+    Bell et al. 2020 size k and t so that, over the random graph, for a
+    colluder fraction gamma and a dropout fraction delta: (1) no honest
+    client has t colluding neighbours (they alone could rebuild both its
+    seed and its mask key), (2) the honest survivors stay connected (a
+    component cut off by colluders and dropouts would have its own sum
+    revealed), both except with probability 2**-sigma; and (3) every client
+    keeps t live neighbours, except with probability 2**-eta (else the round
+    aborts). We recompute these bounds for our graph, a uniformly random
+    k-regular one drawn after the colluders are fixed and independently of
+    the dropouts, with ceil(gamma N) colluders and ceil(delta N) dropouts:
+
+    * (1) ``N * P(Hypergeom(N-1, colluders, k) >= t) <= 2**-sigma``;
+    * (2) ``_cut_off_bound(...) <= 2**-sigma``;
+    * (3) ``N * P(Hypergeom(N-1, dropouts, k) > k - t) <= 2**-eta``;
+
+    with ``t`` the smallest threshold above k/2 that meets (1). Returns the
+    smallest even k that meets all three, else the complete graph (original
+    SecAgg: (2) holds trivially) with the smallest ``t > max(k/2, colluders)``,
+    whose dropout tolerance ``k - t`` may then fall short of delta (the round
+    aborts rather than leak). Raises ``ValueError`` if no threshold can keep
+    the colluders below t. Small cohorts get the complete graph: at the
+    defaults (gamma 0.1, delta 0.3) up to about N = 40; k = 60 at N = 100.
+    """
+    if num_clients < 3 or not (0 <= colluder_fraction < 1 and 0 <= dropout_fraction < 1):
+        raise ValueError("choose_neighbours needs >= 3 clients and fractions in [0, 1)")
+    n = num_clients
+    c, d = math.ceil(colluder_fraction * n), math.ceil(dropout_fraction * n)
+    sec, cor = 2.0**-security_bits, 2.0**-correctness_bits
+    honest = n - c - d
+    for k in range(2, n - 1, 2):
+        t = next((t for t in range(k // 2 + 1, k + 1) if n * _hypergeom_tail(n - 1, c, k, t) <= sec), None)
+        if (
+            t is not None
+            and n * _hypergeom_tail(n - 1, d, k, k - t + 1) <= cor
+            and honest > 0
+            and _cut_off_bound(n, k, c + d, honest) <= sec
+        ):
+            return k, t
+    k = n - 1
+    t = max(k // 2 + 1, c + 1)
+    if t > k:
+        raise ValueError("too many colluders: no threshold keeps them below it")
+    return k, t
 
 
 class _InvalidParam(ValueError):
@@ -298,15 +408,24 @@ class SecAggParams:
         *,
         neighbours: int | None = None,
         threshold: int | None = None,
+        colluder_fraction: float = COLLUDER_FRACTION,
+        dropout_fraction: float = DROPOUT_FRACTION,
         **kwargs: Any,
     ) -> "SecAggParams":
-        """Fresh session: random session id and graph seed; defaults k=default_neighbours, t=k//2+1."""
+        """Fresh session: random session id and graph seed.
+
+        Without ``neighbours``, (k, t) come from :func:`choose_neighbours` for
+        the given colluder and dropout fractions; with it, t defaults to
+        k//2 + 1 (t > k/2: the server can never obtain t shares of both b_i
+        and s_sk_i from honest neighbours, even by splitting them in two).
+        """
         ids = tuple(node_ids)
-        k = default_neighbours(len(ids)) if neighbours is None else neighbours
-        k = min(k, len(ids) - 1)
-        # t > k/2: the server can never obtain t shares of both b_i and s_sk_i
-        # from honest neighbours even if it split them into two camps.
-        t = k // 2 + 1 if threshold is None else threshold
+        if neighbours is None and len(ids) >= 3:
+            k, t = choose_neighbours(len(ids), colluder_fraction, dropout_fraction)
+        else:
+            k = min(len(ids) - 1 if neighbours is None else neighbours, len(ids) - 1)
+            t = k // 2 + 1
+        t = t if threshold is None else threshold
         return cls(os.urandom(16), ids, vector_len, k, t, os.urandom(16), **kwargs)
 
     @property
