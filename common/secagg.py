@@ -94,6 +94,7 @@ from common.secagg_crypto import (
     decrypt_from,
     encrypt_for,
     generate_keypair,
+    is_connected,
     neighbour_graph,
     private_bytes,
     private_from_bytes,
@@ -457,6 +458,15 @@ class SecAggParams:
             object.__setattr__(self, "_graph_cache", g)
         return g[node_id]
 
+    def connected(self, members: Iterable[int]) -> bool:
+        """Whether ``members`` with the graph's edges among them form one component.
+
+        Unmasking a disconnected survivor set would reveal the sum of each
+        component on its own: pairwise masks cancel within a component.
+        """
+        ms = set(members)
+        return is_connected({i: self.neighbours_of(i) & ms for i in ms})
+
     def to_config(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
@@ -709,6 +719,8 @@ class SecAggClient:
             raise f.error("survivors", "does not list me, yet I sent a masked input")
         if len(survivors) < p.min_survivors:
             raise f.error("survivors", "lists fewer nodes than min_survivors")
+        if not p.connected(survivors):
+            raise f.error("survivors", "are not connected in the neighbour graph: unmasking would reveal partial sums")
         if not set(self._held) <= survivors | dropped:
             # The server's dropped set is everyone who shared keys but sent no
             # masked input, so every neighbour that sent me shares is in one list.
@@ -849,6 +861,10 @@ class SecAggServer:
         if len(self._u3) < p.min_survivors:
             raise SecAggAbort(f"only {len(self._u3)} masked inputs arrived; need {p.min_survivors}")
         self._check_neighbourhoods(self._u2, self._u3, "before unmasking")
+        if not p.connected(self._u3):
+            # Pairwise masks cancel within each component, so unmasking would
+            # hand out each component's own sum; the clients refuse it too.
+            raise SecAggAbort("the survivors are not connected in the neighbour graph: unmasking would reveal partial sums")
         survivors, dropped = sorted(self._u3), sorted(self._u2 - self._u3)
         return {nid: {STAGE: "unmask", SESSION: p.session_id, "survivors": survivors, "dropped": dropped} for nid in self._u3}
 

@@ -24,7 +24,7 @@ import functools
 import hashlib
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -236,7 +236,10 @@ class _SeededInts:
         return out[:count]
 
 
-def _connected(adj: Mapping[int, set[int]]) -> bool:
+def is_connected(adj: Mapping[int, Set[int]]) -> bool:
+    """Whether the graph given as node -> neighbours (all inside the mapping) is connected."""
+    if not adj:
+        return False
     start = next(iter(adj))
     seen, todo = {start}, [start]
     while todo:
@@ -317,6 +320,6 @@ def _draw_graph(num_nodes: int, k: int | None, seed: bytes) -> tuple[frozenset[i
             adj[b].add(d)
             adj[d].add(b)
             edges[e], edges[f] = (a, c), (b, d)
-        if _connected(adj):
+        if is_connected(adj):
             return tuple(frozenset(adj[i]) for i in ids)
     raise RuntimeError("could not draw a connected neighbour graph")  # pragma: no cover  (practically never)

@@ -303,6 +303,66 @@ def test_every_stage_message_and_reply_carries_and_checks_the_session_id():
     assert np.abs(server.finalize().sum).max() <= params.codec.error_bound(5)
 
 
+def _two_cliques_and_a_bridge(monkeypatch):
+    """Nodes 1-5 and 6-10 are cliques; node 11 joins every node. Dropping 11 splits the survivors."""
+    import common.secagg as secagg
+
+    left, right, bridge = set(range(1, 6)), set(range(6, 11)), 11
+    graph = {i: frozenset((left if i in left else right) - {i} | {bridge}) for i in left | right}
+    graph[bridge] = frozenset(left | right)
+    monkeypatch.setattr(secagg, "neighbour_graph", lambda n, k, seed: graph)
+    return sorted(left | right | {bridge}), bridge
+
+
+def test_server_aborts_when_the_survivors_graph_is_disconnected(monkeypatch):
+    """With the bridge dropped, each clique's pairwise masks cancel within the
+    clique: unmasking would hand the server each clique's sum, not just the
+    total. Every neighbourhood still has t live members, so only the
+    connectivity check stops it."""
+    ids, bridge = _two_cliques_and_a_bridge(monkeypatch)
+    params, server, clients = _keyed_session(ids, 10, neighbours=6, threshold=4, min_survivors=4)
+    for i, m in server.masked_input_messages().items():
+        if i != bridge:
+            server.receive_masked_input(i, clients[i].masked_input(m, np.ones(10)))
+    with pytest.raises(SecAggAbort, match="connected"):
+        server.unmask_messages()
+
+
+def test_client_refuses_to_unmask_a_disconnected_survivor_set(monkeypatch):
+    ids, bridge = _two_cliques_and_a_bridge(monkeypatch)
+    params, server, clients = _keyed_session(ids, 10, neighbours=6, threshold=4, min_survivors=4)
+    for i, m in server.masked_input_messages().items():
+        clients[i].masked_input(m, np.ones(10))
+    survivors = [i for i in ids if i != bridge]
+    forged = {"stage": "unmask", "session_id": params.session_id, "survivors": survivors, "dropped": [bridge]}
+    with pytest.raises(SecAggProtocolError, match="connected"):
+        clients[1].unmask(forged)
+    # The honest request (everyone survived) is still answered: refusing did not consume the stage.
+    assert clients[1].unmask({**forged, "survivors": ids, "dropped": []})["b_ids"]
+
+
+def test_client_checks_the_survivor_and_dropped_lists():
+    ids = list(range(1, 9))
+    params, server, clients = _keyed_session(ids, 10, min_survivors=5)
+    for i, m in server.masked_input_messages().items():
+        clients[i].masked_input(m, np.zeros(10))
+    c = clients[1]
+
+    def unmask(survivors, dropped):
+        return c.unmask({"stage": "unmask", "session_id": params.session_id, "survivors": survivors, "dropped": dropped})
+
+    for survivors, dropped, why in (
+        (ids, [99], "outside the session"),
+        (ids, [8], "overlap"),
+        (ids[1:], [], "does not list me"),
+        (ids[:4], ids[4:], "fewer"),
+        (ids[:-1], [], "omit"),
+    ):
+        with pytest.raises(SecAggProtocolError, match=why):
+            unmask(survivors, dropped)
+    unmask(ids[:-1], ids[-1:])  # consistent: node 8 shared keys and then dropped
+
+
 # ------------------------------------------------------------------------ Shamir
 
 
