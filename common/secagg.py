@@ -91,6 +91,7 @@ from common.secagg_crypto import (
     SHARE_LEN,
     MaskExpander,
     agree,
+    commit_seed,
     decrypt_from,
     encrypt_for,
     generate_keypair,
@@ -99,7 +100,7 @@ from common.secagg_crypto import (
     private_bytes,
     private_from_bytes,
     public_bytes,
-    shamir_combine,
+    shamir_recover,
     shamir_split,
 )
 
@@ -612,7 +613,9 @@ class SecAggClient:
     # -- stage 0 reply
     def advertise_keys(self) -> dict[str, Any]:
         self._advance("setup", "advertised")
-        return {STAGE: "advertise_keys", SESSION: self.params.session_id, "c_pk": self._c_pk, "s_pk": self._s_pk}
+        p = self.params
+        commit = commit_seed(p.session_id, self._b)
+        return {STAGE: "advertise_keys", SESSION: p.session_id, "c_pk": self._c_pk, "s_pk": self._s_pk, "b_commit": commit}
 
     # -- stage 1
     def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
@@ -762,6 +765,7 @@ class SecAggServer:
         self.params = params
         self._stage = "init"
         self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._commits: dict[int, bytes] = {}  # SHA-256 commitments to the self-mask seeds
         self._cts: dict[int, dict[int, bytes]] = {}  # src -> {dst: ciphertext}
         self._u1: set[int] = set()
         self._u2: set[int] = set()
@@ -798,6 +802,7 @@ class SecAggServer:
         c_pk, s_pk = f.get_bytes("c_pk", 32), f.get_bytes("s_pk", 32)
         if c_pk == s_pk:
             raise f.error("s_pk", "repeats the encryption key: the two key pairs must differ")
+        self._commits[node_id] = f.get_bytes("b_commit", 32)
         self._keys[node_id] = (c_pk, s_pk)
 
     # -- stage 1
@@ -890,6 +895,13 @@ class SecAggServer:
             self._sk_shares.setdefault(src, {})[x] = share
         self._responders.add(node_id)
 
+    def _recover(self, shares: dict[int, bytes], secret_len: int, verify, what: str) -> bytes:
+        """Reconstruct from any t shares that verify (corrupt shares are skipped)."""
+        try:
+            return shamir_recover(shares, self.params.threshold, secret_len, verify)
+        except ValueError as err:
+            raise SecAggAbort(f"could not reconstruct a client's {what}: {err} (too many corrupt shares)") from None
+
     def finalize(self) -> SecAggResult:
         self._advance("unmask", "done")
         p = self.params
@@ -906,12 +918,13 @@ class SecAggServer:
         assert acc is not None  # unmask_messages guarantees >= min_survivors inputs
         prg = MaskExpander(p.vector_len, p.modulus_bits)
         for nid in sorted(self._u3):
-            b = shamir_combine(self._b_shares[nid], t, SEED_LEN)
+            commit = self._commits[nid]
+            b = self._recover(self._b_shares[nid], SEED_LEN, lambda v, c=commit: hmac.compare_digest(commit_seed(p.session_id, v), c), "self-mask seed")
             prg.add(acc, b, -1)
         for nid in sorted(dropped):
-            sk = private_from_bytes(shamir_combine(self._sk_shares[nid], t, 32))
-            if public_bytes(sk) != self._keys[nid][1]:
-                raise SecAggAbort("a reconstructed mask key does not match its public key (corrupt shares)")
+            s_pk = self._keys[nid][1]
+            raw = self._recover(self._sk_shares[nid], 32, lambda v, pk=s_pk: public_bytes(private_from_bytes(v)) == pk, "mask key")
+            sk = private_from_bytes(raw)
             sid = p.secure_id(nid)
             for j in sorted(p.neighbours_of(nid) & self._u3):
                 seed = agree(sk, self._keys[j][1], INFO_MASK, p.session_id)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import secrets
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 # the same Diffie-Hellman secret must be independent.
 INFO_MASK = b"fedpersona/secagg/v1/pairwise-mask"
 INFO_ENC = b"fedpersona/secagg/v1/share-encryption"
+COMMIT_DOMAIN = b"fedpersona/secagg/v1/self-mask-commitment"
 SEED_LEN = 32
 KEY_LEN = 32
 
@@ -201,6 +203,56 @@ def shamir_combine(shares: Mapping[int, bytes], threshold: int, secret_len: int)
     if value >= 1 << (8 * secret_len):
         raise ValueError("shares are inconsistent: reconstruction fell outside the secret space")
     return value.to_bytes(secret_len, "big")
+
+
+MAX_RECOVERY_TRIES = 20_000
+
+
+def shamir_recover(
+    shares: Mapping[int, bytes], threshold: int, secret_len: int, verify: Callable[[bytes], bool]
+) -> bytes:
+    """Recover a secret from shares of which some may be corrupt.
+
+    ``verify`` recognises the true secret (a hash commitment, or the public key
+    of a private key). Shares that cannot be field elements are dropped; then
+    t-subsets are interpolated in colex order (by their largest point, so all
+    subsets of the first ``t + b`` points come before any later point) until
+    one reconstructs a secret that verifies. With ``b`` bad shares among the
+    first points that takes at most ``C(t + b, b)`` interpolations; the search
+    stops after :data:`MAX_RECOVERY_TRIES`. A verified secret is the true one
+    whatever the bad shares were (a commitment cannot be opened two ways), so
+    this needs no bound on the number of bad shares, only ``t`` good ones.
+
+    Raises ``ValueError`` when no subset verifies (fewer than t good shares).
+    """
+    pts = {}
+    for x, y in shares.items():
+        v = int.from_bytes(y, "big")
+        if len(y) == SHARE_LEN and v < SHAMIR_PRIME:
+            pts[int(x)] = v
+    xs = sorted(pts)
+    tries = 0
+    for top in range(threshold - 1, len(xs)):
+        for rest in itertools.combinations(xs[:top], threshold - 1):
+            value = _interpolate_at_zero({x: pts[x] for x in (*rest, xs[top])})
+            if value < 1 << (8 * secret_len):
+                secret = value.to_bytes(secret_len, "big")
+                if verify(secret):
+                    return secret
+            tries += 1
+            if tries >= MAX_RECOVERY_TRIES:
+                raise ValueError(f"gave up after {tries} subsets of {len(shares)} shares: none verifies")
+    raise ValueError(f"no {threshold} of its {len(shares)} shares reconstruct a secret that verifies")
+
+
+def commit_seed(session_id: bytes, seed: bytes) -> bytes:
+    """SHA-256 commitment to a self-mask seed, published with the keys.
+
+    The 32-byte seed is uniformly random, so the hash hides it; SHA-256's
+    collision resistance binds the client to it, so the server recognises the
+    true seed among reconstructions from partly corrupt shares.
+    """
+    return hashlib.sha256(COMMIT_DOMAIN + session_id + seed).digest()
 
 
 # ------------------------------------------------------------------------- graph

@@ -363,6 +363,62 @@ def test_client_checks_the_survivor_and_dropped_lists():
     unmask(ids[:-1], ids[-1:])  # consistent: node 8 shared keys and then dropped
 
 
+def _unmask_replies(n: int = 8, dropped: int = 1):
+    """A full-graph session up to the unmask replies (not yet delivered); ``dropped`` clients
+    send shares and no masked input. Returns params, server, replies, the dropped ids."""
+    ids = list(range(1, n + 1))
+    params, server, clients = _keyed_session(ids, 50)
+    for i, m in server.masked_input_messages().items():
+        y = clients[i].masked_input(m, np.full(50, 0.5))
+        if i > dropped:
+            server.receive_masked_input(i, y)
+    replies = {i: clients[i].unmask(m) for i, m in server.unmask_messages().items()}
+    return params, server, replies, ids[:dropped]
+
+
+def _corrupt(reply: dict, field: str, src: int) -> dict:
+    ids, shares = reply[field.replace("shares", "ids")], list(reply[field])
+    k = ids.index(src)
+    shares[k] = shares[k][:-8] + bytes(b ^ 0x5A for b in shares[k][-8:])  # still a field element
+    return {**reply, field: shares}
+
+
+@pytest.mark.parametrize("bad", [1, 2])
+def test_reconstruction_tolerates_corrupted_shares(bad):
+    """n=8, full graph, t=4; one client dropped: each survivor's seed and the
+    dropped client's key have 6 shares, so up to 2 bad ones leave t good."""
+    params, server, replies, (gone,) = _unmask_replies()
+    assert params.threshold == 4
+    target = 5  # a survivor whose self-mask seed shares we damage
+    holders = [i for i in sorted(replies) if i != target][:bad]
+    for h in holders:
+        replies[h] = _corrupt(_corrupt(replies[h], "b_shares", target), "sk_shares", gone)
+    for i, r in replies.items():
+        server.receive_unmask(i, r)
+    result = server.finalize()
+    assert np.abs(result.sum - 0.5 * 7).max() <= params.codec.error_bound(7)
+
+
+def test_reconstruction_gives_up_with_too_few_good_shares():
+    params, server, replies, _ = _unmask_replies()
+    for h in [i for i in sorted(replies) if i != 5][:3]:  # 3 of 6 shares bad: only 3 < t good
+        replies[h] = _corrupt(replies[h], "b_shares", 5)
+    for i, r in replies.items():
+        server.receive_unmask(i, r)
+    with pytest.raises(SecAggAbort, match="no 4 of its 6 shares"):
+        server.finalize()
+
+
+def test_a_dropped_clients_key_with_too_many_bad_shares_aborts():
+    params, server, replies, (gone,) = _unmask_replies()
+    for h in sorted(replies)[:4]:  # all 7 survivors hold a share of its key: 4 bad leave 3 < t
+        replies[h] = _corrupt(replies[h], "sk_shares", gone)
+    for i, r in replies.items():
+        server.receive_unmask(i, r)
+    with pytest.raises(SecAggAbort, match="mask key: no 4 of its 7 shares"):
+        server.finalize()
+
+
 # ------------------------------------------------------------------------ Shamir
 
 
