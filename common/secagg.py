@@ -523,7 +523,12 @@ def _expect(msg: Any, stage: str, session_id: bytes) -> _Fields:
 # ============================================================== device half
 
 CT_LEN = 12 + 2 * SHARE_LEN + 16  # nonce + (b share || s_sk share) + GCM tag
-_CLIENT_STAGES = frozenset({"setup", "advertised", "shared", "masked", "unmasked"})
+_CLIENT_STAGES = frozenset({"setup", "advertised", "shared", "masked", "unmasked", "closed"})
+_ENDED = frozenset({"unmasked", "closed"})  # no secrets left; no stage can run
+# What a client's state holds that must not outlive the round: its two private
+# keys, its self-mask seed, its neighbours' shares (and, round-specific, their
+# public keys).
+SECRET_STATE_FIELDS = ("c_sk", "s_sk", "b", "peer_ids", "peer_c_pks", "peer_s_pks", "held_ids", "held_b", "held_sk")
 
 
 class SecAggClient:
@@ -545,10 +550,11 @@ class SecAggClient:
         self._held: dict[int, tuple[bytes, bytes]] = {}  # src -> (b share, s_sk share)
         self.num_clipped = 0  # how many coordinates were clipped; stays on the device
 
-    def _advance(self, frm: str, to: str) -> None:
+    def _require(self, frm: str, to: str) -> None:
+        """Stage order: checked before anything else, and nothing changes until the
+        message has passed every check (a refused message does not consume the stage)."""
         if self._stage != frm:
             raise SecAggProtocolError(f"client is at stage {self._stage!r}, cannot run {to!r}")
-        self._stage = to
 
     # -- persistence between stages
     def to_state(self) -> dict[str, Any]:
@@ -556,16 +562,25 @@ class SecAggClient:
 
         A Message-API ClientApp is re-entered for every message, so the object
         cannot live in memory between stages; keep this dict in
-        ``context.state`` (it never leaves the device; it holds private keys
-        and the self-mask seed, exactly what Flower's ``secaggplus_mod``
-        keeps there too).
+        ``context.state`` (it never leaves the device). Mid-round it holds the
+        private keys, the self-mask seed and the neighbours' shares (as
+        Flower's ``secaggplus_mod`` keeps there too). Once :meth:`unmask` has
+        answered, or after :meth:`forget`, it holds only what is public or
+        local: the session parameters, the node id, the stage and the local
+        clip count; :meth:`clear_secrets` makes the same cut on a stored dict.
         """
-        held = sorted(self._held)
-        peers = sorted(self._peer_keys)
-        return {
+        public = {
             **{f"p.{k}": v for k, v in self.params.to_config().items()},
             "node_id": self.node_id,
             "stage": self._stage,
+            "num_clipped": self.num_clipped,
+        }
+        if self._stage in _ENDED:
+            return public
+        held = sorted(self._held)
+        peers = sorted(self._peer_keys)
+        return {
+            **public,
             "c_sk": private_bytes(self._c_sk),
             "s_sk": private_bytes(self._s_sk),
             "b": self._b,
@@ -575,8 +590,32 @@ class SecAggClient:
             "held_ids": held,
             "held_b": [self._held[i][0] for i in held],
             "held_sk": [self._held[i][1] for i in held],
-            "num_clipped": self.num_clipped,
         }
+
+    def forget(self) -> None:
+        """Drop the private keys, the seed, the peers' keys and the held shares.
+
+        Afterwards no stage can run. Python cannot overwrite ``bytes`` in
+        place, so this drops the references (the memory is freed, not wiped).
+        """
+        self._c_sk = self._s_sk = None
+        self._c_pk = self._s_pk = self._b = b""
+        self._peer_keys, self._held = {}, {}
+        if self._stage != "unmasked":
+            self._stage = "closed"
+
+    @staticmethod
+    def clear_secrets(state: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of a :meth:`to_state` dict without anything private (see :data:`SECRET_STATE_FIELDS`).
+
+        For a caller whose round ended before :meth:`unmask` (an abort, a
+        server that never asked): store the result over the old state. The
+        client it resumes to is closed and refuses every stage.
+        """
+        out = {k: v for k, v in state.items() if k not in SECRET_STATE_FIELDS}
+        if out.get("stage") != "unmasked":
+            out["stage"] = "closed"
+        return out
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "SecAggClient":
@@ -590,11 +629,14 @@ class SecAggClient:
         self.sid = self.params.secure_id(self.node_id)
         self.graph_neighbours = self.params.neighbours_of(self.node_id)
         self._stage = f.get_str("stage", _CLIENT_STAGES)
+        self.num_clipped = f.get_int("num_clipped")
+        if self._stage in _ENDED:
+            self.forget()
+            return self
         self._c_sk = private_from_bytes(f.get_bytes("c_sk", 32))
         self._s_sk = private_from_bytes(f.get_bytes("s_sk", 32))
         self._c_pk, self._s_pk = public_bytes(self._c_sk), public_bytes(self._s_sk)
-        # The seed is forgotten once the masked input is out (see unmask()).
-        self._b = f.get_bytes("b", 0 if self._stage == "unmasked" else SEED_LEN)
+        self._b = f.get_bytes("b", SEED_LEN)
         peers = f.get_ints("peer_ids")
         if not set(peers) <= self.graph_neighbours:
             raise f.error("peer_ids", "lists a node that is not a neighbour")
@@ -607,18 +649,19 @@ class SecAggClient:
         held_b = f.get_blobs("held_b", len(held), "held_ids", SHARE_LEN)
         held_sk = f.get_blobs("held_sk", len(held), "held_ids", SHARE_LEN)
         self._held = {i: (b, k) for i, b, k in zip(held, held_b, held_sk)}
-        self.num_clipped = f.get_int("num_clipped")
         return self
 
     # -- stage 0 reply
     def advertise_keys(self) -> dict[str, Any]:
-        self._advance("setup", "advertised")
+        self._require("setup", "advertised")
+        self._stage = "advertised"
         p = self.params
         commit = commit_seed(p.session_id, self._b)
         return {STAGE: "advertise_keys", SESSION: p.session_id, "c_pk": self._c_pk, "s_pk": self._s_pk, "b_commit": commit}
 
     # -- stage 1
     def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        self._require("advertised", "shared")
         p = self.params
         f = _expect(msg, "share_keys", p.session_id)
         ids = f.get_ints("ids")
@@ -630,7 +673,7 @@ class SecAggClient:
         s_pks = f.get_blobs("s_pks", len(ids), "ids", 32)
         if any(c == s for c, s in zip(c_pks, s_pks)):
             raise f.error("s_pks", "repeats a node's encryption key as its mask key")
-        self._advance("advertised", "shared")
+        self._stage = "shared"
         if len(ids) < p.threshold:
             raise SecAggAbort(f"only {len(ids)} neighbours advertised keys; threshold is {p.threshold}")
         self._peer_keys = {nid: (c, s) for nid, c, s in zip(ids, c_pks, s_pks)}
@@ -661,14 +704,13 @@ class SecAggClient:
         message is a :class:`SecAggProtocolError`, a bad vector (the caller's
         own mistake) a ``ValueError``; neither consumes the stage.
         """
+        self._require("shared", "masked")
         p = self.params
         f = _expect(msg, "masked_input", p.session_id)
         srcs = f.get_ints("src")
         if not set(srcs) <= set(self._peer_keys):
             raise f.error("src", "lists nodes whose keys I never received")
         blobs = f.get_blobs("ciphertexts", len(srcs), "src", CT_LEN)
-        if self._stage != "shared":
-            raise SecAggProtocolError(f"client is at stage {self._stage!r}, cannot run 'masked'")
         if (vector is None) == (encoded is None):
             raise ValueError("pass exactly one of vector / encoded")
         codec = p.codec
@@ -692,7 +734,7 @@ class SecAggClient:
             except InvalidTag:
                 raise f.error("ciphertexts", "holds a share that fails authentication") from None
             held[src] = (pt[:SHARE_LEN], pt[SHARE_LEN:])
-        self._advance("shared", "masked")
+        self._stage = "masked"
         self._held, self.num_clipped = held, num_clipped
         if len(held) < p.threshold:
             raise SecAggAbort(f"only {len(held)} neighbours shared keys; threshold is {p.threshold}")
@@ -708,6 +750,7 @@ class SecAggClient:
 
     # -- stage 3
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        self._require("masked", "unmasked")
         p = self.params
         f = _expect(msg, "unmask", p.session_id)
         survivors = set(f.get_ints("survivors"))
@@ -730,7 +773,7 @@ class SecAggClient:
             raise f.error("survivors", "and 'dropped' omit a neighbour that sent me shares")
         if not (survivors | dropped) & self.graph_neighbours <= set(self._held):
             raise f.error("survivors", "or 'dropped' lists a neighbour that never sent me shares")
-        self._advance("masked", "unmasked")
+        self._stage = "unmasked"
         b_ids, b_shares, sk_ids, sk_shares = [], [], [], []
         for src, (b_share, sk_share) in self._held.items():
             if src in survivors:
@@ -739,8 +782,8 @@ class SecAggClient:
             else:
                 sk_ids.append(src)
                 sk_shares.append(sk_share)
-        # Our own secrets are never revealed by us; drop them from memory.
-        self._b = b""
+        # The round is over for this client: nothing private is needed any more.
+        self.forget()
         return {STAGE: "unmask_shares", SESSION: p.session_id, "b_ids": b_ids, "b_shares": b_shares, "sk_ids": sk_ids, "sk_shares": sk_shares}
 
 

@@ -419,6 +419,42 @@ def test_a_dropped_clients_key_with_too_many_bad_shares_aborts():
         server.finalize()
 
 
+SECRET_STATE = {"c_sk", "s_sk", "b", "held_ids", "held_b", "held_sk", "peer_ids", "peer_c_pks", "peer_s_pks"}
+
+
+def test_client_forgets_its_secrets_when_the_round_ends():
+    ids = [1, 2, 3, 4, 5]
+    params, server, clients = _keyed_session(ids, 10)
+    for i, m in server.masked_input_messages().items():
+        server.receive_masked_input(i, clients[i].masked_input(m, np.ones(10)))
+    mid_round = clients[1].to_state()  # private keys, seed and held shares
+    secrets_ = [mid_round["c_sk"], mid_round["s_sk"], mid_round["b"], *mid_round["held_b"], *mid_round["held_sk"]]
+    for i, m in server.unmask_messages().items():
+        server.receive_unmask(i, clients[i].unmask(m))
+    assert np.abs(server.finalize().sum - 5.0).max() <= params.codec.error_bound(5)
+
+    # After unmask() the state a ClientApp would store holds nothing private.
+    state = clients[1].to_state()
+    assert not SECRET_STATE & set(state) and state["stage"] == "unmasked"
+    assert not any(v in secrets_ for v in state.values())
+    done = SecAggClient.from_state(state)
+    with pytest.raises(SecAggProtocolError, match="stage"):
+        done.unmask({"stage": "unmask", "session_id": params.session_id, "survivors": ids, "dropped": []})
+
+    # A round that ends early (an abort, a server that never asks to unmask):
+    # the caller scrubs whatever state it holds.
+    cleared = SecAggClient.clear_secrets(mid_round)
+    assert not SECRET_STATE & set(cleared) and cleared["stage"] == "closed"
+    assert "c_sk" in mid_round  # a new dict; the caller replaces its copy
+    closed = SecAggClient.from_state(cleared)
+    with pytest.raises(SecAggProtocolError, match="stage"):
+        closed.masked_input({"stage": "masked_input", "session_id": params.session_id, "src": [], "ciphertexts": []}, np.ones(10))
+    # ...or tells a live client object to forget.
+    c = SecAggClient.from_state(mid_round)
+    c.forget()
+    assert not SECRET_STATE & set(c.to_state()) and c.to_state()["stage"] == "closed"
+
+
 # ------------------------------------------------------------------------ Shamir
 
 
