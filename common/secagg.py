@@ -18,15 +18,22 @@ Stage flow (server ``S = SecAggServer(params)``, client ``C``)::
     S.finalize() -> SecAggResult(sum=..., modular_sum=..., survivors=..., dropped=...)
 
 A client that does not answer a stage is simply never passed to ``receive_*``;
-calling the next ``*_messages()`` closes the stage and treats it as dropped. A
-reply that fails validation raises :class:`SecAggProtocolError`; the app should
-then just not count that client (it becomes a dropout). :class:`SecAggAbort`
-means the round cannot complete (too many dropouts). Between stages a
+calling the next ``*_messages()`` closes the stage and treats it as dropped.
+Every stage message and every ConfigRecord reply carries the ``session_id``
+(the stage-2 reply is a bare array, bound to the session by its masks); a
+message of another session, or one with a missing field, a wrong type, a short
+list or bytes of the wrong length, raises :class:`SecAggProtocolError`, whose
+text names the field and never a value, and does not consume the stage. The
+server app should then just not count that client (it becomes a dropout).
+:class:`SecAggAbort` means the round cannot complete (too many dropouts, a
+disconnected survivor set, too many corrupt shares). Between stages a
 Message-API ClientApp keeps ``C.to_state()`` in ``context.state`` (a
-``ConfigRecord``) and resumes with ``SecAggClient.from_state(...)``; the
-server object simply lives in the ServerApp's ``main`` for the round.
-:func:`benchmarks.secagg_driver.run_secagg_round` drives all of this in one process
-(tests, benchmarks).
+``ConfigRecord``) and resumes with ``SecAggClient.from_state(...)``; after
+``C.unmask`` that state holds nothing private any more
+(:meth:`SecAggClient.clear_secrets` scrubs it for a round that ends early).
+The server object simply lives in the ServerApp's ``main`` for the round.
+:func:`benchmarks.secagg_driver.run_secagg_round` drives all of this in one
+process (tests, benchmarks).
 
 Masking (double masking). Client i with secure id ``u_i`` sends
 
@@ -34,36 +41,65 @@ Masking (double masking). Client i with secure id ``u_i`` sends
                               - sum_{j in N(i), u_i > u_j} PRG(s_ij)     (mod 2**bits)
 
 where ``N(i)`` are its graph neighbours that completed the share-keys stage,
-``s_ij = HKDF(X25519(s_sk_i, s_pk_j))`` and ``b_i`` is a fresh random seed.
+``s_ij = HKDF(X25519(s_sk_i, s_pk_j))`` and ``b_i`` is a fresh random seed,
+committed to with its keys (``SHA-256(session_id || b_i)``).
 Each client Shamir-shares ``b_i`` and ``s_sk_i`` (threshold t) among its
 neighbours, encrypted under ``HKDF(X25519(c_sk_i, c_pk_j))``. In the unmask
 stage every surviving neighbour reveals, for each neighbour i, *either* its
 share of ``b_i`` (i sent a masked input) *or* of ``s_sk_i`` (i dropped), never
 both. The server removes the self masks of survivors and the dangling pairwise
-masks of the dropped, then decodes the exact modular sum. Two key pairs per
-client (as in the paper): revealing a dropped client's mask key ``s_sk`` must
-not also let the server decrypt the shares that client was holding.
+masks of the dropped, then decodes the exact modular sum. It reconstructs each
+secret from any t shares that verify (``b_i`` against its commitment,
+``s_sk_i`` against ``s_pk_i``), so corrupt shares are skipped. Two key pairs
+per client (as in the paper): revealing a dropped client's mask key ``s_sk``
+must not also let the server decrypt the shares that client was holding.
 
-Threat model / what is trusted:
+Threat model and guarantee (stated as Bell et al. 2020 state theirs: over the
+random graph, for a colluder fraction and a dropout rate):
 
-* The server is honest-but-curious: it follows the protocol (routes messages
-  faithfully, reports the true survivor set, picks the graph seed at random)
+* Parameters. N sampled clients, of which at most a fraction gamma collude
+  with the server (fixed before the graph seed is drawn) and at most a
+  fraction delta drop out (independently of the graph). The neighbour graph
+  is a uniformly random k-regular graph derived from ``graph_seed``
+  (:func:`common.secagg_crypto.neighbour_graph`); ``k`` and the threshold
+  ``t`` come from :func:`choose_neighbours`, which sizes them so that, except
+  with probability ``2**-40`` over the graph, no honest client has ``t``
+  colluding neighbours and the honest survivors stay connected, and, except
+  with probability ``2**-20``, every client keeps ``t`` live neighbours.
+  Defaults: gamma = 0.1, delta = 0.3, which give the complete graph (original
+  SecAgg, deterministic guarantee) up to about N = 40. ``t > k/2`` always
+  (enforced by :class:`SecAggParams`, also on the client): otherwise the server
+  could collect t shares of a client's seed from one half of its neighbours
+  and t of its mask key from the other half.
+* Server: honest-but-curious. It follows the protocol (routes messages
+  faithfully, reports the true survivor set, draws the graph seed at random)
   but tries to learn individual inputs from what it sees. Against that server
-  plus up to ``t - 1`` colluding clients (per neighbourhood), the server learns
-  only the sum of the surviving clients' inputs. Pairwise masks cancel in the
-  sum; an input arriving late (after the server declared its sender dropped)
-  stays hidden behind ``b_i``, whose shares honest clients then never reveal.
+  plus the colluders above, with the probability above, the server learns only
+  the sum of the surviving clients' inputs (and the colluders' own inputs).
+  Pairwise masks cancel in the sum; an input arriving late (after the server
+  declared its sender dropped) stays hidden behind ``b_i``, whose shares
+  honest clients then never reveal.
+* Checks that do not rely on the server's honesty: both the server and every
+  client refuse to unmask a survivor set that is disconnected in the graph
+  (each component's sum would leak); clients refuse overlapping survivor and
+  dropped sets, sets naming nodes outside the session or omitting neighbours
+  that sent them shares, fewer than ``min_survivors`` survivors, a list that
+  omits themselves, a ``t <= k/2`` setup, and any message of another session.
 * NOT protected: a malicious server. There is no signature/PKI step (the server
   could substitute public keys), no consistency round (it could tell different
-  clients different survivor sets) and no verification that the output is
-  correct. We only implement cheap sanity checks: clients refuse an unmask
-  request with overlapping survivor/dropped sets, with fewer than
-  ``min_survivors`` survivors, or that does not list themselves; the server
-  checks a reconstructed ``s_sk`` against its published public key.
+  clients different survivor sets, or declare honest clients dropped to cut a
+  target off while keeping the survivor graph connected through colluders),
+  nothing stops it grinding graph seeds against known colluders, and no
+  verification that the output is correct.
 * The sum itself is revealed exactly; combine with DP noise if the sum of the
   survivors must not leak individual contributions (e.g. with few survivors).
 * Quantisation clips each coordinate to ``[-clip_range, clip_range]``; see
-  :mod:`common.secagg_codec` for the error bound.
+  :mod:`common.secagg_codec` for the error bound and for
+  :func:`~common.secagg_codec.clip_probability` (size the range for noise).
+* Randomness: keys, seeds, Shamir coefficients, nonces and session ids come
+  from the OS (``cryptography``, ``os.urandom``, ``secrets``); masks are
+  AES-CTR keystreams; stochastic rounding uses an OS-seeded generator
+  (:mod:`common.csprng`).
 * Each round needs fresh key pairs and a fresh ``session_id``; the classes are
   single-use and enforce stage order.
 """
