@@ -174,12 +174,22 @@ class FixedPointCodec:
         t = np.asarray(total)
         if t.dtype != self.dtype:
             raise ValueError(f"expected {np.dtype(self.dtype).name}, got {t.dtype}")
-        # S - n*half as an exact integer: mod 2**64 in uint64, then read as
-        # signed; |S - n*half| <= n*L/2 < 2**63, so the reading is exact.
+        # Centre on S - n*half in exact integer arithmetic before scaling. Up to
+        # 53 bits S and n*half are float64 integers, so their float difference
+        # is exact (and one conversion is cheapest); wider sums subtract mod
+        # 2**64 in uint64 and are read as signed: |S - n*half| <= n*L/2 < 2**63.
         half = self.levels // 2
-        centred = (t.astype(np.uint64) - np.uint64(num_summands * half)).view(np.int64)
-        offset = (2 * half - self.levels) * self.clip_range / self.levels  # 0, or -R/L for odd L
-        return centred.astype(np.float64) * self.step + num_summands * offset
+        if self.modulus_bits <= 53:
+            out = t.astype(np.float64)
+            out -= float(num_summands * half)
+        else:
+            centred = t.astype(np.uint64)
+            np.subtract(centred, np.uint64(num_summands * half), out=centred)
+            out = centred.view(np.int64).astype(np.float64)
+        out *= self.step
+        if self.levels % 2:  # the offset of an odd grid: half * step = R - R/L
+            out -= num_summands * self.clip_range / self.levels
+        return out
 
 
 @dataclass(frozen=True)
