@@ -208,11 +208,12 @@ def _cut_off_bound(n: int, k: int, removed: int, honest: int) -> float:
     random k-regular graph (a node's neighbourhood is a uniform k-subset):
     ``C(removed, k) / C(n-1, k)``. For s >= 2: at most ``n (e k)**(s-1)``
     connected sets of size s (the standard count in a max-degree-k graph),
-    each with >= ks/2 incident edges, each ending inside ``S + removed`` with
-    probability <= (removed + s - 1)/(n - 1), treated as independent. That
-    independence is a heuristic for regular graphs, which is why the result
-    only sizes k (documented as conservative: every term over-counts), and
-    tests/test_secagg_graph.py checks the outcome by sampling.
+    whose k*s neighbour slots must all point into ``S + removed``, each with
+    probability <= (removed + s - 1)/(n - 1); an edge inside S fills two
+    slots, so only ks/2 are counted, as if independent. That independence is
+    a heuristic for regular graphs (the s = 1 term and the count are exact),
+    so the bound sizes k rather than proves it; tests/test_secagg_graph.py
+    checks the outcome by sampling at the sizes it picks.
     """
     total = 0.0
     for s in range(1, honest // 2 + 1):
