@@ -111,7 +111,7 @@ import hmac
 import math
 import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -975,7 +975,7 @@ class SecAggServer:
             self._sk_shares.setdefault(src, {})[x] = share
         self._responders.add(node_id)
 
-    def _recover(self, shares: dict[int, bytes], secret_len: int, verify, what: str) -> bytes:
+    def _recover(self, shares: dict[int, bytes], secret_len: int, verify: Callable[[bytes], bool], what: str) -> bytes:
         """Reconstruct from any t shares that verify (corrupt shares are skipped)."""
         try:
             return shamir_recover(shares, self.params.threshold, secret_len, verify)
