@@ -9,7 +9,7 @@ drawn from a per-client seed) at N = 10 and N = 30 clients.
   against the same ClientApp; a tiny routing mod hands only SecAgg+ messages to
   ``secaggplus_mod``. Flower's overhead = SecAgg+ fit time - plain fit time, on
   warm rounds (round 1 excluded: Ray actors and imports warm up there).
-* Ours: :func:`common.secagg.run_secagg_round` end to end in ONE process, one
+* Ours: :func:`benchmarks.secagg_driver.run_secagg_round` end to end in ONE process, one
   thread: every client's key generation, Shamir sharing, share encryption,
   fixed-point encoding and mask expansion, and every server step, minus the
   time of a plain float64 sum of the same vectors. No transport is modelled
@@ -39,7 +39,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import numpy as np  # noqa: E402
 
-from common.secagg import SecAggParams, default_neighbours, run_secagg_round  # noqa: E402
+from benchmarks.secagg_driver import run_secagg_round  # noqa: E402
+from common.secagg import SecAggParams, default_neighbours  # noqa: E402
 
 SEED = 20260417
 

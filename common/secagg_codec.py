@@ -4,12 +4,18 @@ Secure aggregation adds vectors modulo ``M = 2**modulus_bits``; floats must
 first become integers. Each coordinate is clipped to ``[-R, R]``, shifted by
 ``+R`` and scaled onto the integer grid ``{0, 1, ..., L}`` with
 
-    L = floor((M - 1) / max_summands)          (``levels``)
-    step = 2R / L                              (one grid unit, in float units)
+    L = min(floor((M - 1) / max_summands), 2**53)     (``levels``)
+    step = 2R / L                                       (one grid unit, in float units)
 
 so that a sum of up to ``max_summands`` encodings never exceeds ``M - 1``: the
-modular sum *is* the integer sum and decoding is exact arithmetic. The decoder
-of a sum of ``n`` encodings removes the ``n`` offsets: ``sum = S * step - n*R``.
+modular sum *is* the integer sum. The grid stops at 2**53 levels because the
+encoder computes in float64, whose integers end there: a finer grid would put
+``+R`` one float ulp above ``L`` and ``max_summands`` such inputs would wrap the
+modulus. Moduli wider than ``53 + log2(max_summands)`` bits therefore buy
+headroom, not precision, and every modulus up to 64 bits decodes exactly. The
+decoder of a sum ``S`` of ``n`` encodings centres it in exact integer
+arithmetic before converting to float, ``sum = (S - n*floor(L/2)) * step`` (plus
+``-n*R/L`` when ``L`` is odd), so no ``n*R``-sized offset cancels in float.
 
 Quantisation error of a decoded sum of ``n`` encodings, per coordinate, for
 inputs inside ``[-R, R]``:
@@ -18,13 +24,23 @@ inputs inside ``[-R, R]``:
 * stochastic rounding (``floor(v + U[0,1))``): unbiased, ``|err| < n * step``,
   standard deviation ``<= sqrt(n) * step / 2``;
 * plus float64 arithmetic slack of at most ``4 * n * R * 2**-52`` (it only
-  matters once ``L`` approaches 2**53, i.e. ``modulus_bits`` near 64).
+  matters once ``L`` approaches 2**53, i.e. ``modulus_bits`` of 53 and more).
 
 :meth:`FixedPointCodec.error_bound` returns exactly this bound. Values outside
 ``[-R, R]`` are clipped (their error is unbounded by construction) and
 *counted*; ``strict=True`` raises instead. Non-finite values always raise:
 there is no meaningful fixed-point image of NaN, and silently mapping it to a
 number would corrupt the aggregate.
+
+Noise shares and the range. A client that adds a Gaussian noise share of std
+``sigma`` to a value of magnitude ``<= C`` before encoding should set
+``R = C + k * sigma`` with ``k`` of 8 to 10, not 6, and count the clipping
+event against ``delta``: :func:`clip_probability` gives
+``P(|x + N(0, sigma^2)| > R)`` for the worst ``|x| = C``, union-bounded over the
+coordinates (about ``6e-16`` per coordinate at ``k = 8``, ``8e-24`` at 10, ``1e-9``
+at 6).
+A clipped noise share is no longer Gaussian, so the DP guarantee holds with
+``delta`` increased by that probability (times the clients that add shares).
 
 The modulus is a power of two on purpose: numpy's unsigned arithmetic wraps
 modulo 2**32 / 2**64 for free, and reducing a uniform PRG word to ``bits``
@@ -38,6 +54,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from common.csprng import rounding_rng
+
+MAX_LEVELS = 1 << 53  # float64 represents every integer up to here
+
+
+def clip_probability(clip_range: float, bound: float, sigma: float, coords: int = 1) -> float:
+    """Probability that some coordinate of ``x + N(0, sigma^2 I)`` leaves ``[-R, R]``.
+
+    ``x`` has ``coords`` coordinates of magnitude ``<= bound`` (``C``); ``R`` is
+    ``clip_range``. Per coordinate the worst case is ``|x| = C``:
+    ``Q((R - C) / sigma) + Q((R + C) / sigma)`` with ``Q`` the standard normal
+    upper tail; coordinates are union-bounded, so the result is at most 1 and
+    needs no independence between them. Add it to the mechanism's ``delta``.
+    """
+    if not (sigma >= 0 and bound >= 0 and coords >= 0) or not all(map(math.isfinite, (clip_range, bound, sigma))):
+        raise ValueError("clip_probability needs finite ranges, sigma >= 0 and coords >= 0")
+    if sigma == 0:
+        return 0.0 if bound <= clip_range or coords == 0 else 1.0
+    tail = 0.5 * math.erfc((clip_range - bound) / (sigma * math.sqrt(2))) + 0.5 * math.erfc(
+        (clip_range + bound) / (sigma * math.sqrt(2))
+    )
+    return min(1.0, coords * tail)
 
 
 @dataclass(frozen=True)
@@ -81,7 +120,8 @@ class FixedPointCodec:
 
     @property
     def levels(self) -> int:
-        return (self.modulus - 1) // self.max_summands
+        # Capped at 2**53: every level must be an exactly representable float64.
+        return min((self.modulus - 1) // self.max_summands, MAX_LEVELS)
 
     @property
     def scale(self) -> float:
@@ -96,6 +136,10 @@ class FixedPointCodec:
         rounding = self.step if self.stochastic else self.step / 2
         return num_summands * (rounding + 4.0 * self.clip_range * 2.0**-52)
 
+    def clip_probability(self, bound: float, sigma: float, coords: int = 1) -> float:
+        """:func:`clip_probability` at this codec's ``clip_range``."""
+        return clip_probability(self.clip_range, bound, sigma, coords)
+
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> EncodedVector:
         """Encode a float vector; returns values in ``[0, levels]`` of :attr:`dtype`."""
         v = np.array(x, dtype=np.float64, copy=True).reshape(-1)
@@ -109,8 +153,9 @@ class FixedPointCodec:
         v *= self.scale
         if self.stochastic:
             # Quantisation noise is not a secret, so a fast non-cryptographic
-            # generator is enough; it only has to be independent of the data.
-            rng = rng if rng is not None else np.random.default_rng()
+            # generator is enough; it only has to be independent of the data
+            # (the default one is seeded from OS entropy all the same).
+            rng = rng if rng is not None else rounding_rng()
             v += rng.random(v.shape)
             np.floor(v, out=v)
         else:
@@ -129,7 +174,22 @@ class FixedPointCodec:
         t = np.asarray(total)
         if t.dtype != self.dtype:
             raise ValueError(f"expected {np.dtype(self.dtype).name}, got {t.dtype}")
-        return t.astype(np.float64) * self.step - num_summands * self.clip_range
+        # Centre on S - n*half in exact integer arithmetic before scaling. Up to
+        # 53 bits S and n*half are float64 integers, so their float difference
+        # is exact (and one conversion is cheapest); wider sums subtract mod
+        # 2**64 in uint64 and are read as signed: |S - n*half| <= n*L/2 < 2**63.
+        half = self.levels // 2
+        if self.modulus_bits <= 53:
+            out = t.astype(np.float64)
+            out -= float(num_summands * half)
+        else:
+            centred = t.astype(np.uint64)
+            np.subtract(centred, np.uint64(num_summands * half), out=centred)
+            out = centred.view(np.int64).astype(np.float64)
+        out *= self.step
+        if self.levels % 2:  # the offset of an odd grid: half * step = R - R/L
+            out -= num_summands * self.clip_range / self.levels
+        return out
 
 
 @dataclass(frozen=True)
@@ -187,7 +247,7 @@ class VectorPacker:
         """Encode every segment into one flat vector; also return per-segment clip counts."""
         if set(arrays) != set(self.offsets):
             raise ValueError("arrays must have exactly the packer's segment names")
-        rng = rng if rng is not None else np.random.default_rng()
+        rng = rng if rng is not None else rounding_rng()
         flat = np.empty(self.size, dtype=self.dtype)
         clipped = {}
         for s in self.segments:

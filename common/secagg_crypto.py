@@ -13,16 +13,19 @@
   and ~17 ms to combine one 32-byte secret, which alone would exceed our whole
   per-round budget at N=10. A single Mersenne-prime field element holds a
   32-byte secret, so split/combine are a handful of big-int operations.
-* The SecAgg+ neighbour graph (Bell et al. 2020): a Harary-style ring over a
-  seeded pseudo-random permutation, k/2 neighbours on each side.
+* The SecAgg+ neighbour graph (Bell et al. 2020): a random k-regular graph
+  derived from the session's graph seed with SHA-256/AES-CTR only, so every
+  party on any Python/numpy version derives the same one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 # the same Diffie-Hellman secret must be independent.
 INFO_MASK = b"fedpersona/secagg/v1/pairwise-mask"
 INFO_ENC = b"fedpersona/secagg/v1/share-encryption"
+COMMIT_DOMAIN = b"fedpersona/secagg/v1/self-mask-commitment"
 SEED_LEN = 32
 KEY_LEN = 32
 
@@ -201,26 +205,173 @@ def shamir_combine(shares: Mapping[int, bytes], threshold: int, secret_len: int)
     return value.to_bytes(secret_len, "big")
 
 
+MAX_RECOVERY_TRIES = 20_000
+
+
+def shamir_recover(
+    shares: Mapping[int, bytes], threshold: int, secret_len: int, verify: Callable[[bytes], bool]
+) -> bytes:
+    """Recover a secret from shares of which some may be corrupt.
+
+    ``verify`` recognises the true secret (a hash commitment, or the public key
+    of a private key). Shares that cannot be field elements are dropped; then
+    t-subsets are interpolated in colex order (by their largest point, so all
+    subsets of the first ``t + b`` points come before any later point) until
+    one reconstructs a secret that verifies. With ``b`` bad shares among the
+    first points that takes at most ``C(t + b, b)`` interpolations; the search
+    stops after :data:`MAX_RECOVERY_TRIES`. A verified secret is the true one
+    whatever the bad shares were (a commitment cannot be opened two ways), so
+    this needs no bound on the number of bad shares, only ``t`` good ones.
+
+    Raises ``ValueError`` when no subset verifies (fewer than t good shares).
+    """
+    pts = {}
+    for x, y in shares.items():
+        v = int.from_bytes(y, "big")
+        if len(y) == SHARE_LEN and v < SHAMIR_PRIME:
+            pts[int(x)] = v
+    xs = sorted(pts)
+    tries = 0
+    for top in range(threshold - 1, len(xs)):
+        for rest in itertools.combinations(xs[:top], threshold - 1):
+            value = _interpolate_at_zero({x: pts[x] for x in (*rest, xs[top])})
+            if value < 1 << (8 * secret_len):
+                secret = value.to_bytes(secret_len, "big")
+                if verify(secret):
+                    return secret
+            tries += 1
+            if tries >= MAX_RECOVERY_TRIES:
+                raise ValueError(f"gave up after {tries} subsets of {len(shares)} shares: none verifies")
+    raise ValueError(f"no {threshold} of its {len(shares)} shares reconstruct a secret that verifies")
+
+
+def commit_seed(session_id: bytes, seed: bytes) -> bytes:
+    """SHA-256 commitment to a self-mask seed, published with the keys.
+
+    The 32-byte seed is uniformly random, so the hash hides it; SHA-256's
+    collision resistance binds the client to it, so the server recognises the
+    true seed among reconstructions from partly corrupt shares.
+    """
+    return hashlib.sha256(COMMIT_DOMAIN + session_id + seed).digest()
+
+
 # ------------------------------------------------------------------------- graph
+
+GRAPH_DOMAIN = b"fedpersona/secagg/v1/neighbour-graph"
+SWITCHES_PER_EDGE = 10
+
+
+class _SeededInts:
+    """Deterministic uniform integers from a seed: AES-256-CTR keyed by SHA-256(domain || seed).
+
+    Every party must derive the same graph from the setup message, on any
+    platform and any Python/numpy version; numpy's seeded generators do not
+    promise stable streams across releases, SHA-256 and AES do.
+    """
+
+    def __init__(self, seed: bytes, domain: bytes) -> None:
+        key = hashlib.sha256(domain + seed).digest()
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    def words(self, count: int) -> list[int]:
+        """``count`` uniform 64-bit integers (big-endian words of the keystream)."""
+        return np.frombuffer(self._enc.update(bytes(8 * count)), dtype=">u8").tolist()
+
+    def below(self, m: int, count: int) -> list[int]:
+        """``count`` uniform draws from ``[0, m)``, ``m < 2**64``: rejection
+        sampling on 64-bit words, so no modulo bias."""
+        limit = (1 << 64) - (1 << 64) % m
+        out: list[int] = []
+        while len(out) < count:
+            need = count - len(out)
+            out.extend(w % m for w in self.words(need + need // 8 + 8) if w < limit)
+        return out[:count]
+
+
+def is_connected(adj: Mapping[int, Set[int]]) -> bool:
+    """Whether the graph given as node -> neighbours (all inside the mapping) is connected."""
+    if not adj:
+        return False
+    start = next(iter(adj))
+    seen, todo = {start}, [start]
+    while todo:
+        for j in adj[todo.pop()] - seen:
+            seen.add(j)
+            todo.append(j)
+    return len(seen) == len(adj)
 
 
 def neighbour_graph(num_nodes: int, k: int | None, seed: bytes) -> dict[int, frozenset[int]]:
-    """Neighbours of each secure id ``1..num_nodes``; same inputs -> same graph.
+    """Neighbours of each secure id ``1..num_nodes``; same inputs -> same graph (see :func:`_draw_graph`)."""
+    return dict(zip(range(1, num_nodes + 1), _draw_graph(num_nodes, k, bytes(seed))))
+
+
+@functools.lru_cache(maxsize=8)  # a stateless ClientApp re-derives the graph at every stage
+def _draw_graph(num_nodes: int, k: int | None, seed: bytes) -> tuple[frozenset[int], ...]:
+    """The neighbour sets of secure ids ``1..num_nodes``, in order.
 
     ``k is None`` or ``k >= num_nodes - 1`` gives the complete graph (original
-    SecAgg). Otherwise a k-regular Harary graph over a pseudo-random ring order
-    (SecAgg+): ranking ids by SHA-256(seed || id) is stable across numpy/Python
-    versions, unlike a seeded ``np.random`` permutation, so every party derives
-    the same graph from the setup message alone.
+    SecAgg). Otherwise a random k-regular graph (SecAgg+), connected:
+
+    1. a Harary ring (each node joined to the k/2 nearest on either side) over a
+       seeded random order: k-regular, simple, connected;
+    2. ``SWITCHES_PER_EDGE`` x |E| attempted double-edge switches
+       ``{a,b},{c,d} -> {a,c},{b,d}`` (refused when they would create a loop or
+       a double edge). Switches keep every degree at exactly k, and this
+       Markov chain converges to the uniform distribution over k-regular
+       graphs (it is irreducible and symmetric; Cooper, Dyer & Greenhill
+       2007 prove rapid mixing). Each switch replaces two edges, so after 10
+       attempts per edge essentially no ring edge is left: the tests measure
+       the second eigenvalue, which lands near a random regular graph's
+       ``2 sqrt(k - 1)`` (Friedman 2008), where the ring's is almost ``k``;
+    3. more switches while the result is disconnected (rare but possible for
+       small k).
+
+    Why this graph. The ring it replaces has connectivity k whatever N is, so
+    2 x k/2 colluders consecutive in ring order cut off the arc between them.
+    Random k-regular graphs are, with high probability, k-connected expanders,
+    and removing colluders and dropouts chosen independently of the graph
+    leaves the honest survivors connected except with the probability bounded
+    in :func:`common.secagg.choose_neighbours`. An Erdos-Renyi graph
+    ``G(N, k/(N-1))`` (edges drawn independently, the easiest model to bound)
+    expands as well but has binomial degrees: at N = 10-100 some client would
+    get far fewer than t neighbours and the round would abort without any
+    dropout. A union of k/2 random Hamiltonian cycles repeats edges, so its
+    degrees fall below k too. Exact regularity gives every client the same
+    margin between k and t.
     """
     ids = range(1, num_nodes + 1)
     if k is None or k >= num_nodes - 1:
-        return {i: frozenset(j for j in ids if j != i) for i in ids}
+        return tuple(frozenset(j for j in ids if j != i) for i in ids)
     if k < 2 or k % 2:
         raise ValueError("a sparse graph needs an even number of neighbours k >= 2")
-    order = sorted(ids, key=lambda i: hashlib.sha256(seed + i.to_bytes(8, "big")).digest())
-    half = k // 2
-    n = num_nodes
-    return {
-        order[p]: frozenset(order[(p + o) % n] for o in range(-half, half + 1) if o != 0) for p in range(n)
-    }
+    rng = _SeededInts(seed, GRAPH_DOMAIN)
+    order = [i for _, i in sorted(zip(rng.words(num_nodes), ids))]  # a random permutation
+    adj: dict[int, set[int]] = {i: set() for i in ids}
+    edges: list[tuple[int, int]] = []
+    for p in range(num_nodes):
+        for o in range(1, k // 2 + 1):
+            a, b = order[p], order[(p + o) % num_nodes]
+            adj[a].add(b)
+            adj[b].add(a)
+            edges.append((a, b))
+    m = len(edges)
+    for _ in range(100):
+        tries = SWITCHES_PER_EDGE * m
+        for e, f, flip in zip(rng.below(m, tries), rng.below(m, tries), rng.below(2, tries)):
+            a, b = edges[e]
+            d, c = edges[f] if flip else edges[f][::-1]
+            if a == c or b == d or a == d or b == c or c in adj[a] or d in adj[b]:
+                continue
+            adj[a].remove(b)
+            adj[b].remove(a)
+            adj[c].remove(d)
+            adj[d].remove(c)
+            adj[a].add(c)
+            adj[c].add(a)
+            adj[b].add(d)
+            adj[d].add(b)
+            edges[e], edges[f] = (a, c), (b, d)
+        if is_connected(adj):
+            return tuple(frozenset(adj[i]) for i in ids)
+    raise RuntimeError("could not draw a connected neighbour graph")  # pragma: no cover  (practically never)
