@@ -39,34 +39,42 @@ def noise_for_record_epsilon(target: float, cfg: dict, records: int = 40) -> flo
     return round(get_noise_multiplier(target_epsilon=target, target_delta=float(cfg["delta"]), sample_rate=1 / batches, steps=steps, accountant="rdp"), 3)
 
 
+def _measured(result) -> dict:
+    """An audit's result, or {} where it was skipped (or did not run)."""
+    from simulations.audits.base import is_skipped
+
+    return {} if not isinstance(result, dict) or is_skipped(result) else result
+
+
 def _row(name: str, run: Path, audit: dict, report: dict) -> dict:
-    ex = audit["exposure"]["mean"]
-    rec = audit["membership_inference"]["record_level"]
-    usr = audit["membership_inference"]["user_level"] or {}
-    eps = [u["epsilon_record_level"] for u in report["users"]]
+    ex = _measured(audit.get("exposure")).get("mean", {})
+    mia = _measured(audit.get("membership_inference"))
+    rec, usr = _measured(mia.get("record_level")), _measured(mia.get("user_level"))
+    wire, regurgitation = _measured(audit.get("wire")), _measured(audit.get("regurgitation"))
+    eps = [u.get("epsilon_record_level") for u in report["users"] if u["evaluated"]]
     return {
         "run": name,
-        "epsilon_max": None if any(e is None for e in eps) else round(max(eps), 2),
-        "epsilon_median": None if any(e is None for e in eps) else round(sorted(eps)[len(eps) // 2], 2),
-        "exposure_personal": ex["personal"],
-        "exposure_global": ex["global"],
-        "exposure_base_reference": ex["reference_base"],
-        "mia_auc": rec["auc"],
-        "mia_tpr_1pct": rec["tpr_at_1pct_fpr"],
-        "mia_eps_lb": rec["empirical_epsilon_lower_bound"],
+        "epsilon_max": None if not eps or None in eps else round(max(eps), 2),
+        "epsilon_median": None if not eps or None in eps else round(sorted(eps)[len(eps) // 2], 2),
+        "exposure_personal": ex.get("personal"),
+        "exposure_global": ex.get("global"),
+        "exposure_base_reference": ex.get("reference_base"),
+        "mia_auc": rec.get("auc"),
+        "mia_tpr_1pct": rec.get("tpr_at_1pct_fpr"),
+        "mia_eps_lb": rec.get("empirical_epsilon_lower_bound"),
         "user_mia_auc": usr.get("auc"),
-        "wire_hits": audit["wire"]["hits"],
-        "wire_bytes": audit["wire"]["bytes_scanned"],
+        "wire_hits": wire.get("hits"),
+        "wire_bytes": wire.get("bytes_scanned"),
         "worst_to_mean": round(audit["disparity"]["overall"]["worst_to_mean"], 4),
         "served_nll": round(report["utility"]["served"]["nll"], 4),
-        "regurgitated_pii": audit["regurgitation"]["pii_hits"],
-        "regurgitated_canaries": audit["regurgitation"]["canary_hits"],
-        "dp_impact_mean": (audit.get("dp_impact") or {}).get("mean_increase"),
+        "regurgitated_pii": regurgitation.get("pii_hits"),
+        "regurgitated_canaries": regurgitation.get("canary_hits"),
+        "dp_impact_mean": _measured(audit.get("dp_impact")).get("mean_increase"),
     }
 
 
 def main(argv=None) -> list[dict]:
-    from simulations.audit import run_audits
+    from simulations.audits import run_audits
     from simulations.run import prepare, simulate
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -75,7 +83,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     profile = "quick" if args.quick else "default"
     extra = {"num-supernodes": 3} if args.quick else {}
-    sigma8 = noise_for_record_epsilon(8.0, build_config(profile, extra))
+    sigma8 = noise_for_record_epsilon(8.0, build_config(profile, extra).flat())
     arms = [
         ("eps-inf", {"dp": False}),
         ("eps-inf-noscrub", {"dp": False, "scrub-mode": "off"}),
@@ -86,9 +94,8 @@ def main(argv=None) -> list[dict]:
         root = args.keep or Path(tmp)
         for name, overrides in arms:
             run = root / name
-            cfg = prepare(profile, {**extra, **overrides}, run)
-            cfg["wire-audit-dir"] = str(run / "wire")
-            report = simulate(cfg)
+            harness = prepare(profile, {**extra, **overrides}, run)
+            report = simulate(harness, record_wire=True)
             baseline = root / "eps-inf" if name == "eps-8" else None
             compare = [root / "eps-inf"] if name == "eps-8" else []
             audit = run_audits(run, baseline=baseline, compare=compare)

@@ -97,44 +97,35 @@ def _print_results(report: dict) -> None:
 
 
 def _audit(run_dir: Path, level: str = "full", baseline: Path | None = None, compare: list[Path] = ()) -> None:
-    from simulations.audit import AuditFailure, run_audits
+    from rich.markup import escape
+
+    from simulations.audits import AuditFailure, run_audits
 
     console.print(f"[bold]audits[/] running ({level}) ...")
+    failure = None
     try:
         result = run_audits(run_dir, level=level, baseline=baseline, compare=compare)
     except AuditFailure as err:
-        console.print(f"[bold red]AUDIT FAILED[/] {err}")
-        raise typer.Exit(code=1) from None
-    ledger = result["ledger"]
-    table = Table(title="epsilon ledger (reported vs independent recomputation)")
-    for col in ("user", "reported", "independent", "agrees"):
+        failure, result = err, err.result
+    table = Table(title="audits")
+    for col in ("audit", "status", "detail"):
         table.add_column(col)
-    for row in ledger["record_level"]:
-        rep = "inf" if row["epsilon_reported"] is None else f"{row['epsilon_reported']:.3f}"
-        table.add_row(str(row["user_index"]), rep, f"{row['epsilon_independent']:.3f}", str(row["agrees"]))
+    style = {"FAILED": "bold red", "passed": "green", "skipped": "yellow"}
+    for name, verdict in result["verdicts"].items():
+        status = verdict["status"]
+        table.add_row(name, f"[{style[status]}]{status}[/]" if status in style else status, escape(verdict["detail"]))
     console.print(table)
-    if "wire" in result:
-        w = result["wire"]
-        console.print(
-            f"wire audit: {w['hits']} hits for {w['planted_values']} planted PII values in {w['messages']} messages, "
-            f"{w['bytes_scanned']:,} bytes scanned ({', '.join(w['encodings'])})"
-        )
-    if "exposure" in result and result["exposure"].get("mean"):
-        ex = result["exposure"]["mean"]
-        console.print("canary exposure (bits): " + ", ".join(f"{k} {v}" for k, v in ex.items() if v is not None))
-    for level, m in (result.get("membership_inference") or {}).items():
-        if m:
-            console.print(f"membership ({level}): AUC {m['auc']}, TPR@1%FPR {m['tpr_at_1pct_fpr']}, empirical eps >= {m['empirical_epsilon_lower_bound']}")
-    if "disparity" in result:
-        console.print(f"served NLL worst-to-mean ratio: {result['disparity']['overall']['worst_to_mean']:.3f}")
     console.print(f"report: {run_dir / 'report.html'}")
+    if failure is not None:
+        console.print(f"[bold red]AUDIT FAILED[/] {escape(str(failure))}")
+        raise typer.Exit(code=1) from None
 
 
 @app.command()
 def audit(
     run_dir: Path = typer.Argument(..., help="A finished run directory (runs/<id>)."),
     level: str = typer.Option("full", help="fast | full (see fedpersona simulate --audit)."),
-    baseline: Path = typer.Option(None, help="A non-private run of the same data, for DP disparate impact."),
+    baseline: Path = typer.Option(None, help="A non-private run of the same data, for DP disparate impact (skipped without one)."),
     compare: list[Path] = typer.Option([], help="Other audited runs for the privacy-utility chart."),
 ) -> None:
     """Privacy and bias audits of a finished run; writes audit.json and report.html."""

@@ -1,20 +1,47 @@
-"""Privacy audits on a real (tiny) simulation run, with negative controls.
+"""The audits (``simulations.audits``) on a real (tiny) simulation run, with negative controls.
 
 The audits must be able to fail: a planted PII value that really is on the wire
 must be found (in UTF-16 and as token ids), and a tampered epsilon must break
-the ledger.
+the ledger. Audits that need planted ground truth must skip, with a reason,
+on a run that has none.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 
-from simulations.report_html import chromium_binary
+from simulations.audits.report_html import chromium_binary
 
 pytestmark = pytest.mark.slow
+
+AUDITS = {"ledger", "wire", "exposure", "membership_inference", "regurgitation", "disparity", "dp_impact", "counterfactual", "personalization"}
+MAIN_SECTIONS = ["audits", "utility", "training", "users", "privacy"]
+AUDIT_SECTIONS = ["ledger", "wire", "exposure", "membership-inference", "regurgitation", "disparity", "dp-impact", "counterfactual", "personalization"]
+
+
+class SectionIds(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: list[str] = []
+        self.banner: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "section":
+            self.ids.append(attributes["id"])
+        elif tag == "p" and "banner" in (attributes.get("class") or "") and self.banner is None:
+            self.banner = attributes["class"]
+
+
+def page_structure(page: str) -> SectionIds:
+    parser = SectionIds()
+    parser.feed(page)
+    return parser
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +49,13 @@ def audited_run(tmp_path_factory):
     from simulations.run import prepare, simulate
 
     run = tmp_path_factory.mktemp("audit") / "run"
-    cfg = prepare("quick", {"num-supernodes": 3, "scrub-mode": "full"}, run)
-    cfg["wire-audit-dir"] = str(run / "wire")
-    simulate(cfg)
+    simulate(prepare("quick", {"num-supernodes": 3, "scrub-mode": "full"}, run), record_wire=True)
     return run
 
 
 @pytest.fixture(scope="module")
 def audit_result(audited_run):
-    from simulations.audit import run_audits
+    from simulations.audits import run_audits
 
     return run_audits(audited_run)
 
@@ -40,7 +65,7 @@ def memorising_run(tmp_path_factory):
     """The negative control: no DP, no scrubbing, many large local steps.
 
     Without the persona tier, so nothing depends on the devices' random
-    round-1 persona tie-break (seeded by their store paths, i.e. by tmp dirs).
+    round-1 persona tie-break (keyed by their device secrets).
     """
     from simulations.run import prepare, simulate
 
@@ -48,6 +73,32 @@ def memorising_run(tmp_path_factory):
     overrides = {"num-supernodes": 3, "dp": False, "scrub-mode": "off", "local-steps": 30, "lr": 0.05, "batch-size": 16, "persona-slots": 0}
     simulate(prepare("quick", overrides, run))
     return run
+
+
+def copy_run(run, tmp_path):
+    """A copy of a run folder (the audits re-root config.json's paths under it)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_the_registry_holds_each_audit_exactly_once():
+    from simulations.audits.base import LEVELS, REGISTRY, register, registered
+
+    audits = registered()
+    names = [a.name for a in audits]
+    assert sorted(names) == sorted(AUDITS) and len(names) == len(set(names))
+    assert set(REGISTRY) == AUDITS and all(REGISTRY[a.name] is a for a in audits)
+    assert all(a.level in LEVELS and a.method and a.title for a in audits)
+    assert len({a.section_id for a in audits}) == len(audits)
+    assert registered() == audits  # discovery runs once
+
+    class Impostor(type(REGISTRY["wire"])):
+        pass
+
+    with pytest.raises(ValueError, match="two audits named 'wire'"):
+        register(Impostor)
+    assert type(REGISTRY["wire"]).__name__ == "WireAudit"
 
 
 def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
@@ -58,45 +109,42 @@ def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
     assert wire["hits"] == 0
     ledger = result["ledger"]
     assert len(ledger["record_level"]) == 3 and ledger["failures"] == []
-    assert all(r["epsilon_independent"] > 0 and r["mechanism"] for r in ledger["record_level"])
+    assert all(r["agrees"] and r["epsilon_independent"] > 0 and r["mechanism"] for r in ledger["record_level"])
+    assert result["verdicts"]["ledger"]["status"] == "passed" and result["verdicts"]["wire"]["status"] == "passed"
 
 
 def test_wire_audit_finds_pii_that_is_really_on_the_wire(audited_run, tmp_path):
-    import shutil
+    from simulations.audits.view import RunView
+    from simulations.audits.wire import wire_audit
 
-    from common.models import AdapterSpec, personal_model
-    from common.config import build_config
-    from simulations.audit import wire_audit
-
-    run = tmp_path / "run"
-    shutil.copytree(audited_run, run)
-    report = json.loads((run / "report.json").read_text())
-    sidecar = (run / "data" / "pii_sidecar.jsonl").read_text().splitlines()
-    value = json.loads(sidecar[0])["value"]
-    tok = personal_model(AdapterSpec.from_run_config(build_config("quick"))).tokenizer
+    run = copy_run(audited_run, tmp_path)
+    view = RunView(run)
+    assert view.wire_dir == run / "wire"  # the copy's own recording, not the original's
+    value = view.sidecar[0]["value"]
+    tok = view.tokenizer
     ids = np.asarray(tok(value, add_special_tokens=False)["input_ids"], dtype="<i8").tobytes()
     (run / "wire" / "smuggled.bin").write_bytes(b"\x00header" + value.encode("utf-16-le") + b"\x01" + ids)
-    report["config"]["data-dir"] = str(run / "data")
-    (run / "report.json").write_text(json.dumps(report))
-    assert wire_audit(run, tok)["hits"] == 2
+    assert wire_audit(view, tok)["hits"] == 2
 
 
 def test_ledger_fails_loudly_on_a_wrong_epsilon(audited_run, tmp_path):
-    import shutil
+    from simulations.audits import AuditFailure, run_audits
 
-    from simulations.audit import AuditFailure, run_audits
-
-    run = tmp_path / "run"
-    shutil.copytree(audited_run, run)
+    run = copy_run(audited_run, tmp_path)
     report = json.loads((run / "report.json").read_text())
     report["users"][0]["epsilon_record_level"] *= 0.5
     (run / "report.json").write_text(json.dumps(report))
-    with pytest.raises(AuditFailure, match="ledger"):
+    with pytest.raises(AuditFailure, match="ledger") as failure:
         run_audits(run, level="fast")
+    assert failure.value.result["ledger"]["failures"] == [0]
+    # Both files are written before the audit fails, and the page leads with the failure.
+    page = page_structure((run / "report.html").read_text())
+    assert page.banner == "banner fail"
+    assert json.loads((run / "audit.json").read_text())["verdicts"]["ledger"]["status"] == "FAILED"
 
 
 def test_needle_finder_counts_overlapping_and_repeated_occurrences():
-    from simulations.audit import NeedleFinder
+    from simulations.audits.wire import NeedleFinder
 
     blob = b"xxabcdabcdyyabcd" + "Jane".encode("utf-16-le") + b"\x00"
     finder = NeedleFinder([b"abcd", b"abcdabcd", "Jane".encode("utf-16-le"), b"zzzz"])
@@ -107,6 +155,10 @@ def test_needle_finder_counts_overlapping_and_repeated_occurrences():
 
 def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):
     r = audit_result
+    assert set(r["verdicts"]) == AUDITS
+    assert r["verdicts"]["dp_impact"] == {"status": "skipped", "detail": r["dp_impact"]["skipped"]}
+    assert "--baseline" in r["dp_impact"]["skipped"]
+    assert not any(v["status"] in ("FAILED", "not run") for v in r["verdicts"].values())
     ex = r["exposure"]
     assert ex["canaries"] == 2 and ex["scrub_mode"] == "full"
     assert all(0 <= row[k] <= ex["max_exposure_bits"] for row in ex["rows"] for k in ("global", "persona", "personal", "reference_base"))
@@ -130,28 +182,81 @@ def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):
     assert set(d["by_routing_group"]["by_group"]) <= {"cold-start", "occasional", "frequent"}
     assert set(r["counterfactual"]) == {"name", "city"}
     assert 0.0 <= r["personalization"]["personal"] <= 1.0
-    page = (audited_run / "report.html").read_text()
-    for section in ("ledger", "exposure", "membership-inference", "regurgitation", "wire", "disparity", "counterfactual", "personalization"):
-        assert f'id="{section}"' in page
-    # Hold-out users never became devices of the federation.
+    # Hold-out users became devices only under holdout_devices_dir, never among the federation's.
     assert not any(p.name.startswith("user_003") for p in (audited_run / "devices").iterdir())
+    assert (audited_run / "holdout-devices" / "user_003.sqlite").is_file()
+
+
+def test_the_page_puts_the_main_results_first(audited_run, audit_result):
+    raw = (audited_run / "report.html").read_text()
+    page = page_structure(raw)
+    assert page.banner == "banner pass"
+    assert page.ids == MAIN_SECTIONS + AUDIT_SECTIONS
+    assert "Skipped: no --baseline run given" in raw
+    assert "Content-Security-Policy" in raw and "data:image/png;base64," in raw
+    assert 'src="http' not in raw and "<script" not in raw
+
+
+def test_a_run_without_planted_ground_truth_skips_those_audits_with_a_reason(audited_run, tmp_path):
+    """A run on a user's own data has no canaries, no PII sidecar and no hold-out users."""
+    from simulations.audits import run_audits
+
+    run = copy_run(audited_run, tmp_path)
+    (run / "data" / "pii_sidecar.jsonl").unlink()
+    manifest_path = run / "data" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["users"] = [{k: v for k, v in u.items() if k != "canary"} for u in manifest["users"] if not u.get("holdout")]
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_audits(run, level="full")
+    verdicts = result["verdicts"]
+    for name, needle in (("wire", "no planted PII"), ("exposure", "no planted canaries"), ("regurgitation", "no planted PII")):
+        assert result[name] == {"skipped": verdicts[name]["detail"]} and needle in verdicts[name]["detail"]
+        assert verdicts[name]["status"] == "skipped"
+    assert result["membership_inference"]["user_level"] == {"skipped": result["membership_inference"]["user_level"]["skipped"]}
+    assert "hold-out" in result["membership_inference"]["user_level"]["skipped"]
+    assert "no PII sidecar" in result["membership_inference"]["record_level"]["note"]
+    assert verdicts["ledger"]["status"] == "passed" and verdicts["disparity"]["status"] == "measured"
+    page = (run / "report.html").read_text()
+    assert page_structure(page).ids == MAIN_SECTIONS + AUDIT_SECTIONS
+    assert "Skipped: no planted canaries" in page and "Skipped: no planted PII" in page
+
+
+def test_a_run_without_a_manifest_still_audits_what_it_can(audited_run, tmp_path):
+    """No generator ground truth at all: personas are unknown, counterfactual swaps skip, the rest runs."""
+    from simulations.audits import run_audits
+
+    run = copy_run(audited_run, tmp_path)
+    (run / "data" / "pii_sidecar.jsonl").unlink()
+    (run / "data" / "manifest.json").unlink()
+    from simulations.audits.counterfactual import counterfactual_swaps
+    from simulations.audits.view import RunView
+
+    result = run_audits(run, level="fast")
+    assert result["verdicts"]["membership_inference"] == {"status": "not run", "detail": "a full-level audit"}
+    assert result["verdicts"]["exposure"]["status"] == "skipped" and result["verdicts"]["wire"]["status"] == "skipped"
+    assert "persona ground truth" in result["disparity"]["by_persona"]["skipped"]
+    assert result["verdicts"]["ledger"]["status"] == "passed"
+    view = RunView(run)
+    assert view.manifest is None and view.holdouts == [] and len(view.participants) == 3
+    assert "first name, city" in counterfactual_swaps(view)["skipped"]
 
 
 def test_exposure_and_membership_see_a_memorising_model(memorising_run):
     """Without DP and without scrubbing the canary's own device ranks it near the top."""
-    from simulations import audit_privacy
-    from simulations.audit_view import RunView
+    from simulations.audits import exposure, membership
+    from simulations.audits.view import RunView
 
     view = RunView(memorising_run)
-    ex = audit_privacy.canary_exposure(view, references=199)
+    ex = exposure.canary_exposure(view, references=199)
     assert ex["mean"]["personal"] > 3.0 > ex["mean"]["reference_base"]
-    mia = audit_privacy.membership_inference(view)
+    mia = membership.membership_inference(view)
     assert mia["record_level"]["formal_epsilon"] is None  # no DP: nothing to exceed
 
 
 def test_an_empirical_bound_above_the_formal_epsilon_fails_the_audit(memorising_run, monkeypatch):
-    from simulations import audit_privacy
-    from simulations.audit_view import RunView
+    from simulations.audits import membership
+    from simulations.audits.base import REGISTRY
+    from simulations.audits.view import RunView
 
     view = RunView(memorising_run)
     view.config["dp"] = True
@@ -159,34 +264,36 @@ def test_an_empirical_bound_above_the_formal_epsilon_fails_the_audit(memorising_
         u["epsilon_record_level"] = 1e-6  # a (wrong) claim that nothing can be learned
     # A perfectly separating attack: members score 1, non-members 0.
     monkeypatch.setattr(view, "record_nll", lambda pairs, stack, batch_size=32: [0.0 if stack == "personal" else 1.0] * len(pairs))
-    real = audit_privacy._task_pairs
-    monkeypatch.setattr(audit_privacy, "_task_pairs", lambda v, u, split, ex: real(v, u, split, ex) * (50 if split == "train" else 1))
-    rec = audit_privacy.membership_inference(view, members_per_user=None)["record_level"]
-    assert rec["bound_exceeds_formal"] is False  # identical scores separate nothing...
+    real = membership._task_pairs
+    monkeypatch.setattr(membership, "_task_pairs", lambda v, u, split, ex: real(v, u, split, ex) * (50 if split == "train" else 1))
+    result = membership.membership_inference(view, members_per_user=None)
+    assert result["record_level"]["bound_exceeds_formal"] is False  # identical scores separate nothing...
+    assert REGISTRY["membership_inference"].failure(result) is None
     monkeypatch.setattr(
         view, "record_nll", lambda pairs, stack, batch_size=32: [0.0 if stack == "personal" and len(pairs) > 20 else 1.0] * len(pairs)
     )
-    rec = audit_privacy.membership_inference(view, members_per_user=None)["record_level"]
+    result = membership.membership_inference(view, members_per_user=None)
+    rec = result["record_level"]
     assert rec["auc"] == 1.0 and rec["empirical_epsilon_lower_bound"] > 1e-6 and rec["bound_exceeds_formal"]
+    assert REGISTRY["membership_inference"].verdict(result)["status"] == "FAILED"
 
 
 def test_regurgitation_counts_a_reproduced_value(audited_run, monkeypatch):
-    from simulations import audit_privacy
-    from simulations.audit_view import RunView
+    from simulations.audits import regurgitation
+    from simulations.audits.view import RunView
 
     view = RunView(audited_run)
-    canaries = {u["canary"] for u in view.participants if u.get("canary")}
+    canaries = {u["canary"] for u in view.canaried}
     monkeypatch.setattr(view, "generate", lambda prompt, stack, tokens=20: "it is " + " ".join(sorted(canaries)))
-    out = audit_privacy.regurgitation(view)
+    out = regurgitation.regurgitation(view)
     assert out["canary_hits"] == len(canaries) and out["pii_hits"] == 0
     assert out["rescrub_entities_found"] >= len(canaries)  # what it generated is scrubbed again
 
 
 @pytest.mark.skipif(chromium_binary() is None, reason="no chromium on PATH (make test installs it where apt is available)")
 def test_the_real_audit_report_renders_in_headless_chromium(audited_run, audit_result, tmp_path):
-    from simulations.report_html import dump_dom
+    from simulations.audits.report_html import dump_dom
 
     dom = dump_dom(audited_run / "report.html", tmp_path / "profile")
-    for section in ("ledger", "exposure", "membership-inference", "regurgitation", "wire", "disparity", "counterfactual", "personalization"):
-        assert f'id="{section}"' in dom
+    assert page_structure(dom).ids == MAIN_SECTIONS + AUDIT_SECTIONS
     assert "Canary exposure" in dom and "data:image/png;base64," in dom

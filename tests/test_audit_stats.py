@@ -1,4 +1,4 @@
-"""Unit tests for simulations.audit_stats on constructed inputs with known answers."""
+"""Unit tests for simulations.audits.stats on constructed inputs with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from simulations.audit_stats import (
+from simulations.audits.stats import (
     char_ngram_cosine,
     clopper_pearson_upper,
     degree_of_personalization,

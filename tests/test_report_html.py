@@ -1,4 +1,4 @@
-"""Tests for simulations.report_html: structure, self-containment, escaping, and a real browser."""
+"""Tests for simulations.audits.report_html: structure, self-containment, escaping, and a real browser."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from simulations.report_html import (
+from simulations.audits.report_html import (
     PNG_SIGNATURE,
+    Banner,
     Plot,
     Section,
     Table,
@@ -19,6 +20,7 @@ from simulations.report_html import (
     chromium_binary,
     dump_dom,
     format_cell,
+    format_epsilon,
     line_chart,
     render_html,
     render_report,
@@ -177,6 +179,24 @@ def test_meta_is_rendered():
     assert "<dt>run</dt><dd>r-17</dd>" in page and "<dt>delta</dt><dd>1e-05</dd>" in page
 
 
+def test_banner_comes_first_and_says_pass_or_fail():
+    passed = render_html(title="Audit", sections=audit_sections(), meta={"run": "r"}, banner=Banner("All passed", ok=True))
+    assert '<h1>Audit</h1><p class="banner pass" role="status">All passed</p><dl class="meta">' in passed
+    failed = render_html(title="Audit", sections=[], banner=Banner("AUDIT FAILED: ledger", ok=False))
+    assert '<p class="banner fail" role="status">AUDIT FAILED: ledger</p>' in failed
+    assert "banner" not in render_html(title="Audit", sections=[]).split("</style>")[1]
+
+
+def test_a_section_note_precedes_its_method():
+    page = render_html(title="t", sections=[Section(id="dp-impact", title="DP", method_note="How.", note="Skipped: no baseline.")])
+    assert '<h2>DP</h2><p class="note">Skipped: no baseline.</p><p class="method">How.</p>' in page
+
+
+def test_format_epsilon():
+    assert format_epsilon(None) == "inf" and format_epsilon(float("inf")) == "inf"
+    assert format_epsilon(1.23456) == "1.235" and format_epsilon(0.0) == "0.000"
+
+
 # ---------------------------------------------------------------- escaping
 
 
@@ -185,10 +205,11 @@ def test_everything_user_supplied_is_escaped():
         id="wire",
         title=HOSTILE,
         method_note=HOSTILE,
+        note=HOSTILE,
         tables=[(HOSTILE, [HOSTILE], [[HOSTILE]])],
         figures=[Plot(HOSTILE, bar_chart(["a"], [1.0]))],
     )
-    raw = render_html(title=HOSTILE, sections=[section], meta={HOSTILE: HOSTILE})
+    raw = render_html(title=HOSTILE, sections=[section], meta={HOSTILE: HOSTILE}, banner=Banner(HOSTILE, ok=False))
     page = parse(raw)
     assert "<script>" not in raw
     assert "script" not in page.tags
@@ -232,6 +253,7 @@ def test_chart_helpers_validate_and_are_deterministic():
     many_labels = [f"client-{i}" for i in range(12)]
     chart = bar_chart(many_labels, list(range(12)), errors=[0.5] * 12, reference_line=5, reference_label="global")
     assert chart.startswith(PNG_SIGNATURE)
+    assert line_chart({"loss": ([1, 2, 3], [3.0, 2.0, 1.5])}, xlabel="round", integer_x=True).startswith(PNG_SIGNATURE)
     assert chart == bar_chart(many_labels, list(range(12)), errors=[0.5] * 12, reference_line=5, reference_label="global")
 
 

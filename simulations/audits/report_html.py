@@ -1,4 +1,4 @@
-"""A self-contained HTML report for the audits (issue #6).
+"""A self-contained HTML page: the renderer behind ``report.html`` (issue #6).
 
 ``report.html`` must open from a USB stick or an e-mail attachment years later,
 so it has no external resources at all: the CSS is inline, and every plot is a
@@ -10,7 +10,8 @@ which includes user-controlled strings (persona names, PII placeholders).
 
 Usage::
 
-    render_report("runs/x/report.html", title="Audit of run x", sections=[
+    render_report("runs/x/report.html", title="Audit of run x",
+                  banner=Banner("All audits passed", ok=True), sections=[
         Section(id="ledger", title="Epsilon ledger", method_note="...",
                 tables=[("Per-user epsilon", ["user", "epsilon"], rows)],
                 figures=[bar_chart(users, epsilons, title="epsilon per user")]),
@@ -55,15 +56,27 @@ class Plot(NamedTuple):
 FigureLike = Union[Figure, bytes, Plot]
 
 
+class Banner(NamedTuple):
+    """A one-line verdict under the title, marked as passing (``ok``) or failing."""
+
+    text: str
+    ok: bool
+
+
 @dataclass(frozen=True)
 class Section:
-    """One audit. ``id`` becomes the HTML id (letters, digits, ``-``, ``_``)."""
+    """One part of the page. ``id`` becomes the HTML id (letters, digits, ``-``, ``_``).
+
+    ``note`` is a short statement shown first (e.g. why an audit was skipped);
+    ``method_note`` says how the numbers were made.
+    """
 
     id: str
     title: str
     method_note: str = ""
     tables: Sequence[Table | tuple] = field(default_factory=tuple)
     figures: Sequence[FigureLike] = field(default_factory=tuple)
+    note: str = ""
 
 
 # ---------------------------------------------------------------- plots
@@ -111,7 +124,7 @@ def bar_chart(
     axes = figure.add_subplot()
     positions = range(len(values))
     axes.bar(positions, values, yerr=errors, color="#4878a8", capsize=3 if errors is not None else 0)
-    crowded = len(labels) > 8  # slant long label rows so they do not overlap
+    crowded = len(labels) > 8 or sum(len(str(label)) for label in labels) > 40  # slant long label rows so they do not overlap
     axes.set_xticks(
         list(positions), [str(label) for label in labels], rotation=45 if crowded else 0, ha="right" if crowded else "center"
     )
@@ -132,12 +145,13 @@ def line_chart(
     xlabel: str = "",
     ylabel: str = "",
     logx: bool = False,
+    integer_x: bool = False,
 ) -> bytes:
     """One line with markers per named (xs, ys) series, as PNG bytes.
 
     Meant for privacy-utility curves: x = epsilon, y = utility, one series per
     method. Points are sorted by x so that runs listed in any order draw a
-    clean curve.
+    clean curve. ``integer_x`` puts ticks on whole numbers only (rounds).
     """
     if not series:
         raise ValueError("line_chart needs at least one series")
@@ -150,6 +164,10 @@ def line_chart(
         axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=str(name))
     if logx:
         axes.set_xscale("log")
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -170,6 +188,10 @@ dl.meta dt { font-weight: 600; }
 dl.meta dd { margin: 0; }
 nav ol { columns: 2; }
 section { border-top: 1px solid #ddd; margin-top: 2em; }
+p.banner { font-weight: 600; padding: 0.6em 0.9em; border-radius: 4px; }
+p.banner.pass { background: #e6f4ea; border-left: 4px solid #2e7d32; }
+p.banner.fail { background: #fdecea; border-left: 4px solid #c0392b; }
+p.note { font-style: italic; }
 p.method { background: #f6f8fa; border-left: 3px solid #4878a8; padding: 0.5em 0.8em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
 caption { text-align: left; font-weight: 600; padding-bottom: 0.3em; }
@@ -203,6 +225,13 @@ def format_cell(value: object) -> str:
             return "NaN"
         return f"{number:.4g}"
     return str(value)
+
+
+def format_epsilon(epsilon: float | None) -> str:
+    """An epsilon for display: ``inf`` for None (no DP) or infinity, else three decimals."""
+    if epsilon is None or (isinstance(epsilon, float) and math.isinf(epsilon)):
+        return "inf"
+    return f"{epsilon:.3f}"
 
 
 def _is_numeric(value: object) -> bool:
@@ -257,9 +286,10 @@ def _render_section(section: Section) -> str:
     figures = "".join(
         _render_figure(item, alt=f"{section.title}, figure {number}") for number, item in enumerate(section.figures, 1)
     )
+    note = f'<p class="note">{_escape(section.note)}</p>' if section.note else ""
     return (
         f'<section id="{_escape(section.id)}"><h2>{_escape(section.title)}</h2>'
-        f"{_render_method_note(section.method_note)}{tables}{figures}</section>"
+        f"{note}{_render_method_note(section.method_note)}{tables}{figures}</section>"
     )
 
 
@@ -273,9 +303,15 @@ def _check_section_ids(sections: Sequence[Section]) -> None:
         seen.add(section.id)
 
 
-def render_html(*, title: str, sections: Sequence[Section], meta: Mapping[str, object] | None = None) -> str:
+def render_html(
+    *, title: str, sections: Sequence[Section], meta: Mapping[str, object] | None = None, banner: Banner | None = None
+) -> str:
     """The report as one HTML string (see :func:`render_report`)."""
     _check_section_ids(sections)
+    banner_block = ""
+    if banner is not None:
+        verdict = "pass" if banner.ok else "fail"
+        banner_block = f'<p class="banner {verdict}" role="status">{_escape(banner.text)}</p>'
     meta_block = ""
     if meta:
         items = "".join(f"<dt>{_escape(key)}</dt><dd>{_escape(format_cell(value))}</dd>" for key, value in meta.items())
@@ -288,23 +324,28 @@ def render_html(*, title: str, sections: Sequence[Section], meta: Mapping[str, o
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>{_escape(title)}</h1>{meta_block}"
+        f"<body><h1>{_escape(title)}</h1>{banner_block}{meta_block}"
         f'<nav><h2>Contents</h2><ol>{contents}</ol></nav>{body}</body></html>\n'
     )
 
 
 def render_report(
-    path: str | Path, *, title: str, sections: Sequence[Section], meta: Mapping[str, object] | None = None
+    path: str | Path,
+    *,
+    title: str,
+    sections: Sequence[Section],
+    meta: Mapping[str, object] | None = None,
+    banner: Banner | None = None,
 ) -> Path:
     """Write a self-contained ``report.html`` to ``path`` and return the path.
 
-    ``meta`` is shown under the title as key/value pairs, e.g. run id and
-    configuration. Nothing time-dependent is added, so the same inputs give the
-    same file.
+    ``banner`` is a verdict line right under the title; ``meta`` is shown below
+    it as key/value pairs, e.g. run id and configuration. Nothing
+    time-dependent is added, so the same inputs give the same file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(title=title, sections=sections, meta=meta), encoding="utf-8")
+    path.write_text(render_html(title=title, sections=sections, meta=meta, banner=banner), encoding="utf-8")
     return path
 
 
