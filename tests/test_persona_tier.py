@@ -70,7 +70,7 @@ def test_routing_by_data_volume(n, group):
 
 def test_cached_generation_matches_step_by_step_greedy_decoding():
     """The audits' KV-cached generator must produce what the plain model forward would."""
-    from simulations.audit_view import STACKS, RunView
+    from simulations.audits.view import STACKS, RunView
 
     model = personal_model(spec())
     gen = torch.Generator().manual_seed(0)

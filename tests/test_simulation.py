@@ -1,52 +1,53 @@
-"""One whole federated simulation on Flower's simulation engine (Ray), tiny model."""
+"""Whole federated simulations on Flower's simulation engine (Ray), tiny model."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from helpers import codec_for, quick
 
 pytestmark = pytest.mark.slow
 
 
-def _update_length(num_slots: int) -> int:
-    from common.config import build_config
-    from common.models import AdapterSpec, personal_model
-    from common.tiers import update_layout, update_length, wire_shapes
-
-    shared = personal_model(AdapterSpec.from_run_config(build_config("quick"))).shared_params()
-    return update_length(update_layout(wire_shapes({k: tuple(v.shape) for k, v in shared.items()}, num_slots), num_slots))
+def _update_length(**flat) -> int:
+    return codec_for(quick(**flat)).length
 
 
-def test_quick_simulation_writes_a_three_way_report(tmp_path):
+def test_quick_simulation_writes_the_server_report_and_the_device_results(tmp_path):
     from simulations.run import prepare, simulate
 
-    cfg = prepare("quick", {"num-supernodes": 4, "scrub-mode": "patterns"}, tmp_path / "run")
-    report = simulate(cfg)
+    harness = prepare("quick", {"num-supernodes": 4, "scrub-mode": "patterns"}, tmp_path / "run")
+    report = simulate(harness)
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert on_disk["utility"] == report["utility"]
+    assert on_disk["utility"] == json.loads(json.dumps(report["utility"]))
     assert (tmp_path / "run" / "report.md").read_text().startswith("# fedpersona simulation report")
-    assert [r["round"] for r in report["rounds"]] == [1, 2]
-    assert all(r["clients"] == 4 and r["rejected_replies"] == 0 for r in report["rounds"])
-    assert len(report["users"]) == 4
+    server = report["server"]
+    assert [r["round"] for r in server["rounds"]] == [1, 2]
+    assert all(r["sampled"] == 4 and r["contributors"] == 4 and r["refused"] == {} and r["failed"] == 0 and r["rejected"] == 0 for r in server["rounds"])
+    assert server["evaluation"] == {"round": 2, "evaluated": 4, "refused": {}, "failed": 0}
+    assert len(report["users"]) == 4 and report["utility"]["users"] == 4
     for user in report["users"]:
         assert user["epsilon_record_level"] is not None and user["epsilon_record_level"] > 0
         for key in ("nll_base", "nll_global", "nll_persona", "nll_personal", "nll_served"):
             assert user[key] > 0
     # Per tier stack and per routing group (the generator makes 1 cold-start, 1 occasional, 2 frequent of 4).
-    assert {"base", "global", "persona", "personal", "served"} <= set(report["utility"])
     groups = report["utility"]["routing_groups"]
     assert {g: groups[g]["users"] for g in groups} == {"cold-start": 1, "occasional": 1, "frequent": 2}
-    # Every round, each client sent one K-slot update (float32) and its metrics;
+    # Training diagnostics come from the devices' own stores, per round.
+    assert [r["round"] for r in report["training"]] == [1, 2] and all(r["devices"] == 4 for r in report["training"])
+    # Every round, each client sent one K-slot update (float32) and nothing else;
     # the server learned per-slot counts summing to the 4 clients.
-    payload = 4 * _update_length(3)
-    assert all(payload <= b < 1.2 * payload for r in report["rounds"] for b in r["bytes_per_client"])  # + npy headers, names, metrics
-    assert all(sum(r["persona_counts"]) == 4 for r in report["rounds"])
-    # The raw data never reaches the server's report.
-    text = (tmp_path / "run" / "report.json").read_text()
+    payload = 4 * _update_length()
+    assert all(payload <= b < 1.2 * payload for r in server["rounds"] for b in r["bytes_per_client"])  # + npy headers, names
+    assert all(sum(r["persona_counts"]) == 4 for r in server["rounds"])
+    # The server's report holds no per-device value at all, and no raw data.
+    server_text = (tmp_path / "run" / "server.json").read_text()
+    assert "nll" not in server_text and "user_index" not in server_text
     sidecar = (tmp_path / "run" / "data" / "pii_sidecar.jsonl").read_text().splitlines()
     planted = [json.loads(line)["value"] for line in sidecar]
-    assert planted and not any(value in text for value in planted)
+    text = (tmp_path / "run" / "report.json").read_text()
+    assert planted and not any(value in text or value in server_text for value in planted)
 
 
 def test_user_level_dp_simulation_accounts_each_round_and_stops_at_budget(tmp_path):
@@ -62,12 +63,16 @@ def test_user_level_dp_simulation_accounts_each_round_and_stops_at_budget(tmp_pa
         "user-delta": 1e-3,
     }
     report = simulate(prepare("quick", overrides, tmp_path / "run"))
-    ul = report["user_level"]
+    ul = report["server"]["user_level"]
     eps = [ul["epsilon_per_round"][k] for k in sorted(ul["epsilon_per_round"], key=int)]
     assert ul["rounds_planned"] == 4 and 0 < ul["rounds_run"] < 4  # budget 8 stops it early
     assert eps == sorted(eps) and eps[-1] <= 8.0
     assert eps[-1] == pytest.approx(ul["epsilon_independent"], rel=0.02)
-    assert len(report["rounds"]) == ul["rounds_run"]
+    assert len(report["server"]["rounds"]) == ul["rounds_run"]
+    # The pipeline's server-side metrics are in the report: noise std and signal-to-noise.
+    privacy = report["server"]["rounds"][0]["privacy"]
+    assert privacy["noise"]["noise-std"] == pytest.approx(1.0) and privacy["noise"]["snr"] >= 0
+    assert 0 <= report["training"][0]["clip_fraction"] <= 1 and report["training"][0]["update_norm"]["q50"] > 0
 
 
 def test_secure_aggregation_with_user_dp_runs_on_the_simulation_engine(tmp_path):
@@ -82,26 +87,37 @@ def test_secure_aggregation_with_user_dp_runs_on_the_simulation_engine(tmp_path)
         "user-clip-norm": 0.5,
     }
     report = simulate(prepare("quick", overrides, tmp_path / "run"))
-    assert [r["clients"] for r in report["rounds"]] == [4, 4]
-    assert all(r["rejected_replies"] == 0 for r in report["rounds"])
+    rounds = report["server"]["rounds"]
+    assert [r["contributors"] for r in rounds] == [4, 4]
+    assert all(r["rejected"] == 0 and r["refused"] == {} for r in rounds)
     # Each train reply is one masked uint32 vector as long as the K-slot update
-    # (plus headers and metrics), not float tensors; key, share and unmask
-    # replies are counted on top.
-    length = _update_length(3)
-    for r in report["rounds"]:
+    # (plus headers), not float tensors; key, share and unmask replies are counted on top.
+    length = _update_length()
+    for r in rounds:
         assert all(4 * length <= b < 4 * length + 1024 for b in r["bytes_train_reply"])
         assert all(b > 0 for b in r["bytes_secagg_replies"])
         assert r["bytes_per_client"] == [a + b for a, b in zip(r["bytes_train_reply"], r["bytes_secagg_replies"])]
-    eps = list(report["user_level"]["epsilon_per_round"].values())
+        assert r["privacy"]["secure-sum"]["survivors"] == 4 and r["privacy"]["noise"]["snr"] >= 0
+    eps = list(report["server"]["user_level"]["epsilon_per_round"].values())
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
-    assert len(report["users"]) == 4
+    assert report["server"]["user_level"]["noise_placement"] == "distributed"
+    assert report["utility"]["users"] == 4
 
 
-def test_poisson_sampled_user_level_dp_on_the_simulation_engine(tmp_path):
-    """fraction-train < 1 with user-level DP: Poisson client sampling, accounted with amplification."""
-    from common.dp import independent_user_epsilon
+def test_poisson_sampled_user_level_dp_on_the_simulation_engine(tmp_path, monkeypatch):
+    """fraction-train < 1 with user-level DP: Poisson client sampling, accounted with amplification.
+
+    The server's coins are patched (the ServerApp runs in this process) so the
+    cohorts are known: every round trains exactly the drawn devices.
+    """
+    import numpy as np
+
+    from common import csprng
+    from common.privacy.accounting import independent_user_epsilon
     from simulations.run import prepare, simulate
 
+    patterns = iter([[1, 0, 1, 0, 0, 0], [0, 1, 1, 1, 0, 1], [0, 0, 0, 0, 1, 0]])
+    monkeypatch.setattr(csprng, "bernoulli", lambda n, p: np.array(next(patterns), dtype=bool))
     overrides = {
         "num-supernodes": 6,
         "fraction-train": 0.5,
@@ -112,11 +128,11 @@ def test_poisson_sampled_user_level_dp_on_the_simulation_engine(tmp_path):
         "user-clip-norm": 0.5,
     }
     report = simulate(prepare("quick", overrides, tmp_path / "run"))
-    ul = report["user_level"]
+    ul = report["server"]["user_level"]
     assert ul["sample_rate"] == 0.5 and "Poisson" in ul["sampling"]
     eps = [ul["epsilon_per_round"][k] for k in sorted(ul["epsilon_per_round"], key=int)]
     assert len(eps) == 3 and eps == sorted(eps)
     assert eps[-1] == pytest.approx(independent_user_epsilon(1.0, 3, 1e-3, 0.5), rel=0.02)
     assert eps[-1] < independent_user_epsilon(1.0, 3, 1e-3)  # amplification by sampling
-    # Cohorts vary round to round (each node kept with probability 1/2).
-    assert all(0 <= r["clients"] <= 6 for r in report["rounds"])
+    assert [(r["sampled"], r["contributors"], r["expected_cohort"]) for r in report["server"]["rounds"]] == [(2, 2, 3.0), (4, 4, 3.0), (1, 1, 3.0)]
+    assert [r["devices"] for r in report["training"]] == [2, 4, 1]
