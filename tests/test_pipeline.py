@@ -108,7 +108,7 @@ def test_server_noise_is_added_once_and_reports_signal_to_noise():
     noise = GaussianNoise(1.0, 0.5, "server")
     agg = ServerAggregate(codec, [], expected=1, total=np.zeros(codec.length), contributors=1)
     metrics = noise.server(agg, ServerRound(1, [1]))
-    assert agg.total.std() == pytest.approx(0.5, rel=0.02) and metrics["noise-std"] == 0.5 and metrics["snr"] < 0.05
+    assert agg.total.std() == pytest.approx(0.5, rel=0.02) and metrics["noise-std"] == 0.5 and metrics["snr"] < 0.15  # pure noise: |excess| ~ (2d)^(1/4) / sqrt(d) = 0.07 per sd
     loud = ServerAggregate(codec, [], expected=1, total=np.full(codec.length, 5.0), contributors=1)
     assert noise.server(loud, ServerRound(1, [1]))["snr"] > 5
 
