@@ -32,10 +32,9 @@ from client.store import IngestError
 from client.train import encode_pairs, epsilon_from_history, evaluate_nll, train_local, would_exceed
 from common.config import ConfigError, RunConfig
 from common.kslot import KSlotCodec
-from common.models import AdapterSpec, ModelNotAvailable, personal_model, tier_of
+from common.models import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, AdapterSpec, ModelNotAvailable, personal_model, routing_group, tier_of
 from common.privacy import DeviceUpdate, Pipeline, build_pipeline
 from common.secagg import SecAggProtocolError
-from common.tiers import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, routing_group
 from common.wire import ARRAYS, METRICS, SECAGG, EgressGuard, EgressViolation, Reason, refusal_content
 
 log = logging.getLogger(__name__)

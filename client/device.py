@@ -28,8 +28,7 @@ from safetensors.torch import save as save_tensors
 from client.policy import DevicePolicy, Refused
 from client.store import DeviceStore
 from common.config import ConfigError, RunConfig
-from common.models import AdapterSpec, PersonalLM, cache_dir, personal_model, tier_of
-from common.tiers import USER
+from common.models import USER, AdapterSpec, PersonalLM, cache_dir, personal_model, tier_of
 from common.wire import CONFIG, DEVICE_PATH_KEYS, SECAGG, Reason, message_config_violation
 
 log = logging.getLogger(__name__)

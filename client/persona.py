@@ -29,8 +29,7 @@ from torch.utils.data import TensorDataset
 
 from client.store import DeviceStore
 from common.config import RunConfig
-from common.models import PersonalLM
-from common.tiers import GLOBAL, PERSONA
+from common.models import GLOBAL, PERSONA, PersonalLM
 
 CHOICE_STATE = "persona-choice.json"
 PROFILE_STATE = "profile-embedding.npy"

