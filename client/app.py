@@ -21,6 +21,7 @@ import logging
 import math
 import warnings
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,8 +34,10 @@ from client.train import encode_pairs, epsilon_from_history, evaluate_nll, train
 from common.config import ConfigError, RunConfig
 from common.kslot import KSlotCodec
 from common.models import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, AdapterSpec, ModelNotAvailable, personal_model, routing_group, tier_of
+from common import csprng
 from common.privacy import DeviceUpdate, Pipeline, build_pipeline
-from common.secagg import SecAggProtocolError
+from common.privacy.pipeline import sample_rate
+from common.secagg import SecAggClient, SecAggProtocolError
 from common.wire import ARRAYS, METRICS, SECAGG, EgressGuard, EgressViolation, Reason, refusal_content
 
 log = logging.getLogger(__name__)
@@ -123,42 +126,58 @@ PRODUCTION_MODS = (refusal_mod, egress_guard_mod)
 
 def train(msg: Message, context: Context) -> Message:
     dev = device.open_device(msg, context)
-    cfg, store, model = dev.cfg, dev.store, dev.model
+    cfg, store = dev.cfg, dev.store
     pairs = store.tasks("train")
     if not pairs:
         raise Refused(Reason.NO_TRAINING_DATA)
-    participation = device.get_json(store, device.PARTICIPATION, {"rounds": 0})
+    codec, pipeline = _wire(cfg)
+    sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+    masked = SECAGG in msg.content.keys()
+    participation = device.get_json(store, device.PARTICIPATION, {"rounds": 0, "joined": 0})
+    rate = sample_rate(cfg)
+    if masked and rate < 1 and not csprng.bernoulli(1, rate)[0]:
+        # Under secure aggregation devices sample themselves (OS entropy), so the
+        # server never learns the cohort. A device not drawn this round trains
+        # nothing and sends a zero update with its noise share: the noise total
+        # does not depend on who was drawn.
+        vector, result, chosen = np.zeros(codec.length), None, None
+    else:
+        vector, result, chosen = _train_round(dev, sent, codec, pairs, participation)
+    update = DeviceUpdate(codec, vector)
+    if masked:
+        update.secagg_request = dict(msg.content[SECAGG])
+        update.secagg_state = dict(context.state[SECAGG])
+        update.min_contributors = pipeline.step("secure-sum").honest_floor(SecAggClient.from_state(update.secagg_state).params)
+    steps = pipeline.run_device(update)
+    if masked:
+        context.state[SECAGG] = ConfigRecord(update.secagg_state)
+    participation["joined"] += 1  # user-level releases this device took part in (for its own epsilon)
+    device.put_json(store, device.PARTICIPATION, participation)
+    _note_diagnostics(store, dev.server_round, result, steps, chosen)
+    return Message(content=RecordDict({ARRAYS: update.payload}), reply_to=msg)
+
+
+def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, participation: dict):
+    """Check this device's budgets, choose its persona, run DP-SGD; returns (raw K-slot update, result, slot)."""
+    cfg, store, model = dev.cfg, dev.store, dev.model
     if dev.policy.max_rounds and participation["rounds"] >= dev.policy.max_rounds:
         raise Refused(Reason.PARTICIPATION_BUDGET_SPENT)
     acc_state = device.accountant_state(store)
     if would_exceed(acc_state, cfg.train, len(pairs), cfg.train.max_epsilon):
         raise Refused(Reason.RECORD_BUDGET_SPENT)
-
-    codec, pipeline = _wire(cfg)
-    sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
     direct, slots, centroids = codec.split_received(sent)
     _load_shared(model, direct)
     data = encode_pairs(model.tokenizer, pairs, cfg.train.max_len)
     chosen = _persona(dev, slots, centroids, data, "train")
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dev.server_round)
+    # A seeded batch order only without DP: under DP the sample must stay secret (train_local draws it from the OS).
+    gen = None if cfg.train.dp else torch.Generator().manual_seed(cfg.seed * 1000 + dev.server_round)
     result, acc_state, opt_state = train_local(model, data, cfg.train, acc_state, store.get_state(device.OPTIMIZER), generator=gen)
     device.swap_out_user(model, store, acc_state, opt_state)
-
-    trained = {k: v.numpy() for k, v in model.shared_state().items()}
-    profile = device_profile(store) if chosen is not None else None
-    update = DeviceUpdate(codec, codec.encode(sent, trained, chosen, profile))
-    masked = SECAGG in msg.content.keys()
-    if masked:
-        update.secagg_request = dict(msg.content[SECAGG])
-        update.secagg_state = dict(context.state[SECAGG])
-        update.min_contributors = int(update.secagg_state["p.min_survivors"])
-    steps = pipeline.run_device(update)
-    if masked:
-        context.state[SECAGG] = ConfigRecord(update.secagg_state)
     participation["rounds"] += 1
-    device.put_json(store, device.PARTICIPATION, participation)
-    _note_diagnostics(store, dev.server_round, result, steps, chosen)
-    return Message(content=RecordDict({ARRAYS: update.payload}), reply_to=msg)
+    trained = {k: v.numpy() for k, v in model.shared_state().items()}
+    # Only k-means sends a profile row, and only under user-level DP (the run config enforces it).
+    profile = device_profile(store) if chosen is not None and cfg.persona.assign == "kmeans" else None
+    return codec.encode(sent, trained, chosen, profile), result, chosen
 
 
 def _load_shared(model, direct: dict) -> None:
@@ -181,14 +200,16 @@ def _persona(dev: device.Device, slots, centroids, data, phase: str) -> int | No
 def _note_diagnostics(store, server_round: int, result, steps: dict, chosen: int | None) -> None:
     """What this round looked like on the device: kept in its store for the simulation's diagnostics, never sent."""
     diag = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})
-    diag["rounds"][str(server_round)] = {
-        "train_loss": result.loss,
-        "steps": result.steps,
-        "num_examples": result.num_examples,
-        "epsilon": result.epsilon if math.isfinite(result.epsilon) else None,
-        "persona": chosen,
-        "privacy": {name: m for name, m in steps.items() if m},
-    }
+    entry = {"sampled": result is not None, "privacy": {name: m for name, m in steps.items() if m}}
+    if result is not None:
+        entry.update({
+            "train_loss": result.loss,
+            "steps": result.steps,
+            "num_examples": result.num_examples,
+            "epsilon": result.epsilon if math.isfinite(result.epsilon) else None,
+            "persona": chosen,
+        })
+    diag["rounds"][str(server_round)] = entry
     device.put_json(store, device.DIAGNOSTICS, diag)
 
 
@@ -199,8 +220,6 @@ def secagg_stage(msg: Message, context: Context) -> Message:
     ``context.state`` between stages, never leaves the device, and is dropped
     after the unmask stage.
     """
-    from common.secagg import SecAggClient
-
     adm = device.admit(msg, context)
     if not adm.cfg.secagg.enabled and not adm.policy.require_secagg:
         raise Refused(Reason.PROTOCOL_ERROR, "a secure-aggregation stage in a run without secure aggregation")
@@ -244,6 +263,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     group = routing_group(len(train_pairs), cfg.routing.cold_start_below, cfg.routing.frequent_from)
     served = {COLD_START: "global", OCCASIONAL: "persona", FREQUENT: "personal"}[group]
     eps = epsilon_from_history(device.accountant_state(store), cfg.train.delta) if cfg.train.dp else math.inf
+    joined = device.get_json(store, device.PARTICIPATION, {"joined": 0})["joined"]
     device.put_json(store, device.EVAL_RESULTS, {
         "round": dev.server_round,
         "nll": {"base": base, **scores, "served": scores[served]},
@@ -255,8 +275,25 @@ def evaluate(msg: Message, context: Context) -> Message:
         "records": store.num_records(),
         "epsilon": eps if math.isfinite(eps) else None,
         "delta": cfg.train.delta,
+        "user_rounds_joined": joined,
+        "user_epsilon_against_server": _user_epsilon_against_server(cfg, joined),
     })
+    if SECAGG in context.state.keys():
+        del context.state[SECAGG]  # a round that aborted before unmasking left protocol secrets behind
     return Message(content=RecordDict({METRICS: MetricRecord({})}), reply_to=msg)
+
+
+def _user_epsilon_against_server(cfg: RunConfig, rounds_joined: int) -> float | None:
+    """This device's own user-level epsilon against the server, from the releases it took part in (None = no guarantee).
+
+    Only device-added noise under secure aggregation holds against the server;
+    devices sample themselves there, so the amplification stands against it too.
+    """
+    from common.privacy.accounting import independent_user_epsilon
+
+    if not (cfg.user_dp.enabled and cfg.noise_placement == "distributed"):
+        return None
+    return independent_user_epsilon(cfg.user_dp.noise_multiplier, rounds_joined, cfg.user_dp.delta, sample_rate(cfg))
 
 
 def make_app(mods=()) -> ClientApp:

@@ -4,15 +4,20 @@ The choice is made here, from this device's own data, and kept in its store;
 the server never learns it (the K-slot update of ``common.kslot`` hides it in
 a sum):
 
-* ``kmeans`` (default): the persona centroid nearest to the device's profile
-  embedding (federated k-means; centroids are per-slot means of the devices'
-  profiles, learned through the same sums);
+* ``random`` (default): a slot drawn once from the device's own secret. It
+  derives nothing from the data, so nothing about the data leaves with it;
+* ``kmeans``: the persona centroid nearest to the device's profile embedding
+  (federated k-means; centroids are per-slot means of the devices' profiles,
+  learned through the same sums);
 * ``ifca`` (Ghosh et al. 2020): the slot whose global + persona model has the
   lowest loss on a few training examples.
 
-Ties (round 1 has no centroids, or identical slots) are broken by a generator
-keyed with HMAC(device secret, round): device randomness the server neither
-chooses nor can predict.
+``kmeans`` and ``ifca`` make the choice (and kmeans the profile row it sends)
+a function of the device's data, so the run config allows them only under
+user-level DP with device-added noise and secure aggregation, where that whole
+update is clipped, noised and summed. Ties (round 1 has no centroids, or
+identical slots) are broken by a generator keyed with HMAC(device secret,
+round): device randomness the server neither chooses nor can predict.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def nearest_centroid(profile: np.ndarray, centroids: np.ndarray | None, num_slot
     return rng.choice([k for k, d in zip(ks, dist) if d <= best + 1e-12])
 
 
-def tie_break_rng(store: DeviceStore, server_round: int) -> random.Random:
+def tie_break_rng(store: DeviceStore, server_round: int | str) -> random.Random:
     """Device-local randomness for the persona choice, keyed by the device's own secret."""
     digest = hmac.new(store.device_secret(), f"fedpersona/persona-tie-break/{server_round}".encode(), hashlib.sha256).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
@@ -101,11 +106,13 @@ def pick_and_load(
     phase: str,
 ) -> int:
     """Choose this device's persona, load that slot into the live adapter, note the choice locally."""
-    rng = tie_break_rng(store, server_round)
-    if cfg.persona.assign == "kmeans":
+    if cfg.persona.assign == "random":
+        k = tie_break_rng(store, "random-slot").randrange(len(slots))  # the same slot every round
+    elif cfg.persona.assign == "kmeans":
+        rng = tie_break_rng(store, server_round)
         k = nearest_centroid(device_profile(store), centroids, len(slots), rng)
     else:
-        k, _ = choose_persona(model, slots, data, cfg.persona.ifca_examples, rng)
+        k, _ = choose_persona(model, slots, data, cfg.persona.ifca_examples, tie_break_rng(store, server_round))
     model.load_trainable(slots[k])
     record_choice(store, phase, server_round, k)
     return k

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -141,6 +142,12 @@ def train_local(
     if optimizer_state:
         optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
     batch_size = min(cfg.batch_size, len(data))
+    if cfg.dp and generator is None:
+        # Which records a Poisson batch holds must stay secret from the server:
+        # amplification by sampling assumes it. So under DP the coins come from
+        # the OS, never from a seed in the run config (a seeded generator is
+        # for dp=false runs and tests).
+        generator = _os_seeded_generator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
     gsm = _grad_sample_module(model)
@@ -159,25 +166,33 @@ def train_local(
                 noise_multiplier=cfg.noise_multiplier,
                 max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
+                # Opacus' secure_mode needs torchcsprng (no wheel for Python 3.11);
+                # the noise generator is at least seeded from the OS, never from
+                # anything the server knows.
+                noise_generator=_os_seeded_generator(),
             )
         rate = 1 / len(loader)
     else:
         gsm.disable_hooks()
         net = model
 
+    assert engine is None or abs(rate - sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
     losses, steps = [], 0
     while steps < cfg.local_steps:
         for input_ids, attention, labels in loader:
             if steps >= cfg.local_steps:
                 break
+            optimizer.zero_grad(set_to_none=True)
             if len(input_ids) == 0:
-                # Poisson sampling drew an empty batch. The step still counts
-                # against the budget: we charge the accountant as if noise had
-                # been released, which over- rather than under-states epsilon.
-                engine.accountant.step(noise_multiplier=cfg.noise_multiplier, sample_rate=rate)
+                # Poisson sampling drew an empty batch. The mechanism that is
+                # accounted releases noise in this step too, so run Opacus'
+                # noise-only step: zero per-sample gradients, clipped, summed,
+                # noised and applied, and charged to the accountant as usual.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                optimizer.step()
                 steps += 1
                 continue
-            optimizer.zero_grad(set_to_none=True)
             input_ids, attention, labels = trim_batch(input_ids, attention, labels)
             logits = net(input_ids, attention)
             nll_sum, count = per_sample_nll(logits, labels)
@@ -203,6 +218,10 @@ def train_local(
     torch.save(raw_opt.state_dict(), buf)
     loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainResult(loss=loss, steps=steps, num_examples=len(data), epsilon=epsilon), history, buf.getvalue()
+
+
+def _os_seeded_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def _dump_accountant_state(accountant) -> str:

@@ -160,8 +160,12 @@ class PersonaConfig(_Section):
     """The persona tier: K slots chosen on the device; 0 slots = no persona tier."""
 
     slots: int = _opt("persona-slots", 4, _at_least(0))
-    # kmeans: nearest centroid of the device's profile embedding; ifca: lowest loss
-    assign: str = _opt("persona-assign", "kmeans", _one_of("kmeans", "ifca"))
+    # random: a slot drawn once from the device's own secret (no data leaves);
+    # kmeans: nearest centroid of the device's profile embedding; ifca: lowest loss.
+    # kmeans and ifca derive the choice (and kmeans the profile row) from the
+    # device's data, so they need user-level DP with noise added by the devices
+    # under secure aggregation (see RunConfig.__post_init__).
+    assign: str = _opt("persona-assign", "random", _one_of("random", "kmeans", "ifca"))
     # a slot with fewer (noisy) members folds into the global tier that round
     min_size: int = _opt("persona-min-size", 3, _at_least(1))
     init_std: float = _opt("persona-init-std", 0.001, _non_negative)
@@ -198,8 +202,8 @@ class TrainConfig(_Section):
     noise_multiplier: float = _opt("noise-multiplier", 1.0, _non_negative)  # 0 = clipping only
     max_grad_norm: float = _opt("max-grad-norm", 1.0, _positive)
     delta: float = _opt("delta", 1e-5, _open_unit)
-    # record-level epsilon cap asked of every device (0 = none asked; the device's policy may hold its own)
-    max_epsilon: float = _opt("max-epsilon", 0.0, _non_negative)
+    # record-level epsilon cap asked of every device (0 = none asked; the device's policy holds its own)
+    max_epsilon: float = _opt("max-epsilon", 8.0, _non_negative)
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class UserDPConfig(_Section):
     enabled: bool = _opt("user-dp", False)
     noise_multiplier: float = _opt("user-noise-multiplier", 1.0, _positive)
     clip_norm: float = _opt("user-clip-norm", 1.0, _positive)
-    delta: float = _opt("user-delta", 1e-3, _open_unit)
+    delta: float = _opt("user-delta", 1e-5, _open_unit)  # must be well below 1/num-supernodes
     max_epsilon: float = _opt("user-max-epsilon", 0.0, _non_negative)  # 0 = no budget
 
 
@@ -217,12 +221,16 @@ class UserDPConfig(_Section):
 class SecAggConfig(_Section):
     """Secure aggregation (SecAgg+ stages over the Message API): the server sees sums only."""
 
-    enabled: bool = _opt("secagg", False)
+    enabled: bool = _opt("secagg", True)
     clip_range: float = _opt("secagg-clip-range", 1.0, _positive)  # fixed-point range per coordinate
     modulus_bits: int = _opt("secagg-modulus-bits", 32, lambda v: None if 8 <= v <= 64 else "must lie in [8, 64]")
     # with user-dp: clients add noise shares before masking, or the server adds noise to the sum
     noise: str = _opt("secagg-noise", "distributed", _one_of("distributed", "server"))
     max_dropout: float = _opt("secagg-max-dropout", 0.3, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
+    # the share of clients that may collude with the server: the neighbour graph is sized for it
+    # (Bell et al. 2020), and each distributed noise share is large enough that the honest rest
+    # still add the full noise after colluders subtract theirs
+    colluder_fraction: float = _opt("secagg-colluder-fraction", 0.1, lambda v: None if 0 <= v < 0.5 else "must lie in [0, 0.5)")
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,13 @@ class RunConfig:
             raise ConfigError("frequent-from", "must be >= cold-start-below")
         if self.secagg.enabled and fed.num_supernodes < 3:
             raise ConfigError("num-supernodes", "secure aggregation needs at least 3 clients")
+        if self.user_dp.enabled and self.user_dp.delta >= 0.1 / fed.num_supernodes:
+            raise ConfigError("user-delta", "must be well below 1/num-supernodes (at most a tenth of it)")
+        if p.slots and p.assign != "random" and not (self.user_dp.enabled and self.noise_placement == "distributed"):
+            # A choice derived from the device's data, and the profile row k-means sends,
+            # must leave the device only inside an accounted DP mechanism the server
+            # cannot see around: user-level DP with device-added noise under secure aggregation.
+            raise ConfigError("persona-assign", "kmeans and ifca need user-dp with secagg and secagg-noise=distributed; use random")
 
     @property
     def seed(self) -> int:

@@ -51,12 +51,16 @@ def build_report(cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -
         ud = cfg.user_dp
         q = accounting.sample_rate
         per_round = {str(k): v for k, v in sorted(accounting.epsilon_per_round.items())}
+        clip_p = sum(r.get("steps", {}).get("secure-sum", {}).get("fixed-point-clip-probability", 0.0) for r in strategy.rounds.values())
         user_level.update(
             {
                 "noise_multiplier": ud.noise_multiplier,
                 "clip_norm": ud.clip_norm,
                 "delta": ud.delta,
+                # Each round's chance that a noise share's tail was clipped by the fixed-point range.
+                "delta_effective": ud.delta + clip_p,
                 "noise_placement": cfg.noise_placement,
+                **against_server(cfg, per_round),
                 "sampling": "all clients every round (no amplification)" if q >= 1 else f"Poisson client sampling, q = {q:.3f} of {accounting.population}",
                 "sample_rate": q,
                 "epsilon_per_round": per_round,
@@ -75,6 +79,30 @@ def build_report(cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -
         "contributions": sum(r["contributors"] for r in rounds),
         "evaluation": strategy.evaluation,
         "user_level": user_level,
+    }
+
+
+def against_server(cfg: RunConfig, per_round: dict) -> dict:
+    """User-level epsilon against the server, next to the one against observers of the released model.
+
+    The accountant's epsilon holds against anyone who sees only the released,
+    noised sum. The server sees more unless the devices add the noise under
+    secure aggregation: without secure aggregation it sees each update, and
+    with server-added noise it holds the noiseless sum. With distributed noise
+    (and, for q < 1, devices sampling themselves) it sees only what observers
+    see, as long as colluders stay within the stated budget.
+    """
+    if cfg.noise_placement == "distributed":
+        return {
+            "epsilon_against_server": dict(per_round),
+            "server_view": f"only the noised sum (distributed noise; holds with up to a {cfg.secagg.colluder_fraction:g} share of colluding clients)",
+            "neighbouring_relation": "zero-out: every device adds its noise share, drawn or not",
+        }
+    view = "each device's clipped update (no secure aggregation)" if not cfg.secagg.enabled else "the noiseless sum (it adds the noise itself)"
+    return {
+        "epsilon_against_server": {r: None for r in per_round},  # no user-level guarantee against the server
+        "server_view": view,
+        "neighbouring_relation": "add-or-remove",
     }
 
 
@@ -128,10 +156,16 @@ def render_markdown(report: dict) -> str:
             + (f" (budget {ul['max_epsilon']})" if ul["max_epsilon"] else "")
             + ".",
             "",
-            "| round | user-level epsilon (Flower RdpAccountant) |",
-            "|---|---|",
+            f"The server sees {ul['server_view']}; neighbouring relation: {ul['neighbouring_relation']}. "
+            f"Effective delta (with the fixed-point clipping probability): {ul['delta_effective']:.3g}.",
+            "",
+            "| round | epsilon against observers of the released model (Flower RdpAccountant) | epsilon against the server |",
+            "|---|---|---|",
         ]
-        lines += [f"| {r} | {e:.3f} |" for r, e in ul["epsilon_per_round"].items()]
+        lines += [
+            f"| {r} | {e:.3f} | {'inf' if ul['epsilon_against_server'][r] is None else format(ul['epsilon_against_server'][r], '.3f')} |"
+            for r, e in ul["epsilon_per_round"].items()
+        ]
         lines += ["", f"Independent recomputation (Opacus RDP analysis): {ul['epsilon_independent']:.3f}."]
     return "\n".join(lines) + "\n"
 

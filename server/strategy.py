@@ -8,7 +8,9 @@ config exactly as the devices build theirs.
 Per round the strategy:
 
 1. draws the cohort: every node, or each node independently with probability
-   ``q`` (Poisson client sampling) from a CSPRNG;
+   ``q`` (Poisson client sampling) from a CSPRNG; under secure aggregation every
+   node joins and the devices draw their own coins, so the server never learns
+   who trained;
 2. lets the pipeline's steps prepare the round (secure aggregation's key and
    share stages) and sends each node the shared tiers, the round number and its
    stage-2 request; nothing else goes in the message (``common.wire``);
@@ -57,6 +59,9 @@ class TieredFedAvg(Strategy):
         self.num_rounds = num_rounds
         self.population = cfg.federation.num_supernodes
         self.rate = sample_rate(cfg)
+        # Under secure aggregation every device joins every round and samples itself,
+        # so the server never learns the cohort (and cannot undo the amplification).
+        self.self_sampling = pipeline.step("secure-sum") is not None and self.rate < 1.0
         self.timeout = cfg.federation.round_timeout
         self.rounds: dict[int, dict] = {}  # the report's per-round rows
         self.evaluation: dict = {}
@@ -67,7 +72,7 @@ class TieredFedAvg(Strategy):
     def _cohort(self, grid: Grid) -> list[int]:
         # Wait for every node of the federation, then keep each with probability q.
         node_ids = sorted(sample_nodes(grid, self.population, self.population)[0])
-        if self.rate < 1.0:
+        if self.rate < 1.0 and not self.self_sampling:
             keep = csprng.bernoulli(len(node_ids), self.rate)
             node_ids = [nid for nid, k in zip(node_ids, keep) if k]
         return node_ids

@@ -51,6 +51,7 @@ def device_results(harness: dict) -> list[dict]:
                     "persona": ev["persona"],
                     **{f"nll_{t}": ev["nll"][t] for t in TIERS},
                     "epsilon_record_level": ev["epsilon"],
+                    "user_epsilon_against_server": ev.get("user_epsilon_against_server"),
                 }
             )
         rows.append(row)
@@ -93,8 +94,8 @@ def training_rounds(rows: list[dict]) -> list[dict]:
     rounds = sorted({int(r) for row in rows for r in row["diagnostics"]})
     out = []
     for rnd in rounds:
-        entries = [row["diagnostics"][str(rnd)] for row in rows if str(rnd) in row["diagnostics"]]
-        losses = [e["train_loss"] for e in entries if e["train_loss"] is not None and math.isfinite(e["train_loss"])]
+        entries = [row["diagnostics"][str(rnd)] for row in rows if row["diagnostics"].get(str(rnd), {}).get("sampled", True)]
+        losses = [e["train_loss"] for e in entries if e.get("train_loss") is not None and math.isfinite(e["train_loss"])]
         clip = [e["privacy"]["clip"] for e in entries if "clip" in e.get("privacy", {})]
         item = {"round": rnd, "devices": len(entries), "train_loss": statistics.fmean(losses) if losses else float("nan")}
         if clip:

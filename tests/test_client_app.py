@@ -17,7 +17,7 @@ from common.wire import REFUSAL, Reason
 
 @pytest.fixture
 def setup(tiny_data, task_identity, tmp_path):
-    cfg = quick()
+    cfg = quick(secagg=False)
     ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg)
     return cfg, ctx, tmp_path / "device-1" / "store.sqlite"
 
@@ -47,25 +47,29 @@ def test_train_reply_is_a_k_slot_update_and_nothing_else(setup):
     assert sorted(count.tolist()) == [0.0, 0.0, 1.0]
     nonzero = {k for k in range(3) if any(np.abs(arrays[key].numpy()).sum() > 0 for key in _lora_b(f"persona{k}"))}
     assert nonzero == {chosen}
-    # The centroid block carries the device's unit profile embedding in that row only.
+    # The default choice is drawn from the device's own secret, not its data, so
+    # no profile leaves the device: the centroid block is all zeros.
     rows = arrays["persona-centroids"].numpy()
-    assert rows.shape == (3, 384) and np.linalg.norm(rows, axis=1) == pytest.approx([1.0 if k == chosen else 0.0 for k in range(3)], abs=1e-5)
+    assert rows.shape == (3, 384) and not rows.any()
     store = device.DeviceStore(store_path)
     assert json.loads(store.get_state(CHOICE_STATE))["train"] == {"1": chosen}
+    # ... and the same slot every round.
+    app(server_message(cfg, "train", 2), ctx)
+    assert json.loads(store.get_state(CHOICE_STATE))["train"] == {"1": chosen, "2": chosen}
     # What the device learned about its round stays with it.
     diag = device.get_json(store, device.DIAGNOSTICS, None)
     assert diag["rounds"]["1"]["persona"] == chosen and diag["rounds"]["1"]["epsilon"] > 0
 
 
 def test_without_persona_tier_the_reply_is_the_global_update(tiny_data, task_identity, tmp_path):
-    cfg = quick(persona_slots=0)
+    cfg = quick(secagg=False, persona_slots=0)
     ctx = device_context(tmp_path, 1, user_files(tiny_data)[0], cfg)
     reply = app(server_message(cfg, "train"), ctx)
     assert set(reply.content["arrays"].keys()) == _lora_b("global")
 
 
 def test_separate_split_sends_a_and_b(tiny_data, task_identity, tmp_path):
-    cfg = quick(lora_split="separate", persona_slots=0)
+    cfg = quick(secagg=False, lora_split="separate", persona_slots=0)
     ctx = device_context(tmp_path, 1, user_files(tiny_data)[0], cfg)
     reply = app(server_message(cfg, "train"), ctx)
     expected = {f"global/layers.{layer}.self_attn.{proj}.lora_{ab}" for layer in (0, 1) for proj in ("q_proj", "v_proj") for ab in "AB"}
@@ -73,7 +77,7 @@ def test_separate_split_sends_a_and_b(tiny_data, task_identity, tmp_path):
 
 
 def test_a_device_out_of_the_persona_tier_sends_zero_slots_and_count(tiny_data, task_identity, tmp_path):
-    cfg = quick()
+    cfg = quick(secagg=False)
     ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg, persona_tier=False)
     arrays = app(server_message(cfg, "train"), ctx).content["arrays"]
     assert not arrays["persona-count"].numpy().any() and not arrays["persona-centroids"].numpy().any()
@@ -119,7 +123,7 @@ def test_server_cannot_overwrite_the_user_tier(setup):
 def test_a_device_without_training_tasks_declines_with_a_reason(tiny_data, task_identity, tmp_path):
     only_docs = tmp_path / "docs.jsonl"
     only_docs.write_text('{"type":"document","id":"d1","text":"Just a note."}\n{"type":"task","id":"t1","split":"test","input":"a","output":"b"}\n')
-    cfg = quick()
+    cfg = quick(secagg=False)
     ctx = device_context(tmp_path, 1, only_docs, cfg)
     reply = app(server_message(cfg, "train"), ctx)
     assert set(reply.content.keys()) == {REFUSAL} and Reason(reply.content[REFUSAL]["reason"]) == Reason.NO_TRAINING_DATA

@@ -70,8 +70,16 @@ def test_cross_key_rules():
         build_config("quick", {"cold-start-below": 10, "frequent-from": 5})
     with pytest.raises(ConfigError, match="num-supernodes"):
         build_config("quick", {"secagg": True, "num-supernodes": 2, "persona-slots": 2})
-    cfg = build_config("quick", {"secagg": True})
-    assert cfg.noise_placement == "distributed" and build_config("quick").noise_placement == "server"
+    assert build_config("quick").noise_placement == "distributed"  # secure aggregation is the default
+    assert build_config("quick", {"secagg": False}).noise_placement == "server"
+    with pytest.raises(ConfigError, match="user-delta"):
+        build_config("quick", {"user-dp": True, "user-delta": 0.05})  # not well below 1/6
+    # A data-derived persona choice needs user-level DP with device-added noise under secure aggregation.
+    with pytest.raises(ConfigError, match="persona-assign"):
+        build_config("quick", {"persona-assign": "kmeans"})
+    with pytest.raises(ConfigError, match="persona-assign"):
+        build_config("quick", {"persona-assign": "ifca", "user-dp": True, "secagg-noise": "server"})
+    assert build_config("quick", {"persona-assign": "kmeans", "user-dp": True}).persona.assign == "kmeans"
 
 
 def test_a_bad_value_leaves_no_run_folder(tmp_path):

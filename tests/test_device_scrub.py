@@ -17,7 +17,7 @@ BARE_TAG = re.compile(r"<[A-Z_]+>")
 
 def _store(tiny_data: Path, tmp_path: Path, index: int, **policy):
     cfg = DevicePolicy(user_file=str(user_files(tiny_data)[index]), store_path=str(tmp_path / f"d{index}.sqlite"), min_scrub_mode="patterns", **policy)
-    return device.open_store(cfg.admit(quick(scrub_mode="patterns")), cfg, {})
+    return device.open_store(cfg.admit(quick(secagg=False, scrub_mode="patterns")), cfg, {})
 
 
 def test_pseudonym_operator_keys_each_device_with_its_own_stored_secret(tiny_data, tmp_path):
@@ -49,7 +49,7 @@ def test_the_scrubber_yaml_is_the_device_owners_never_the_runs(tiny_data, tmp_pa
 """, encoding="utf-8")
     policy = DevicePolicy(scrub_config=str(yaml_path), min_scrub_mode="patterns")
     # A run config that names another YAML (say, one with no recognizers) is ignored: the policy's stands.
-    admitted = policy.admit(quick(scrub_mode="patterns", scrub_config="/tmp/empty.yaml", scrub_operator="mask"))
+    admitted = policy.admit(quick(secagg=False, scrub_mode="patterns", scrub_config="/tmp/empty.yaml", scrub_operator="mask"))
     assert (admitted.scrub.config, admitted.scrub.operator) == (str(yaml_path), "tag")
     scrub = device.scrubber(admitted.scrub.mode, admitted.scrub.operator, admitted.scrub.config)
     assert scrub(["Ship PRJ-1234 today."])[0].text == "Ship <PROJECT_CODE> today."

@@ -39,7 +39,7 @@ def _run_round(cfg, contexts, wire_dir, tmp_path):
 def test_a_crash_in_training_crosses_as_a_reason_code_only(tiny_data, task_identity, tmp_path, monkeypatch):
     from client import app as client_app
 
-    cfg = quick(persona_slots=0, num_supernodes=3)
+    cfg = quick(secagg=False, persona_slots=0, num_supernodes=3)
     contexts = {10 + i: device_context(tmp_path, 10 + i, f, cfg) for i, f in enumerate(user_files(tiny_data))}
     secret_path = str(tmp_path / "device-10" / "store.sqlite")
 
@@ -57,7 +57,7 @@ def test_a_crash_in_training_crosses_as_a_reason_code_only(tiny_data, task_ident
 
 
 def test_a_bad_user_file_is_an_ingest_refusal_without_its_path_or_content(tiny_data, task_identity, tmp_path, caplog):
-    cfg = quick(persona_slots=0, scrub_mode="patterns", num_supernodes=3)
+    cfg = quick(secagg=False, persona_slots=0, scrub_mode="patterns", num_supernodes=3)
     bad = tmp_path / "private-folder" / "bad_user_001.jsonl"
     bad.parent.mkdir()
     good = user_files(tiny_data)[0].read_text().splitlines()

@@ -48,7 +48,7 @@ def test_ifca_picks_the_slot_that_fits_the_device_data(tiny_data, tmp_path):
     live = {k: v.detach().clone() for k, v in model.shared_state().items() if k.startswith("persona/")}
     # Slot 1 is a persona adapter fitted to this device's data (a few non-private
     # steps); slots 0 and 2 are untouched.
-    train_local(model, data, quick(local_steps=8, lr=0.05, dp=False, batch_size=8).train, None, None)
+    train_local(model, data, quick(secagg=False, local_steps=8, lr=0.05, dp=False, batch_size=8).train, None, None)
     fitted = {k: v.detach().clone() for k, v in model.shared_state().items() if k.startswith("persona/")}
     slots = {0: live, 1: fitted, 2: live}
     k, losses = choose_persona(model, slots, data, 8, random.Random(0))

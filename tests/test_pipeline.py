@@ -128,9 +128,9 @@ def test_the_pipeline_checks_its_own_order():
 @pytest.mark.parametrize(
     "flat,names",
     [
-        ({}, ["plain-sum", "guard"]),
-        ({"secagg": True}, ["secure-sum", "guard"]),
-        ({"user-dp": True}, ["clip", "noise", "accounting", "plain-sum", "guard"]),
+        ({"secagg": False}, ["plain-sum", "guard"]),
+        ({}, ["secure-sum", "guard"]),  # secure aggregation is the default
+        ({"user-dp": True, "secagg": False}, ["clip", "noise", "accounting", "plain-sum", "guard"]),
         ({"user-dp": True, "secagg": True, "persona-slots": 0}, ["clip", "noise", "accounting", "secure-sum", "guard"]),
     ],
 )

@@ -50,7 +50,7 @@ MATRIX = {
 
 
 def _device(tmp_path, tiny_data, **policy):
-    cfg = quick(scrub_mode="full")
+    cfg = quick(secagg=False, scrub_mode="full")
     floor = {"min_scrub_mode": "full", "require_secagg": True, "max_rounds": 1, **policy}
     ctx = device_context(tmp_path, 7, user_files(tiny_data)[0], cfg, **floor)
     return cfg, ctx
@@ -103,13 +103,13 @@ def test_the_server_may_tighten_the_floor(tmp_path, tiny_data, task_identity):
     """More noise, a smaller clip, a lower epsilon cap, a stricter scrub mode: all accepted and used."""
     from client import device
 
-    cfg = quick(scrub_mode="patterns")
+    cfg = quick(secagg=False, scrub_mode="patterns")
     ctx = device_context(tmp_path, 8, user_files(tiny_data)[1], cfg)
-    ctx.run_config.update({"scrub-mode": "full", "noise-multiplier": 2.0, "max-grad-norm": 0.5, "max-epsilon": 50.0})
+    ctx.run_config.update({"scrub-mode": "full", "noise-multiplier": 2.0, "max-grad-norm": 0.5, "max-epsilon": 5.0})
     msg = server_message(cfg, "train")
     admitted = device.admit(msg, ctx).cfg
     assert (admitted.scrub.mode, admitted.train.noise_multiplier, admitted.train.max_grad_norm) == ("full", 2.0, 0.5)
-    assert admitted.train.max_epsilon == 50.0  # the harness wrote no cap of its own (0), so the request stands
+    assert admitted.train.max_epsilon == 5.0  # below the device's own cap (8), so the request stands
     reply = app(msg, ctx)
     assert "arrays" in reply.content.keys()
     history = json.loads(device.DeviceStore(tmp_path / "device-8" / "store.sqlite").get_state(device.ACCOUNTANT))["history"]

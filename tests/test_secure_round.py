@@ -9,6 +9,8 @@ fixed-point quantisation bound.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
@@ -106,9 +108,10 @@ def test_query_replies_may_not_smuggle_text():
 def test_distributed_noise_no_party_sees_a_noiseless_sum(spy, tiny_data, task_identity, tmp_path, monkeypatch):
     """User-level DP under secure aggregation: the devices' noise shares are the only noise.
 
-    Each device adds N(0, (zC)^2 / m) before masking (m = the fewest survivors
-    the protocol unmasks), so the unmasked sum already carries noise of std
-    >= zC, and the server adds none of its own.
+    Each device adds N(0, (zC)^2 / h) before masking (h = the fewest *honest*
+    survivors: the unmask floor m = 3 minus the colluder budget ceil(0.1 * 3) = 1),
+    so even after a colluder subtracts its share the unmasked sum carries
+    noise of std >= zC, and the server adds none of its own.
     """
     from common import csprng
     from common.privacy import noise as noise_mod
@@ -132,7 +135,7 @@ def test_distributed_noise_no_party_sees_a_noiseless_sum(spy, tiny_data, task_id
     new, _ = strategy.aggregate_train(1, replies)
 
     noised_sum = np.sum(list(spy.values()), axis=0)  # what the devices masked: clipped update + noise share
-    assert noised_sum.std() == pytest.approx(z * clip, rel=0.05)  # 3 shares of variance (zC)^2/3 (m = 3)
+    assert noised_sum.std() == pytest.approx(z * clip * math.sqrt(3 / 2), rel=0.05)  # 3 shares of variance (zC)^2/2 (h = 2)
     codec = codec_for(cfg)
     clip_step = strategy.pipeline.step("clip")
     unscaled = noised_sum.copy()
@@ -144,22 +147,135 @@ def test_distributed_noise_no_party_sees_a_noiseless_sum(spy, tiny_data, task_id
     assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-5
     assert server_draws == []  # the server drew no noise of its own
     assert strategy.pipeline.step("accounting").accountant.get_epsilon(1e-3) > 0
-    assert strategy.rounds[1]["steps"]["noise"]["noise-std"] == pytest.approx(z * clip)
+    assert strategy.rounds[1]["steps"]["noise"]["noise-std"] == pytest.approx(z * clip * math.sqrt(3 / 2))
+    assert strategy.rounds[1]["steps"]["secure-sum"]["fixed-point-clip-probability"] < 1e-12
 
 
-def test_poisson_client_sampling_uses_the_expected_cohort_as_denominator(spy, tiny_data, task_identity, tmp_path, monkeypatch):
-    """DP-FedAvg with Poisson sampling: each node kept with probability q (CSPRNG); the mean divides by q*N."""
+def test_under_secure_aggregation_devices_sample_themselves_and_the_server_never_learns_the_cohort(spy, tiny_data, task_identity, tmp_path, monkeypatch):
+    """Poisson sampling at q = 1/2, drawn by each device from its own coins: every device joins the
+    secure sum (a device not drawn sends a zero update), and the mean divides by q*N."""
     from common import csprng
 
-    cfg = quick(secagg=True, dp=False, num_supernodes=8, fraction_train=0.5)
+    cfg = quick(dp=False, num_supernodes=8, fraction_train=0.5)
+    contexts = _devices(tmp_path, tiny_data, cfg, 8)
+    coins = iter([True, False, True, True, False, True, False, False])  # the devices' draws, in message order
+    monkeypatch.setattr(csprng, "bernoulli", lambda n, p: np.array([next(coins) for _ in range(n)]))
+    strategy, initial, messages, _, new = _round(cfg, contexts)
+    assert {m.metadata.dst_node_id for m in messages} == set(contexts)  # the server offered the round to all
+    drawn = {nid for nid, vec in spy.items() if np.abs(vec).max() > 0}
+    assert drawn == {100, 102, 103, 105} and set(spy) == set(contexts)  # the others masked zeros
+    codec = codec_for(cfg)
+    expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum([spy[n] for n in sorted(drawn)], axis=0), 0.5 * 8, cfg.persona.min_size, True)
+    assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-6
+    row = strategy.rounds[1]
+    assert row["sampled"] == 8 and row["expected"] == 4.0 and row["contributors"] == 8
+
+
+def test_without_secure_aggregation_the_server_draws_the_cohort_from_its_csprng(tiny_data, task_identity, tmp_path, monkeypatch):
+    from common import csprng
+
+    cfg = quick(secagg=False, dp=False, num_supernodes=8, fraction_train=0.5)
     contexts = _devices(tmp_path, tiny_data, cfg, 8)
     draws = np.array([True, False, True, True, False, True, False, False])
-    monkeypatch.setattr(csprng, "bernoulli", lambda n, p: draws[:n] if p == 0.5 else np.ones(n, bool))
-    strategy, initial, messages, _, new = _round(cfg, contexts)
-    chosen = {m.metadata.dst_node_id for m in messages}
-    assert chosen == {100 + i for i in np.flatnonzero(draws)}
-    assert set(spy) == chosen
+    monkeypatch.setattr(csprng, "bernoulli", lambda n, p: draws[:n])
+    strategy, initial, messages, replies, new = _round(cfg, contexts)
+    assert {m.metadata.dst_node_id for m in messages} == {100 + i for i in np.flatnonzero(draws)}
+    updates = [codec_for(cfg).flatten(r.content["arrays"]) for r in replies]
     codec = codec_for(cfg)
-    expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum([spy[n] for n in sorted(chosen)], axis=0), 0.5 * 8, cfg.persona.min_size, True)
+    expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum(updates, axis=0), 0.5 * 8, cfg.persona.min_size, True)
     assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-6
     assert strategy.rounds[1]["sampled"] == 4 and strategy.rounds[1]["expected"] == 4.0
+
+
+def test_kmeans_sends_its_profile_only_inside_the_clipped_noised_masked_update(spy, tiny_data, task_identity, tmp_path):
+    """A data-derived persona choice is allowed only under user-level DP with device-added noise:
+    the profile row and the count are clipped with the update, noised, and masked."""
+    import math
+
+    z, clip = 1e-6, 0.05  # negligible noise, so the clipped parts can be checked in the pre-mask vector
+    cfg = quick(dp=False, num_supernodes=3, persona_assign="kmeans", user_dp=True, user_noise_multiplier=z, user_clip_norm=clip, user_delta=1e-6)
+    contexts = _devices(tmp_path, tiny_data, cfg, 3)
+    _round(cfg, contexts)
+    codec = codec_for(cfg)
+    share = clip / math.sqrt(3)
+    for vec in spy.values():
+        parts = codec.unflatten(vec)
+        assert np.linalg.norm(parts["persona-centroids"]) == pytest.approx(share, rel=1e-3)
+        assert sorted(parts["persona-count"].tolist()) == pytest.approx([0, 0, share], abs=1e-4)
+
+
+class TamperingGrid(LoopbackGrid):
+    """A loopback grid that lets a test corrupt one device's reply to one message type."""
+
+    def __init__(self, app, contexts, tamper):
+        super().__init__(app, contexts)
+        self.tamper = tamper
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            self.tamper(reply)
+        return replies
+
+
+def _stage_reply(reply, stage):
+    return reply.has_content() and "secagg" in reply.content.keys() and reply.content["secagg"].get("stage") == stage
+
+
+def _tamper_first(stage, edit):
+    """Edit the first device's reply of one stage (an edit returns the new ConfigRecord dict)."""
+    def tamper(reply):
+        if reply.metadata.src_node_id == 100 and _stage_reply(reply, stage):
+            reply.content["secagg"] = ConfigRecord(edit(dict(reply.content["secagg"])))
+    return tamper
+
+
+def _corrupt_one_share(fields):
+    shares = list(fields["b_shares"])
+    shares[0] = bytes(len(shares[0]))
+    return {**fields, "b_shares": shares}
+
+
+MALFORMED = {
+    "a key advertisement without its keys": ("advertise_keys", lambda f: {k: v for k, v in f.items() if k not in ("c_pk", "s_pk")}),
+    "a share reply with a short ciphertext list": ("shares", lambda f: {**f, "ciphertexts": list(f["ciphertexts"])[:-1]}),
+    "a reply of another session": ("shares", lambda f: {**f, "session_id": bytes(16)}),
+    "a public key of the wrong length": ("advertise_keys", lambda f: {**f, "c_pk": b"short"}),
+    "one corrupted Shamir share": ("unmask_shares", _corrupt_one_share),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_stage_reply_drops_that_client_and_the_round_completes(spy, tiny_data, task_identity, tmp_path, case):
+    """A protocol error is that client's problem: the server keeps running and sums the rest exactly."""
+    stage, edit = MALFORMED[case]
+    cfg = quick(dp=False, num_supernodes=6, persona_slots=0)
+    contexts = _devices(tmp_path, tiny_data, cfg, 6)
+    strategy = strategy_for(cfg)
+    grid = TamperingGrid(app, contexts, _tamper_first(stage, edit))
+    initial = initial_arrays(cfg)
+    replies = grid.send_and_receive(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    new, _ = strategy.aggregate_train(1, replies)
+    codec = codec_for(cfg)
+    contributed = sorted(spy) if stage == "unmask_shares" else sorted(n for n in spy if n != 100)
+    assert new is not None and strategy.rounds[1]["contributors"] == len(contributed)
+    expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, np.sum([spy[n] for n in contributed], axis=0), 6, 1, True)
+    assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-6
+
+
+def test_too_many_dropouts_abort_the_round_keep_its_charge_and_the_next_round_runs(spy, tiny_data, task_identity, tmp_path):
+    cfg = quick(dp=False, num_supernodes=5, persona_slots=0, user_dp=True, user_clip_norm=0.1, user_delta=1e-6)
+    contexts = _devices(tmp_path, tiny_data, cfg, 5)
+    strategy = strategy_for(cfg, num_rounds=2)
+    drop_train = LoopbackGrid(app, contexts, drop={(n, "train") for n in (100, 101, 102)})  # 2 of 5 left: below the floor
+    initial = initial_arrays(cfg)
+    new, _ = strategy.aggregate_train(1, drop_train.send_and_receive(strategy.configure_train(1, initial, ConfigRecord(), drop_train)))
+    assert new is None and strategy.rounds[1]["steps"]["secure-sum"] == {"aborted": 1.0}
+    accounting = strategy.pipeline.step("accounting")
+    assert 1 in accounting.epsilon_per_round  # the aborted round was charged
+    grid = LoopbackGrid(app, contexts)
+    new, _ = strategy.aggregate_train(2, grid.send_and_receive(strategy.configure_train(2, initial, ConfigRecord(), grid)))
+    assert new is not None and strategy.rounds[2]["contributors"] == 5
+    assert accounting.epsilon_per_round[2] > accounting.epsilon_per_round[1]
+    # Devices keep no protocol secrets once a round is over (dropped after the unmask stage).
+    assert all("secagg" not in ctx.state.keys() for ctx in contexts.values())

@@ -105,3 +105,51 @@ def test_would_exceed_charges_one_more_round_at_the_device_rate():
     after = epsilon_from_history(json.dumps({"history": [[1.0, 0.1, 4]], "mechanism": "rdp"}), cfg.delta)
     assert not would_exceed(state, cfg, 60, after + 1e-6) and would_exceed(state, cfg, 60, (now + after) / 2)
     assert not would_exceed(state, cfg, 60, 0.0)  # no cap
+
+
+from client.train import trim_batch as _REAL_TRIM_BATCH  # noqa: E402
+
+
+def _batches_drawn(model, data, cfg, generator, monkeypatch):
+    """The input ids of every batch train_local draws (recorded at trim_batch)."""
+    from client import train as train_mod
+
+    seen = []
+    real = _REAL_TRIM_BATCH
+
+    def spy(input_ids, attention, labels):
+        seen.append(input_ids.clone())
+        return real(input_ids, attention, labels)
+
+    monkeypatch.setattr(train_mod, "trim_batch", spy)
+    model.reset_to_initial()
+    train_local(model, data, cfg, None, None, generator)
+    return seen
+
+
+def test_under_dp_the_poisson_sample_comes_from_the_os_not_the_run_seed(model, monkeypatch):
+    """The server knows the run seed; a batch drawn from it would void amplification by sampling."""
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    dp = quick(local_steps=4, batch_size=8).train
+    a = _batches_drawn(model, data, dp, None, monkeypatch)
+    b = _batches_drawn(model, data, dp, None, monkeypatch)
+    assert [x.shape[0] for x in a] != [x.shape[0] for x in b] or any(not torch.equal(x, y) for x, y in zip(a, b))
+    # Without DP the seeded order stays (reproducible non-private baselines and tests).
+    plain = quick(local_steps=4, batch_size=8, dp=False).train
+    c = _batches_drawn(model, data, plain, torch.Generator().manual_seed(7), monkeypatch)
+    d = _batches_drawn(model, data, plain, torch.Generator().manual_seed(7), monkeypatch)
+    assert all(torch.equal(x, y) for x, y in zip(c, d)) and len(c) == len(d)
+
+
+def test_an_empty_poisson_batch_runs_the_noise_only_step(model, monkeypatch):
+    """The accounted mechanism releases noise every step; an empty batch must not skip it."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", lambda self: iter([[] for _ in range(self.steps)]))
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    before = _snapshot(model)
+    result, history, _ = train_local(model, data, quick(local_steps=2, batch_size=8).train, None, None)
+    after = _snapshot(model)
+    assert result.steps == 2 and sum(h[2] for h in json.loads(history)["history"]) == 2
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # noise moved every trainable tensor

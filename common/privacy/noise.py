@@ -5,9 +5,19 @@ comes from (``placement``):
 
 * ``server``: the server adds it to the unmasked sum and is trusted to do so;
 * ``distributed`` (secure aggregation only): every device adds a share of std
-  ``z*C / sqrt(m)`` before masking, where ``m`` is the fewest contributors the
-  secure sum will unmask. The released sum then carries variance at least
-  ``(z*C)**2`` and no party, the server included, ever holds a noiseless sum.
+  ``z*C / sqrt(h)`` before masking, where ``h`` is the fewest *honest*
+  contributors the secure sum will unmask: its unmask floor minus the colluder
+  budget (``secagg-colluder-fraction``), since colluders can subtract their
+  own shares. The released sum then carries variance at least ``(z*C)**2``
+  from honest shares alone, and no party, the server included, ever holds a
+  noiseless sum.
+
+  The neighbouring relation is *zero-out*: every device of the round adds its
+  share whether or not it was sampled (devices sample themselves and a
+  non-sampled one sends a zero update), so the noise total does not depend on
+  whether the target user takes part, and removing the user's data replaces
+  its update by zeros. For the Poisson-sampled Gaussian this gives the same
+  RDP curve the add-or-remove accountant computes.
 
 Noise is drawn from a CSPRNG (``common.csprng``): the server never knows, or
 chooses, a seed.

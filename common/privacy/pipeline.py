@@ -19,9 +19,6 @@ from common.privacy.noise import GaussianNoise
 from common.privacy.sums import PlainSum, SecureSum
 from common.wire import train_reply_schema
 
-# Far tails of a device's noise share are clipped by the fixed-point range;
-# six standard deviations make that a ~2e-9 event per coordinate.
-NOISE_RANGE_SIGMAS = 6.0
 
 
 def masked_dtype(modulus_bits: int) -> str:
@@ -40,11 +37,8 @@ def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
             Accounting(ud.noise_multiplier, cfg.federation.num_supernodes, sample_rate(cfg), ud.delta, ud.max_epsilon or None),
         ]
     if sa.enabled:
-        share_range = None
-        if noise is not None and noise.placement == "distributed":
-            def share_range(min_contributors: int) -> float:
-                return ud.clip_norm + NOISE_RANGE_SIGMAS * noise.share_std(min_contributors)
-        steps.append(SecureSum(codec, sa.clip_range, sa.modulus_bits, sa.max_dropout, share_range))
+        distributed = noise if noise is not None and noise.placement == "distributed" else None
+        steps.append(SecureSum(codec, sa.clip_range, sa.modulus_bits, sa.max_dropout, sa.colluder_fraction, distributed))
         schema = train_reply_schema(codec.update_shapes, masked_dtype(sa.modulus_bits))
     else:
         steps.append(PlainSum(codec))

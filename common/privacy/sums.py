@@ -17,10 +17,16 @@ import logging
 import math
 
 from common.kslot import KSlotCodec
+from common.secagg_codec import clip_probability
 from common.privacy.base import DeviceUpdate, ServerAggregate, ServerRound, Step
 from common.wire import ARRAYS, MASKED, SECAGG
 
 log = logging.getLogger(__name__)
+
+# Far tails of a device's noise share are clipped by the fixed-point range;
+# nine standard deviations make that a ~2e-19 event per coordinate, and the
+# report adds the whole round's clipping probability to delta.
+NOISE_RANGE_SIGMAS = 9.0
 
 
 class PlainSum(Step):
@@ -50,17 +56,33 @@ class PlainSum(Step):
         return {"contributors": float(n)}
 
 
+def honest_contributors(min_survivors: int, cohort: int, colluder_fraction: float) -> int:
+    """The fewest honest devices whose noise shares a released sum is guaranteed to hold.
+
+    The protocol unmasks at least ``min_survivors`` inputs; up to
+    ``ceil(colluder_fraction * cohort)`` of them may belong to colluders, who
+    can subtract their own shares. Distributed noise shares are sized by this
+    number, so the honest rest still add the full noise.
+    """
+    honest = min_survivors - math.ceil(colluder_fraction * cohort)
+    if honest < 1:
+        raise ValueError("the colluder budget leaves no honest contributor above the unmask floor")
+    return honest
+
+
 class SecureSum(Step):
     name = "secure-sum"
     rank = 40
 
-    def __init__(self, codec: KSlotCodec, clip_range: float, modulus_bits: int, max_dropout: float, share_range=None):
+    def __init__(self, codec: KSlotCodec, clip_range: float, modulus_bits: int, max_dropout: float,
+                 colluder_fraction: float, noise=None):
         self.codec = codec
         self.clip_range = float(clip_range)
         self.modulus_bits = int(modulus_bits)
         self.max_dropout = float(max_dropout)
-        # min_contributors -> the range a device's value plus its noise share needs (distributed noise)
-        self.share_range = share_range
+        self.colluder_fraction = float(colluder_fraction)
+        # The distributed-noise step, if any: the fixed-point range must hold a value plus its noise share.
+        self.noise = noise
 
     def params(self, node_ids: list[int]):
         """The round's protocol parameters.
@@ -73,10 +95,19 @@ class SecureSum(Step):
 
         from common.secagg import SecAggParams
 
-        params = SecAggParams.create(node_ids, self.codec.length, clip_range=self.clip_range, modulus_bits=self.modulus_bits)
+        params = SecAggParams.create(
+            node_ids, self.codec.length, clip_range=self.clip_range, modulus_bits=self.modulus_bits,
+            colluder_fraction=self.colluder_fraction, dropout_fraction=self.max_dropout,
+        )
         floor = max(params.threshold, math.ceil((1.0 - self.max_dropout) * len(node_ids)))
-        clip_range = max(self.clip_range, self.share_range(floor)) if self.share_range else self.clip_range
+        clip_range = self.clip_range
+        if self.noise is not None:
+            share = self.noise.share_std(honest_contributors(floor, len(node_ids), self.colluder_fraction))
+            clip_range = max(clip_range, self.noise.clip_norm + NOISE_RANGE_SIGMAS * share)
         return dataclasses.replace(params, min_survivors=floor, clip_range=clip_range)
+
+    def honest_floor(self, params) -> int:
+        return honest_contributors(params.min_survivors, len(params.node_ids), self.colluder_fraction)
 
     # -- server: stages 0 and 1, before training -----------------------------------
     def setup(self, rnd: ServerRound) -> dict[int, dict]:
@@ -97,7 +128,14 @@ class SecureSum(Step):
             log.warning("round %d: secure aggregation aborted before training: %s", rnd.server_round, err)
             return {}
         rnd.state["secagg"] = server
-        rnd.state["min_contributors"] = server.params.min_survivors
+        rnd.state["min_contributors"] = self.honest_floor(server.params)
+        if self.noise is not None:
+            # A share's far tail can still be clipped by the fixed-point range: a
+            # failure of the Gaussian mechanism whose probability is added to delta.
+            p = server.params
+            rnd.state["clip_probability"] = clip_probability(
+                p.clip_range, self.noise.clip_norm, self.noise.share_std(rnd.state["min_contributors"]), p.vector_len * len(p.node_ids)
+            )
         return {nid: {SECAGG: payload} for nid, payload in stage2.items()}
 
     # -- device: stage 2 -------------------------------------------------------------
@@ -134,7 +172,10 @@ class SecureSum(Step):
             log.warning("round %d: secure aggregation aborted: %s", rnd.server_round, err)
             return {"aborted": 1.0}
         agg.total, agg.contributors = result.sum, len(result.survivors)
-        return {"survivors": float(len(result.survivors)), "dropped": float(len(rnd.node_ids) - len(result.survivors))}
+        metrics = {"survivors": float(len(result.survivors)), "dropped": float(len(rnd.node_ids) - len(result.survivors))}
+        if "clip_probability" in rnd.state:
+            metrics["fixed-point-clip-probability"] = rnd.state["clip_probability"]
+        return metrics
 
 
 def _receive(handler, node_id: int, reply: dict) -> None:
