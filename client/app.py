@@ -30,7 +30,16 @@ from client import device
 from client.persona import device_profile, pick_and_load
 from client.policy import PolicyError, Refused
 from client.store import IngestError
-from client.train import encode_pairs, epsilon_from_history, evaluate_nll, train_local, would_exceed
+from client.train import (
+    calibrated_noise,
+    classification_scores,
+    encode_pairs,
+    epsilon_from_history,
+    evaluate_nll,
+    option_predictions,
+    train_local,
+    would_exceed,
+)
 from common.config import ConfigError, RunConfig
 from common.kslot import KSlotCodec
 from common.models import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, AdapterSpec, ModelNotAvailable, personal_model, routing_group, tier_of
@@ -162,8 +171,9 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     cfg, store, model = dev.cfg, dev.store, dev.model
     if dev.policy.max_rounds and participation["rounds"] >= dev.policy.max_rounds:
         raise Refused(Reason.PARTICIPATION_BUDGET_SPENT)
+    train_cfg = _device_train_config(dev, len(pairs))
     acc_state = device.accountant_state(store)
-    if would_exceed(acc_state, cfg.train, len(pairs), cfg.train.max_epsilon):
+    if would_exceed(acc_state, train_cfg, len(pairs), train_cfg.max_epsilon):
         raise Refused(Reason.RECORD_BUDGET_SPENT)
     direct, slots, centroids = codec.split_received(sent)
     _load_shared(model, direct)
@@ -171,13 +181,34 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     chosen = _persona(dev, slots, centroids, data, "train")
     # A seeded batch order only without DP: under DP the sample must stay secret (train_local draws it from the OS).
     gen = None if cfg.train.dp else torch.Generator().manual_seed(cfg.seed * 1000 + dev.server_round)
-    result, acc_state, opt_state = train_local(model, data, cfg.train, acc_state, store.get_state(device.OPTIMIZER), generator=gen)
+    result, acc_state, opt_state = train_local(model, data, train_cfg, acc_state, store.get_state(device.OPTIMIZER), generator=gen)
     device.swap_out_user(model, store, acc_state, opt_state)
     participation["rounds"] += 1
     trained = {k: v.numpy() for k, v in model.shared_state().items()}
     # Only k-means sends a profile row, and only under user-level DP (the run config enforces it).
     profile = device_profile(store) if chosen is not None and cfg.persona.assign == "kmeans" else None
     return codec.encode(sent, trained, chosen, profile), result, chosen
+
+
+def _device_train_config(dev: device.Device, num_records: int):
+    """The record-level settings this device trains with: the run's, with its own calibrated noise.
+
+    With ``target-epsilon`` set, the device picks the noise that ends its
+    planned rounds at the target (never above its cap), once, from its own
+    record count, and keeps it in its store; never below its policy's floor.
+    """
+    from dataclasses import replace
+
+    t = dev.cfg.train
+    if not (t.dp and t.target_epsilon > 0):
+        return t
+    saved = device.get_json(dev.store, device.CALIBRATION, None)
+    if saved is None:
+        target = min(t.target_epsilon, t.max_epsilon) if t.max_epsilon > 0 else t.target_epsilon
+        z = calibrated_noise(replace(t, target_epsilon=target), num_records, dev.cfg.federation.num_server_rounds)
+        saved = {"noise_multiplier": max(z, dev.policy.min_noise_multiplier), "target_epsilon": target, "records": num_records}
+        device.put_json(dev.store, device.CALIBRATION, saved)
+    return replace(t, noise_multiplier=saved["noise_multiplier"])
 
 
 def _load_shared(model, direct: dict) -> None:
@@ -208,6 +239,7 @@ def _note_diagnostics(store, server_round: int, result, steps: dict, chosen: int
             "num_examples": result.num_examples,
             "epsilon": result.epsilon if math.isfinite(result.epsilon) else None,
             "persona": chosen,
+            "dp_sgd": result.instruments,
         })
     diag["rounds"][str(server_round)] = entry
     device.put_json(store, device.DIAGNOSTICS, diag)
@@ -256,17 +288,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     train_pairs = store.tasks("train")
     chosen = _persona(dev, slots, centroids, encode_pairs(model.tokenizer, train_pairs, cfg.train.max_len), "evaluate")
     test = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len)
-    base, tokens = evaluate_nll(model, test, ())
     persona = chosen is not None
-    stacks = {"global": (GLOBAL,), "persona": (GLOBAL, PERSONA) if persona else (GLOBAL,), "personal": model.tiers if persona else (GLOBAL, USER)}
-    scores = {name: evaluate_nll(model, test, adapters)[0] for name, adapters in stacks.items()}
+    stacks = {"base": (), "global": (GLOBAL,), "persona": (GLOBAL, PERSONA) if persona else (GLOBAL,), "personal": model.tiers if persona else (GLOBAL, USER)}
+    scores, tokens = {}, 0
+    for name, adapters in stacks.items():
+        scores[name], tokens = evaluate_nll(model, test, adapters)
     group = routing_group(len(train_pairs), cfg.routing.cold_start_below, cfg.routing.frequent_from)
     served = {COLD_START: "global", OCCASIONAL: "persona", FREQUENT: "personal"}[group]
+    labelled = [(i, o, opts) for i, o, opts in store.labelled_tasks("test") if opts]
+    classification = None
+    if labelled:
+        # Classification by scoring the label options: accuracy and macro-F1 per tier stack.
+        examples, gold = [(i, opts) for i, _, opts in labelled], [o for _, o, _ in labelled]
+        classification = {}
+        for name, adapters in stacks.items():
+            picks = option_predictions(model, examples, adapters, cfg.train.max_len)
+            classification[name] = classification_scores([opts[k] for (_, opts), k in zip(examples, picks)], gold)
+        classification["served"] = classification[served]
+        classification["examples"] = len(labelled)
     eps = epsilon_from_history(device.accountant_state(store), cfg.train.delta) if cfg.train.dp else math.inf
     joined = device.get_json(store, device.PARTICIPATION, {"joined": 0})["joined"]
     device.put_json(store, device.EVAL_RESULTS, {
         "round": dev.server_round,
-        "nll": {"base": base, **scores, "served": scores[served]},
+        "nll": {**scores, "served": scores[served]},
+        "classification": classification,
         "routing_group": group,
         "persona": chosen,
         "test_examples": len(test),

@@ -39,6 +39,7 @@ OPTIMIZER = "optimizer.pt"
 PARTICIPATION = "participation.json"
 EVAL_RESULTS = "eval-results.json"
 DIAGNOSTICS = "diagnostics.json"
+CALIBRATION = "noise-calibration.json"
 
 
 class DeviceDataMissing(FileNotFoundError):

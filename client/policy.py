@@ -161,7 +161,8 @@ class DevicePolicy:
             raise Refused(Reason.SCRUB_BELOW_FLOOR)
         if self.dp_required and not t.dp:
             raise Refused(Reason.DP_REQUIRED)
-        if t.dp and t.noise_multiplier < self.min_noise_multiplier:
+        if t.dp and t.target_epsilon == 0 and t.noise_multiplier < self.min_noise_multiplier:
+            # (With a target epsilon the device calibrates its own noise, never below this floor.)
             raise Refused(Reason.NOISE_BELOW_FLOOR)
         if t.dp and t.max_grad_norm > self.max_clip_norm:
             raise Refused(Reason.CLIP_ABOVE_CEILING)

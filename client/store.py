@@ -71,12 +71,13 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Private-state key of the pseudonymisation secret (see DeviceStore.device_secret).
 DEVICE_SECRET_KEY = "device-secret"
 SPLITS = ("train", "test")
 MAX_TEXT_CHARS = 20_000
 MAX_ATTRIBUTE_CHARS = 1_000
+MAX_OPTIONS, MAX_OPTION_CHARS = 50, 64
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -91,7 +92,7 @@ FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "attribute": (frozenset({"key", "value"}), frozenset()),
     "interaction": (frozenset({"item", "rating", "timestamp"}), frozenset()),
     "preference": (frozenset({"preferred", "other"}), frozenset()),
-    "task": (frozenset({"id", "split", "input", "output"}), frozenset()),
+    "task": (frozenset({"id", "split", "input", "output"}), frozenset({"options"})),
 }
 
 _SCHEMA = """
@@ -101,7 +102,7 @@ CREATE TABLE IF NOT EXISTS documents (
     entity_count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, split TEXT NOT NULL CHECK (split IN ('train', 'test')),
-    input TEXT NOT NULL, output TEXT NOT NULL, entity_count INTEGER NOT NULL);
+    input TEXT NOT NULL, output TEXT NOT NULL, entity_count INTEGER NOT NULL, options TEXT);
 CREATE TABLE IF NOT EXISTS attributes (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS interactions (
     item TEXT NOT NULL, rating INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 5),
@@ -257,8 +258,21 @@ def _parse_line(raw: bytes) -> dict | None:
         if not isinstance(split, str) or split not in SPLITS:
             raise _Bad("bad_split:split", "split must be train or test")
         rec = {"kind": kind, "id": _need_id(obj, "id"), "split": split,
-               "input": _need_str(obj, "input"), "output": _need_str(obj, "output")}
+               "input": _need_str(obj, "input"), "output": _need_str(obj, "output"),
+               "options": _need_options(obj) if "options" in obj else None}
+        if rec["options"] is not None and rec["output"] not in rec["options"]:
+            raise _Bad("output_not_an_option:output", "output must be one of the options")
     return rec
+
+
+def _need_options(obj: dict) -> list[str]:
+    """A classification task's label options: 2-50 distinct short label names (kept verbatim)."""
+    options = obj["options"]
+    if not isinstance(options, list) or not 2 <= len(options) <= MAX_OPTIONS:
+        raise _Bad("bad_options:options", f"a list of 2 to {MAX_OPTIONS} labels")
+    if not all(isinstance(o, str) and o.strip() and len(o) <= MAX_OPTION_CHARS for o in options) or len(set(options)) != len(options):
+        raise _Bad("bad_options:options", f"distinct non-empty labels of at most {MAX_OPTION_CHARS} characters")
+    return options
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -376,9 +390,13 @@ class DeviceStore:
                 t_in, r_in, n_in = verdict(base + 2 * j)
                 t_out, r_out, n_out = verdict(base + 2 * j + 1)
                 reason = r_in or r_out  # either half unusable -> whole task is
+                if not reason and task["options"] is not None and t_out != task["output"]:
+                    # A label the scrubber changed no longer names an option: never train on it.
+                    reason = "label_scrubbed"
+                options = json.dumps(task["options"]) if task["options"] is not None else None
                 self._upsert_text(conn, "task", task["id"], reason,
-                                  "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
-                                  (task["id"], task["split"], t_in, t_out, n_in + n_out))
+                                  "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
+                                  (task["id"], task["split"], t_in, t_out, n_in + n_out, options))
                 counts["quarantined" if reason else "task"] += 1
                 counts["scrubbed_entities"] += 0 if reason else n_in + n_out
             conn.executemany("INSERT OR REPLACE INTO attributes VALUES (?, ?)",
@@ -423,6 +441,14 @@ class DeviceStore:
             return conn.execute("SELECT 1 FROM ingests LIMIT 1").fetchone() is not None
 
     # -- reads (scrubbed only) ---------------------------------------------
+
+    def labelled_tasks(self, split: str) -> list[tuple[str, str, list[str] | None]]:
+        """(input, output, label options or None) of a split's usable tasks."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        with self._tx() as conn:
+            return [(i, o, json.loads(opts) if opts else None) for i, o, opts in conn.execute(
+                "SELECT input, output, options FROM tasks WHERE split = ? ORDER BY id", (split,))]
 
     def tasks(self, split: str) -> list[tuple[str, str]]:
         if split not in SPLITS:

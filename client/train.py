@@ -89,17 +89,115 @@ class TrainResult:
     steps: int
     num_examples: int
     epsilon: float  # record-level, cumulative over all rounds so far; inf without DP
+    # Per-round DP-SGD instruments (simulation diagnostics, never sent): clip
+    # fraction, per-sample gradient norm quantiles, noise std and signal-to-noise.
+    instruments: dict | None = None
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Adam rescales every coordinate to its own noise level, so under DP every
-    # LoRA weight random-walks by ~lr per step; SGD keeps the noise at its true
-    # (small, per-coordinate) scale. Both are offered; see docs/results.md.
+class DPAdamBC(torch.optim.Adam):
+    """Adam with DP bias correction (Tang et al. 2024, "DP-AdamBC").
+
+    Under DP-SGD the gradient Adam sees carries Gaussian noise of known
+    per-coordinate variance ``(sigma * C / B)**2``. Adam's second moment then
+    estimates gradient variance *plus* that noise variance, so coordinates
+    with no signal are normalised to unit-size random steps. DP-AdamBC
+    subtracts the known noise variance from the (bias-corrected) second
+    moment before the update, with a floor ``gamma`` that keeps the step
+    finite.
+    """
+
+    def __init__(self, params, lr: float, noise_variance: float, gamma: float = 1e-8):
+        super().__init__(params, lr=lr)
+        self.noise_variance = float(noise_variance)
+        self.gamma = float(gamma)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1**t)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+                denom = (v_hat - self.noise_variance).clamp(min=self.gamma).sqrt()
+                p.addcdiv_(m_hat, denom, value=-group["lr"])
+        return None
+
+
+def make_optimizer(params, cfg: TrainConfig, noise_variance: float = 0.0) -> torch.optim.Optimizer:
+    """The local optimizer (``optimizer`` in the run config).
+
+    Adam rescales every coordinate to its own noise level, so under DP every
+    LoRA weight random-walks by ~lr per step; SGD with momentum keeps the
+    noise at its true (small, per-coordinate) scale; DP-AdamBC removes the
+    known noise variance from Adam's second moment. See docs/results.md.
+    """
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+    if cfg.optimizer == "adambc":
+        return DPAdamBC(params, lr=cfg.lr, noise_variance=noise_variance)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) -> float:
+    """The noise multiplier that ends this device's planned rounds at its target epsilon (never above it).
+
+    Each device calibrates from its own record count, batch and planned
+    rounds, so a data-rich device needs less noise and a cold-start one (whose
+    batch holds every record, q = 1) more, and every one ends at the target.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=sample_rate(cfg, num_records),
+        steps=max(1, planned_rounds) * cfg.local_steps, accountant="rdp", epsilon_tolerance=0.01,
+    ))
+
+
+class _Instruments:
+    """Per-step DP-SGD diagnostics from Opacus' per-sample gradients, before clipping."""
+
+    def __init__(self, params, cfg: TrainConfig, expected_batch: float):
+        self.params, self.cfg, self.expected_batch = params, cfg, expected_batch
+        self.dim = sum(p.numel() for p in params)
+        self.norms: list[float] = []
+        self.snr: list[float] = []
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        samples = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in self.params if getattr(p, "grad_sample", None) is not None]
+        if not samples or samples[0].shape[0] == 0:
+            return
+        norms = torch.stack([g.norm(dim=1) for g in samples], dim=1).norm(dim=1)
+        factor = (self.cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        clipped_mean = torch.sqrt(sum(((g * factor[:, None]).sum(0) ** 2).sum() for g in samples)) / self.expected_batch
+        noise_norm = self.cfg.noise_multiplier * self.cfg.max_grad_norm * math.sqrt(self.dim) / self.expected_batch
+        self.norms += norms.tolist()
+        self.snr.append(float(clipped_mean) / noise_norm if noise_norm > 0 else math.inf)
+
+    def summary(self) -> dict:
+        if not self.norms:
+            return {}
+        norms = sorted(self.norms)
+        at = lambda f: norms[min(len(norms) - 1, int(f * len(norms)))]  # noqa: E731
+        return {
+            "clip_fraction": sum(n > self.cfg.max_grad_norm for n in norms) / len(norms),
+            "grad_norm_q10": at(0.1), "grad_norm_q50": at(0.5), "grad_norm_q90": at(0.9),
+            "noise_std": self.cfg.noise_multiplier * self.cfg.max_grad_norm / self.expected_batch,
+            "snr": sum(self.snr) / len(self.snr) if self.snr else None,
+        }
 
 
 _GSM: dict[int, object] = {}
@@ -138,10 +236,12 @@ def train_local(
     model.use(*model.tiers)
     model.train()
     params = _trainable(model)
-    optimizer = make_optimizer(params, cfg)
+    batch_size = min(cfg.batch_size, len(data))
+    # The per-coordinate variance of the noise in the averaged gradient (DP-AdamBC needs it).
+    noise_variance = (cfg.noise_multiplier * cfg.max_grad_norm / batch_size) ** 2 if cfg.dp else 0.0
+    optimizer = make_optimizer(params, cfg, noise_variance)
     if optimizer_state:
         optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
-    batch_size = min(cfg.batch_size, len(data))
     if cfg.dp and generator is None:
         # Which records a Poisson batch holds must stay secret from the server:
         # amplification by sampling assumes it. So under DP the coins come from
@@ -177,6 +277,7 @@ def train_local(
         net = model
 
     assert engine is None or abs(rate - sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
+    instruments = _Instruments(params, cfg, batch_size) if cfg.dp else None
     losses, steps = [], 0
     while steps < cfg.local_steps:
         for input_ids, attention, labels in loader:
@@ -200,6 +301,8 @@ def train_local(
             # loss_reduction="mean" assumes when it rescales per-sample grads.
             loss = (nll_sum / count.clamp(min=1)).mean()
             loss.backward()
+            if instruments is not None:
+                instruments.observe()
             optimizer.step()
             losses.append(loss.item())
             steps += 1
@@ -217,7 +320,9 @@ def train_local(
     buf = io.BytesIO()
     torch.save(raw_opt.state_dict(), buf)
     loss = sum(losses) / len(losses) if losses else float("nan")
-    return TrainResult(loss=loss, steps=steps, num_examples=len(data), epsilon=epsilon), history, buf.getvalue()
+    result = TrainResult(loss=loss, steps=steps, num_examples=len(data), epsilon=epsilon,
+                         instruments=instruments.summary() if instruments is not None else None)
+    return result, history, buf.getvalue()
 
 
 def _os_seeded_generator() -> torch.Generator:
@@ -266,6 +371,47 @@ def would_exceed(accountant_state: str | None, cfg: TrainConfig, num_records: in
     acc = _accountant(accountant_state)
     acc.history.append((cfg.noise_multiplier, sample_rate(cfg, num_records), cfg.local_steps))
     return acc.get_epsilon(delta=cfg.delta) > cap
+
+
+@torch.no_grad()
+def option_predictions(model: PersonalLM, examples: list[tuple[str, list[str]]], adapters: tuple[str, ...], max_len: int, batch_size: int = 32) -> list[int]:
+    """Classification by scoring the label options (as LaMP does): the option with the highest likelihood.
+
+    Each (input, options) example is scored once per option: the summed NLL
+    of the option's tokens after the prompt, under the given adapters.
+    """
+    pairs = [(source, option) for source, options in examples for option in options]
+    if not pairs:
+        return []
+    data = encode_pairs(model.tokenizer, pairs, max_len)
+    model.use(*adapters)
+    model.eval()
+    scores = []
+    for i in range(0, len(data), batch_size):
+        input_ids, attention, labels = trim_batch(*data[i : i + batch_size])
+        nll_sum, _ = per_sample_nll(model(input_ids, attention), labels)
+        scores += nll_sum.tolist()
+    model.use(*model.tiers)
+    out, at = [], 0
+    for _, options in examples:
+        block = scores[at : at + len(options)]
+        out.append(min(range(len(options)), key=block.__getitem__))
+        at += len(options)
+    return out
+
+
+def classification_scores(predicted: list, gold: list) -> dict[str, float]:
+    """Accuracy and macro-F1 (over the labels present in gold or predicted) of one user's predictions."""
+    if not gold:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    accuracy = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    f1s = []
+    for c in sorted(set(gold) | set(predicted)):
+        tp = sum(p == c and g == c for p, g in zip(predicted, gold))
+        fp = sum(p == c and g != c for p, g in zip(predicted, gold))
+        fn = sum(p != c and g == c for p, g in zip(predicted, gold))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
 
 
 @torch.no_grad()

@@ -196,7 +196,8 @@ class TrainConfig(_Section):
     local_steps: int = _opt("local-steps", 2, _at_least(1))
     batch_size: int = _opt("batch-size", 6, _at_least(1))
     lr: float = _opt("lr", 0.02, _positive)
-    optimizer: str = _opt("optimizer", "adam", _one_of("adam", "sgd"))
+    # adam; sgd (momentum 0.9); adambc (Adam with DP bias correction, Tang et al. 2024)
+    optimizer: str = _opt("optimizer", "adam", _one_of("adam", "sgd", "adambc"))
     max_len: int = _opt("max-len", 56, _at_least(8))  # prompt + answer tokens
     dp: bool = _opt("dp", True)
     noise_multiplier: float = _opt("noise-multiplier", 1.0, _non_negative)  # 0 = clipping only
@@ -204,6 +205,9 @@ class TrainConfig(_Section):
     delta: float = _opt("delta", 1e-5, _open_unit)
     # record-level epsilon cap asked of every device (0 = none asked; the device's policy holds its own)
     max_epsilon: float = _opt("max-epsilon", 8.0, _non_negative)
+    # record-level epsilon each device calibrates its noise to reach at the last planned round
+    # (0 = use noise-multiplier as given); never above the cap
+    target_epsilon: float = _opt("target-epsilon", 0.0, _non_negative)
 
 
 @dataclass(frozen=True)

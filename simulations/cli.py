@@ -37,17 +37,21 @@ def simulate(
     run_dir: Path = typer.Option(None, help="Output folder (default runs/<timestamp>)."),
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
     audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, disparity) | full (+ membership inference, generation audits)."),
+    data: Path = typer.Option(None, help="A folder of per-user JSONL files (users/*.jsonl or *.jsonl), one device per file, instead of the embedded dataset."),
 ) -> None:
-    """Run a federated simulation on the embedded persona dataset and write a report."""
+    """Run a federated simulation on the embedded persona dataset (or your own per-user data) and write a report."""
     from common.config import ConfigError
-    from simulations.run import prepare, simulate as run_sim
+    from simulations.run import DataFolderError, prepare, simulate as run_sim
 
     if audit not in ("none", "fast", "full"):
         raise typer.BadParameter("--audit must be none, fast or full")
     try:
-        harness = prepare("full" if full else profile, _parse_overrides(set_), run_dir)
+        harness = prepare("full" if full else profile, _parse_overrides(set_), run_dir, data=data)
     except ConfigError as err:
         console.print(f"[bold red]configuration error[/] {err}")
+        raise typer.Exit(code=2) from None
+    except DataFolderError as err:
+        console.print(f"[bold red]data error[/] {err}")
         raise typer.Exit(code=2) from None
     cfg = harness["run"]
     console.print(
@@ -144,6 +148,35 @@ def generate(
 
     manifest = generate_dataset(out_dir, DatasetSpec(num_users=users, num_personas=personas, seed=seed))
     console.print(f"wrote {len(manifest['users'])} users to {out_dir}")
+
+
+@app.command("import-annotators")
+def import_annotators(
+    out_dir: Path = typer.Argument(..., help="Folder for users/*.jsonl and manifest.json (then: fedpersona simulate --data OUT_DIR)."),
+    wide: Path = typer.Option(None, help="One CSV with one column per annotator (e.g. id,text,label_M_1,...)."),
+    pattern: str = typer.Option(None, help="Regex for annotator columns of --wide; named groups: 'annotator' plus attributes (default: label_<gender>_<annotator>)."),
+    texts: Path = typer.Option(None, help="Long layout: a texts CSV (id,text)."),
+    labels: Path = typer.Option(None, help="Long layout: a labels CSV (text_id,annotator,label)."),
+    annotators: Path = typer.Option(None, help="Long layout, optional: an annotators CSV (annotator plus attribute columns)."),
+    test_share: float = typer.Option(0.2, help="Share of each annotator's labels held out for evaluation."),
+    seed: int = typer.Option(0, help="Seed of each annotator's train/test split."),
+    instruction: str = typer.Option("Label the text.", help="The task instruction put before the options and the text."),
+) -> None:
+    """Turn per-annotator label data into one user per annotator (tasks that name their label options)."""
+    from simulations.annotators import WIDE_PATTERN, AnnotatorDataError, read_long, read_wide, write_users
+
+    try:
+        if wide is not None:
+            data = read_wide(wide, pattern=pattern or WIDE_PATTERN)
+        elif texts is not None and labels is not None:
+            data = read_long(texts, labels, annotators)
+        else:
+            raise typer.BadParameter("give --wide FILE, or --texts FILE --labels FILE")
+        manifest = write_users(data, out_dir, test_share=test_share, seed=seed, instruction=instruction)
+    except AnnotatorDataError as err:
+        console.print(f"[bold red]data error[/] {err}")
+        raise typer.Exit(code=2) from None
+    console.print(f"wrote {len(manifest['users'])} annotators ({', '.join(manifest['options'])}) to {out_dir}")
 
 
 @app.command("pii-eval")

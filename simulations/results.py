@@ -54,6 +54,8 @@ def device_results(harness: dict) -> list[dict]:
                     "user_epsilon_against_server": ev.get("user_epsilon_against_server"),
                 }
             )
+            if ev.get("classification"):
+                row.update({f"{m}_{t}": ev["classification"][t][m] for t in TIERS for m in ("accuracy", "macro_f1")})
         rows.append(row)
     return rows
 
@@ -77,6 +79,31 @@ def summarise(rows: list[dict]) -> dict:
         for name in GROUP_NAMES.values()
         for members in [[r for r in scored if r["routing_group"] == name]]
     }
+    labelled = [r for r in scored if "accuracy_served" in r]
+    if labelled:
+        # Classification by scoring the label options: the unweighted mean over users, as LaMP reports it.
+        out["classification"] = {
+            t: {m: statistics.fmean(r[f"{m}_{t}"] for r in labelled) for m in ("accuracy", "macro_f1")} for t in TIERS
+        }
+        out["classification"]["users"] = len(labelled)
+    return out
+
+
+def by_group(rows: list[dict], manifest_users: list[dict]) -> dict:
+    """Served utility per user group (an attribute the data's manifest records, e.g. an annotator's gender)."""
+    groups_of = {u["user_id"]: u.get("groups", {}) for u in manifest_users}
+    keys = sorted({k for g in groups_of.values() for k in g})
+    scored = [r for r in rows if r["evaluated"]]
+    out = {}
+    for key in keys:
+        values = sorted({groups_of.get(r["user_id"], {}).get(key) for r in scored} - {None})
+        out[key] = {}
+        for value in values:
+            members = [r for r in scored if groups_of.get(r["user_id"], {}).get(key) == value]
+            entry = {"users": len(members), "nll_served": _token_mean(members, "nll_served")}
+            if all("accuracy_served" in r for r in members):
+                entry.update({m: statistics.fmean(r[f"{m}_served"] for r in members) for m in ("accuracy", "macro_f1")})
+            out[key][value] = entry
     return out
 
 
@@ -101,6 +128,11 @@ def training_rounds(rows: list[dict]) -> list[dict]:
         if clip:
             item["clip_fraction"] = statistics.fmean(c["clipped"] for c in clip)
             item["update_norm"] = _quantiles([c["model-norm"] for c in clip])
+        sgd = [e["dp_sgd"] for e in entries if e.get("dp_sgd")]
+        if sgd:
+            # Record-level DP-SGD on the devices: mean over devices of each device's round figures.
+            item["dp_sgd"] = {k: statistics.fmean(d[k] for d in sgd if d.get(k) is not None)
+                              for k in ("clip_fraction", "grad_norm_q50", "noise_std", "snr") if any(d.get(k) is not None for d in sgd)}
         out.append(item)
     return out
 
@@ -125,7 +157,11 @@ def build_full_report(run_dir: Path, harness: dict, wall_s: float) -> dict:
             "mean": statistics.fmean(eps) if eps else None,
         },
     }
-    if harness["run"]["persona-slots"]:
+    manifest_path = Path(harness["data_dir"]) / "manifest.json"
+    manifest_users = json.loads(manifest_path.read_text())["users"] if manifest_path.is_file() else []
+    if any(u.get("groups") for u in manifest_users):
+        report["utility"]["by_group"] = by_group(rows, manifest_users)
+    if harness["run"]["persona-slots"] and any("persona" in u for u in manifest_users):
         report["diagnostics"] = {"persona_recovery": persona_recovery(harness)}
     return report
 
@@ -159,6 +195,14 @@ def render_markdown(report: dict) -> str:
         ("served", "as served: each user's routing group"),
     ):
         lines.append(f"| {label} | {_f(u[name]['nll'])} | {_f(u[name]['ppl'], '.2f')} |")
+    if "classification" in u:
+        c = u["classification"]
+        lines += ["", f"Classification by scoring the label options ({c['users']} users, mean over users):", "",
+                  "| model | accuracy | macro-F1 |", "|---|---|---|"]
+        lines += [f"| {name} | {_f(c[name]['accuracy'], '.3f')} | {_f(c[name]['macro_f1'], '.3f')} |" for name in TIERS]
+    for key, groups in u.get("by_group", {}).items():
+        lines += ["", f"Served utility by {key}:", "", "| group | users | NLL | accuracy | macro-F1 |", "|---|---|---|---|---|"]
+        lines += [f"| {g} | {e['users']} | {_f(e['nll_served'])} | {_f(e.get('accuracy'), '.3f')} | {_f(e.get('macro_f1'), '.3f')} |" for g, e in groups.items()]
     lines += [
         "",
         f"Persona beats global for {u['users_persona_beats_global']} of {u['users']} users; "
@@ -171,11 +215,22 @@ def render_markdown(report: dict) -> str:
     ]
     for name, g in u["routing_groups"].items():
         lines.append(f"| {name} | {g['users']} | {_f(g['global'])} | {_f(g['persona'])} | {_f(g['personal'])} | {_f(g['served'])} |")
-    lines += ["", "## Training (device diagnostics, per round)", "", "| round | devices | mean train loss | clip fraction | update norm q10 / q50 / q90 |", "|---|---|---|---|---|"]
+    lines += [
+        "", "## Training (device diagnostics, per round)", "",
+        "Record-level DP-SGD: the share of per-sample gradients clipped, their median norm, and the signal-to-noise",
+        "ratio of a step (norm of the mean clipped gradient over the noise's expected norm). User-level: the share",
+        "of device updates clipped and their norms before clipping.", "",
+        "| round | devices | mean train loss | DP-SGD clip fraction | DP-SGD median grad norm | DP-SGD signal-to-noise | user-level clip fraction | update norm q10 / q50 / q90 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["training"]:
         q = r.get("update_norm", {})
         norms = " / ".join(_f(q.get(k), ".3g") for k in ("q10", "q50", "q90")) if q else "-"
-        lines.append(f"| {r['round']} | {r['devices']} | {_f(r['train_loss'])} | {_f(r.get('clip_fraction'), '.2f')} | {norms} |")
+        sgd = r.get("dp_sgd", {})
+        lines.append(
+            f"| {r['round']} | {r['devices']} | {_f(r['train_loss'])} | {_f(sgd.get('clip_fraction'), '.2f')} | {_f(sgd.get('grad_norm_q50'), '.3g')} "
+            f"| {_f(sgd.get('snr'), '.3g')} | {_f(r.get('clip_fraction'), '.2f')} | {norms} |"
+        )
     e = report["epsilon_record_level"]
     lines += [
         "",

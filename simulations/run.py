@@ -49,7 +49,8 @@ def device_policy(cfg: RunConfig, user_file: Path, store: Path) -> DevicePolicy:
         scrub_operator=cfg.scrub.operator,
         scrub_config=cfg.scrub.config,
         dp_required=t.dp,
-        min_noise_multiplier=t.noise_multiplier if t.dp else 0.0,
+        # With a target epsilon each device calibrates its own noise: the cap is then the floor.
+        min_noise_multiplier=t.noise_multiplier if t.dp and t.target_epsilon == 0 else 0.0,
         max_clip_norm=t.max_grad_norm,
         max_delta=t.delta,
         max_epsilon=t.max_epsilon,
@@ -58,26 +59,75 @@ def device_policy(cfg: RunConfig, user_file: Path, store: Path) -> DevicePolicy:
     )
 
 
-def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Path | None = None) -> dict:
-    """Validate the config, generate the dataset and write every device's policy; returns the harness config.
+class DataFolderError(ValueError):
+    """A user folder that cannot be simulated: every bad file as ``file:line: reason``, never content."""
 
-    The config is validated before anything is written: a bad value leaves no run folder behind.
+
+def user_files(folder: Path) -> list[Path]:
+    """The per-user JSONL files of a data folder: ``folder/users/*.jsonl``, else ``folder/*.jsonl``."""
+    folder = Path(folder)
+    files = sorted((folder / "users").glob("*.jsonl")) or sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise DataFolderError(f"{folder}: no per-user .jsonl files (in users/ or at the top level)")
+    return files
+
+
+def validate_folder(folder: Path) -> list[dict]:
+    """Validate every user file first; returns the participants (from ``manifest.json`` if present)."""
+    from client.store import IngestError, parse_jsonl
+
+    folder = Path(folder)
+    files = user_files(folder)
+    errors = []
+    for path in files:
+        try:
+            parse_jsonl(path)
+        except IngestError as err:
+            errors.append(str(err))
+    if errors:
+        raise DataFolderError(f"{len(errors)} of {len(files)} user files are malformed; nothing was ingested:\n" + "\n".join(errors))
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        users = [u for u in json.loads(manifest_path.read_text())["users"] if not u.get("holdout")]
+        missing = [u["file"] for u in users if not (folder / u["file"]).is_file()]
+        if missing:
+            raise DataFolderError(f"{manifest_path}: {len(missing)} listed user file(s) missing")
+        return users
+    return [{"user_id": p.stem, "file": str(p.relative_to(folder))} for p in files]
+
+
+def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Path | None = None, data: Path | None = None) -> dict:
+    """Validate the config (and a user data folder, if given), write every device's policy; returns the harness config.
+
+    Without ``data`` (or a ``data-dir`` override) the embedded persona dataset
+    is generated into the run folder. With it, every user file is validated
+    first, one device per file, and nothing is generated; ``num-supernodes``
+    becomes the number of users. Validation happens before anything is
+    written: a bad value or a bad file leaves no run folder behind.
     """
+    overrides = dict(overrides or {})
+    data = Path(data) if data is not None else (Path(str(overrides.pop("data-dir"))) if "data-dir" in overrides else None)
+    participants = None
+    if data is not None:
+        participants = validate_folder(data)
+        overrides["num-supernodes"] = len(participants)
     cfg = build_config(profile, overrides)
     run_dir = Path(run_dir) if run_dir else new_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = run_dir / "data"
-    spec = DatasetSpec(
-        num_users=cfg.federation.num_supernodes,
-        num_personas=cfg.data.num_personas,
-        seed=cfg.seed,
-        holdout_users=cfg.data.holdout_users,
-    )
-    manifest = generate_dataset(data_dir, spec)
+    if data is None:
+        data_dir = run_dir / "data"
+        spec = DatasetSpec(
+            num_users=cfg.federation.num_supernodes,
+            num_personas=cfg.data.num_personas,
+            seed=cfg.seed,
+            holdout_users=cfg.data.holdout_users,
+        )
+        participants = [u for u in generate_dataset(data_dir, spec)["users"] if not u.get("holdout")]
+    else:
+        data_dir = data.resolve()
     cfg = cfg.with_values(**{"data-dir": str(data_dir), "run-dir": str(run_dir)})
     devices_dir, policies = run_dir / "devices", run_dir / "devices" / "policies"
     policies.mkdir(parents=True, exist_ok=True)
-    participants = [u for u in manifest["users"] if not u.get("holdout")]
     devices = []
     for pid, user in enumerate(participants):
         user_file = data_dir / user["file"]
