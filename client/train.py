@@ -14,14 +14,16 @@ import json
 import math
 import secrets
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import TrainConfig
-from common.models import PersonalLM
+from common.models import PROMPT_KEY, USER, PersonalLM, tier_of
 
 IGNORE = -100
 
@@ -103,13 +105,15 @@ class DPAdamBC(torch.optim.Adam):
     with no signal are normalised to unit-size random steps. DP-AdamBC
     subtracts the known noise variance from the (bias-corrected) second
     moment before the update, with a floor ``gamma`` that keeps the step
-    finite.
+    finite. The floor defaults to the noise variance itself: a coordinate
+    with no signal then moves as under Adam, while one with signal ``g`` moves
+    by about ``lr`` in its direction instead of Adam's ``lr * g / sigma``.
     """
 
-    def __init__(self, params, lr: float, noise_variance: float, gamma: float = 1e-8):
+    def __init__(self, params, lr: float, noise_variance: float, gamma: float | None = None):
         super().__init__(params, lr=lr)
         self.noise_variance = float(noise_variance)
-        self.gamma = float(gamma)
+        self.gamma = float(gamma) if gamma is not None else max(self.noise_variance, 1e-12)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -162,30 +166,46 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
 
     return float(get_noise_multiplier(
         target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=sample_rate(cfg, num_records),
-        steps=max(1, planned_rounds) * cfg.local_steps, accountant="rdp", epsilon_tolerance=0.01,
+        steps=max(1, planned_rounds) * cfg.local_steps, accountant=cfg.accountant, epsilon_tolerance=0.01,
     ))
 
 
 class _Instruments:
-    """Per-step DP-SGD diagnostics from Opacus' per-sample gradients, before clipping."""
+    """Per-step DP-SGD diagnostics from Opacus' per-sample gradients, before clipping.
+
+    Per sample: the gradient norm (quantiles, and the share above the clip
+    norm). Per logical step: the signal-to-noise ratio, the norm of the mean
+    clipped gradient over the expected norm of the step's noise
+    ``sigma * C * sqrt(d) / B``.
+    """
 
     def __init__(self, params, cfg: TrainConfig, expected_batch: float):
         self.params, self.cfg, self.expected_batch = params, cfg, expected_batch
         self.dim = sum(p.numel() for p in params)
         self.norms: list[float] = []
         self.snr: list[float] = []
+        self._sums: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def observe(self) -> None:
+        """Per-sample gradients of one physical batch (call before ``optimizer.step()``)."""
         samples = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in self.params if getattr(p, "grad_sample", None) is not None]
         if not samples or samples[0].shape[0] == 0:
             return
         norms = torch.stack([g.norm(dim=1) for g in samples], dim=1).norm(dim=1)
         factor = (self.cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        clipped_mean = torch.sqrt(sum(((g * factor[:, None]).sum(0) ** 2).sum() for g in samples)) / self.expected_batch
-        noise_norm = self.cfg.noise_multiplier * self.cfg.max_grad_norm * math.sqrt(self.dim) / self.expected_batch
+        sums = [(g * factor[:, None]).sum(0) for g in samples]
+        self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
         self.norms += norms.tolist()
-        self.snr.append(float(clipped_mean) / noise_norm if noise_norm > 0 else math.inf)
+
+    def step_done(self) -> None:
+        """A logical step ended: its signal-to-noise ratio."""
+        if self._sums is None:
+            return
+        clipped_mean = math.sqrt(sum(float((s**2).sum()) for s in self._sums)) / self.expected_batch
+        noise_norm = self.cfg.noise_multiplier * self.cfg.max_grad_norm * math.sqrt(self.dim) / self.expected_batch
+        self.snr.append(clipped_mean / noise_norm if noise_norm > 0 else math.inf)
+        self._sums = None
 
     def summary(self) -> dict:
         if not self.norms:
@@ -200,21 +220,39 @@ class _Instruments:
         }
 
 
-_GSM: dict[int, object] = {}
+_GSM: dict[int, tuple[frozenset, object]] = {}
 
 
 def _grad_sample_module(model: PersonalLM):
-    """Wrap the model once per process; Opacus reuses an existing wrapper."""
+    """Wrap the model once per process and trainable set; Opacus reuses an existing wrapper.
+
+    Opacus hooks only the modules whose parameters train when it wraps; if the
+    trainable set changes (``private-tier``), the old hooks are removed first.
+    """
     from opacus import GradSampleModule
 
-    if id(model) not in _GSM:
-        _GSM[id(model)] = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    return _GSM[id(model)]
+    trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+    cached = _GSM.get(id(model))
+    if cached is None or cached[0] != trainable:
+        if cached is not None:
+            cached[1].remove_hooks()
+        _GSM[id(model)] = (trainable, GradSampleModule(model, batch_first=True, loss_reduction="mean"))
+    return _GSM[id(model)][1]
 
 
-def _trainable(model: PersonalLM) -> list[torch.nn.Parameter]:
-    # A stable order matters: optimizer state is saved and restored by index.
-    return [p for _, p in sorted(model.trainable_state().items())]
+def _trainable(model: PersonalLM, cfg: TrainConfig | None = None) -> list[torch.nn.Parameter]:
+    """The tensors this round trains, in a stable order (optimizer state is saved and restored by index).
+
+    ``private-tier=prompt`` trains only the soft prompt of the user tier (its
+    LoRA adapter stays frozen): far fewer dimensions for the noise to fill.
+    """
+    state = sorted(model.trainable_state().items())
+    if cfg is not None and cfg.private_tier == "prompt":
+        for name, p in state:
+            if tier_of(name) == USER and name != PROMPT_KEY:
+                p.requires_grad_(False)
+        state = [(n, p) for n, p in state if tier_of(n) != USER or n == PROMPT_KEY]
+    return [p for _, p in state]
 
 
 def train_local(
@@ -235,7 +273,7 @@ def train_local(
 
     model.use(*model.tiers)
     model.train()
-    params = _trainable(model)
+    params = _trainable(model, cfg)
     batch_size = min(cfg.batch_size, len(data))
     # The per-coordinate variance of the noise in the averaged gradient (DP-AdamBC needs it).
     noise_variance = (cfg.noise_multiplier * cfg.max_grad_norm / batch_size) ** 2 if cfg.dp else 0.0
@@ -254,7 +292,7 @@ def train_local(
     engine = None
     if cfg.dp:
         gsm.enable_hooks()
-        engine = PrivacyEngine(accountant="rdp")
+        engine = PrivacyEngine(accountant=cfg.accountant)
         if accountant_state:
             engine.accountant.load_state_dict(_load_accountant_state(accountant_state))
         with warnings.catch_warnings():
@@ -278,34 +316,36 @@ def train_local(
 
     assert engine is None or abs(rate - sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
     instruments = _Instruments(params, cfg, batch_size) if cfg.dp else None
+    # A logical batch larger than memory allows is split into physical batches:
+    # under DP by Opacus' BatchMemoryManager (clipping per sample, noise once per
+    # logical step), without DP by accumulating the loss over chunks.
+    split = cfg.dp and batch_size > cfg.physical_batch
+    batches = BatchMemoryManager(data_loader=loader, max_physical_batch_size=cfg.physical_batch, optimizer=optimizer) if split else nullcontext(loader)
     losses, steps = [], 0
-    while steps < cfg.local_steps:
-        for input_ids, attention, labels in loader:
-            if steps >= cfg.local_steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if len(input_ids) == 0:
-                # Poisson sampling drew an empty batch. The mechanism that is
-                # accounted releases noise in this step too, so run Opacus'
-                # noise-only step: zero per-sample gradients, clipped, summed,
-                # noised and applied, and charged to the accountant as usual.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    with batches as loader:
+        while steps < cfg.local_steps:
+            for input_ids, attention, labels in loader:
+                if steps >= cfg.local_steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                if len(input_ids) == 0:
+                    # Poisson sampling drew an empty batch. The mechanism that is
+                    # accounted releases noise in this step too, so run Opacus'
+                    # noise-only step: zero per-sample gradients, clipped, summed,
+                    # noised and applied, and charged to the accountant as usual.
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    optimizer.step()
+                    steps += 1
+                    continue
+                losses.append(_backward(net, input_ids, attention, labels, None if cfg.dp else cfg.physical_batch))
+                if instruments is not None:
+                    instruments.observe()
                 optimizer.step()
-                steps += 1
-                continue
-            input_ids, attention, labels = trim_batch(input_ids, attention, labels)
-            logits = net(input_ids, attention)
-            nll_sum, count = per_sample_nll(logits, labels)
-            # Mean over samples of each sample's mean token NLL: what Opacus'
-            # loss_reduction="mean" assumes when it rescales per-sample grads.
-            loss = (nll_sum / count.clamp(min=1)).mean()
-            loss.backward()
-            if instruments is not None:
-                instruments.observe()
-            optimizer.step()
-            losses.append(loss.item())
-            steps += 1
+                if not (split and optimizer._is_last_step_skipped):
+                    steps += 1
+                    if instruments is not None:
+                        instruments.step_done()
 
     if cfg.dp:
         gsm.disable_hooks()
@@ -325,6 +365,26 @@ def train_local(
     return result, history, buf.getvalue()
 
 
+def _backward(net, input_ids, attention, labels, chunk: int | None) -> float:
+    """Forward and backward over one batch; returns its loss.
+
+    The loss is the mean over samples of each sample's mean token NLL: what
+    Opacus' ``loss_reduction="mean"`` assumes when it rescales per-sample
+    gradients. Without DP a batch is split into chunks of ``chunk`` rows whose
+    gradients add up to the whole batch's.
+    """
+    input_ids, attention, labels = trim_batch(input_ids, attention, labels)
+    n = len(input_ids)
+    total = 0.0
+    for start in range(0, n, chunk or n):
+        sl = slice(start, start + (chunk or n))
+        nll_sum, count = per_sample_nll(net(input_ids[sl], attention[sl]), labels[sl])
+        loss = (nll_sum / count.clamp(min=1)).sum() / n
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def _os_seeded_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
@@ -339,12 +399,14 @@ def _load_accountant_state(blob: str) -> dict:
     return {"history": [tuple(h) for h in state["history"]], "mechanism": state["mechanism"]}
 
 
-def _accountant(accountant_state: str | None):
-    from opacus.accountants import RDPAccountant
+def _accountant(accountant_state: str | None, mechanism: str = "rdp"):
+    """An Opacus accountant of the mechanism the state was kept with (``rdp`` or ``prv``)."""
+    from opacus.accountants import create_accountant
 
-    acc = RDPAccountant()
-    if accountant_state:
-        acc.load_state_dict(_load_accountant_state(accountant_state))
+    state = _load_accountant_state(accountant_state) if accountant_state else None
+    acc = create_accountant(mechanism=state["mechanism"] if state else mechanism)
+    if state:
+        acc.load_state_dict(state)
     return acc
 
 
@@ -368,7 +430,7 @@ def would_exceed(accountant_state: str | None, cfg: TrainConfig, num_records: in
     """Would one more round of ``cfg.local_steps`` DP-SGD steps take this device past ``cap`` (0 = none)?"""
     if not cfg.dp or cap <= 0:
         return False
-    acc = _accountant(accountant_state)
+    acc = _accountant(accountant_state, cfg.accountant)
     acc.history.append((cfg.noise_multiplier, sample_rate(cfg, num_records), cfg.local_steps))
     return acc.get_epsilon(delta=cfg.delta) > cap
 

@@ -208,6 +208,12 @@ class TrainConfig(_Section):
     # record-level epsilon each device calibrates its noise to reach at the last planned round
     # (0 = use noise-multiplier as given); never above the cap
     target_epsilon: float = _opt("target-epsilon", 0.0, _non_negative)
+    # Opacus' accountant for record-level epsilon: rdp, or prv (tighter, same mechanism)
+    accountant: str = _opt("accountant", "rdp", _one_of("rdp", "prv"))
+    # which parts of the private tier train: its LoRA adapter and soft prompt, or the soft prompt only
+    private_tier: str = _opt("private-tier", "lora+prompt", _one_of("lora+prompt", "prompt"))
+    # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
+    physical_batch: int = _opt("physical-batch", 16, _at_least(1))
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,79 @@ def test_an_empty_poisson_batch_runs_the_noise_only_step(model, monkeypatch):
     after = _snapshot(model)
     assert result.steps == 2 and sum(h[2] for h in json.loads(history)["history"]) == 2
     assert all(not torch.equal(before[k], after[k]) for k in before)  # noise moved every trainable tensor
+
+
+def test_a_logical_batch_larger_than_memory_is_split_and_charged_once_per_step(model):
+    """BatchMemoryManager: physical batches of 4 inside a logical batch of 12; the accountant sees 2 steps at q = 12/24."""
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    result, history, _ = train_local(model, data, quick(local_steps=2, batch_size=12, physical_batch=4).train, None, None)
+    entries = json.loads(history)["history"]
+    assert result.steps == 2 and sum(h[2] for h in entries) == 2 and entries[0][1] == pytest.approx(0.5)
+    assert result.instruments and 0 <= result.instruments["clip_fraction"] <= 1 and result.instruments["snr"] is not None
+
+
+def test_without_dp_chunked_gradients_equal_the_whole_batch(model):
+    from client.train import _backward
+
+    data = encode_pairs(model.tokenizer, PAIRS[:8], 64)
+    grads = []
+    for chunk in (None, 3):
+        model.reset_to_initial()
+        model.use(*model.tiers)
+        for p in model.trainable_state().values():
+            p.grad = None
+        _backward(model, *data.tensors, chunk)
+        grads.append({k: v.grad.clone() for k, v in model.trainable_state().items() if v.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+def test_private_tier_prompt_trains_the_soft_prompt_but_not_the_user_adapter(model):
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    before = _snapshot(model)
+    train_local(model, data, quick(local_steps=1, batch_size=8, private_tier="prompt").train, None, None)
+    after = _snapshot(model)
+    user_lora = [k for k in before if tier_of(k) == "user" and k != "user_embedding"]
+    assert user_lora and all(torch.equal(before[k], after[k]) for k in user_lora)
+    assert not torch.equal(before["user_embedding"], after["user_embedding"])
+
+
+def test_prv_accounting_is_tighter_than_rdp_for_the_same_mechanism(model):
+    from client.train import epsilon_from_history
+
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    _, history, _ = train_local(model, data, quick(local_steps=2, batch_size=8, accountant="prv").train, None, None)
+    state = json.loads(history)
+    assert state["mechanism"] == "prv"
+    rdp = epsilon_from_history(json.dumps({**state, "mechanism": "rdp"}), 1e-5)
+    assert 0 < epsilon_from_history(history, 1e-5) < rdp
+
+
+def test_calibrated_noise_ends_the_planned_rounds_at_the_target_not_above():
+    from client.train import calibrated_noise, epsilon_from_history, sample_rate
+
+    for records in (3, 40, 400):
+        cfg = quick(target_epsilon=4.0, local_steps=2, batch_size=6).train
+        z = calibrated_noise(cfg, records, planned_rounds=3)
+        history = json.dumps({"history": [[z, sample_rate(cfg, records), 6]], "mechanism": "rdp"})
+        assert 3.8 <= epsilon_from_history(history, cfg.delta) <= 4.0
+
+
+def test_dp_adambc_moves_signal_coordinates_further_than_adam_under_the_same_noise():
+    from client.train import DPAdamBC
+
+    torch.manual_seed(0)
+    signal = torch.cat([torch.full((500,), 1.0), torch.zeros(500)])  # half the coordinates carry signal (SNR 1)
+    w_plain, w_bc = torch.zeros(1000, requires_grad=True), torch.zeros(1000, requires_grad=True)
+    plain, bc = torch.optim.Adam([w_plain], lr=0.01), DPAdamBC([w_bc], lr=0.01, noise_variance=1.0)
+    for _ in range(50):
+        grad = signal + torch.randn(1000)  # DP noise of variance 1
+        for w, opt in ((w_plain, plain), (w_bc, bc)):
+            w.grad = grad.clone()
+            opt.step()
+    # Descending the signal: Adam divides it by the noise's scale, DP-AdamBC by the signal's.
+    assert (-w_bc[:500]).mean() > 1.2 * (-w_plain[:500]).mean() > 0
+    # Coordinates without signal move about as they do under Adam.
+    assert w_bc[500:].abs().mean() < 1.5 * w_plain[500:].abs().mean()
