@@ -70,7 +70,7 @@ def trace_round(secagg: bool = False, user_dp: bool = False) -> list[str]:
 
         model = personal_model(AdapterSpec.from_config(cfg))
         codec = KSlotCodec({k: tuple(v.shape) for k, v in model.shared_params().items()}, cfg.persona.slots)
-        arrays = ArrayRecord({k: Array(v) for k, v in codec.initial_state(model.shared_state(), cfg.persona.init_std, cfg.seed).items()})
+        arrays = ArrayRecord({k: Array(v) for k, v in codec.initial_state(model.initial_shared_state(), cfg.persona.init_std, cfg.seed).items()})
         strategy = TieredFedAvg(cfg, codec, build_pipeline(cfg, codec), num_rounds=2)
         grid = Grid()
         # Round 1 ingests every device's data (first contact); round 2 is the traced one.

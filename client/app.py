@@ -144,7 +144,14 @@ def train(msg: Message, context: Context) -> Message:
     masked = SECAGG in msg.content.keys()
     participation = device.get_json(store, device.PARTICIPATION, {"rounds": 0, "joined": 0})
     rate = sample_rate(cfg)
-    if masked and rate < 1 and not csprng.bernoulli(1, rate)[0]:
+    fingerprint = _fingerprint(sent, dev.server_round)
+    replay = _replayable(store, fingerprint)
+    if replay is not None:
+        # The server lost this round after this device took part (a crash
+        # before its checkpoint) and asks again with the same tiers: resend the
+        # same clipped, noised update. Training again would charge the budget twice.
+        vector, result, chosen = replay, None, None
+    elif masked and rate < 1 and not csprng.bernoulli(1, rate)[0]:
         # Under secure aggregation devices sample themselves (OS entropy), so the
         # server never learns the cohort. A device not drawn this round trains
         # nothing and sends a zero update with its noise share: the noise total
@@ -157,13 +164,32 @@ def train(msg: Message, context: Context) -> Message:
         update.secagg_request = dict(msg.content[SECAGG])
         update.secagg_state = dict(context.state[SECAGG])
         update.min_contributors = pipeline.step("secure-sum").honest_floor(SecAggClient.from_state(update.secagg_state).params)
-    steps = pipeline.run_device(update)
+    steps = pipeline.run_device(update, replay=replay is not None)
     if masked:
         context.state[SECAGG] = ConfigRecord(update.secagg_state)
-    participation["joined"] += 1  # user-level releases this device took part in (for its own epsilon)
-    device.put_json(store, device.PARTICIPATION, participation)
-    _note_diagnostics(store, dev.server_round, result, steps, chosen)
+    if replay is None:
+        device.put_state_array(store, device.LAST_UPDATE, update.vector, fingerprint)
+        participation["joined"] += 1  # user-level releases this device took part in (for its own epsilon)
+        device.put_json(store, device.PARTICIPATION, participation)
+        _note_diagnostics(store, dev.server_round, result, steps, chosen)
     return Message(content=RecordDict({ARRAYS: update.payload}), reply_to=msg)
+
+
+def _fingerprint(sent: dict, server_round: int) -> str:
+    """What identifies a round's request: its number and the exact tiers the server sent."""
+    import hashlib
+
+    h = hashlib.sha256(str(server_round).encode())
+    for key in sorted(sent):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(sent[key]).tobytes())
+    return h.hexdigest()
+
+
+def _replayable(store, fingerprint: str):
+    """The update this device already released for exactly this request, if any."""
+    cached = device.get_state_array(store, device.LAST_UPDATE)
+    return cached[0] if cached is not None and cached[1] == fingerprint else None
 
 
 def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, participation: dict):

@@ -40,6 +40,7 @@ PARTICIPATION = "participation.json"
 EVAL_RESULTS = "eval-results.json"
 DIAGNOSTICS = "diagnostics.json"
 CALIBRATION = "noise-calibration.json"
+LAST_UPDATE = "last-update.npz"  # the last released (clipped, noised, unmasked) update and its request's fingerprint
 
 
 class DeviceDataMissing(FileNotFoundError):
@@ -196,3 +197,26 @@ def get_json(store: DeviceStore, key: str, default):
 
 def put_json(store: DeviceStore, key: str, value) -> None:
     store.put_state(key, json.dumps(value).encode())
+
+
+def put_state_array(store: DeviceStore, key: str, array, tag: str) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, array=array, tag=np.array(tag))
+    store.put_state(key, buf.getvalue())
+
+
+def get_state_array(store: DeviceStore, key: str):
+    """(array, tag) kept with :func:`put_state_array`, or None."""
+    import io
+
+    import numpy as np
+
+    blob = store.get_state(key)
+    if blob is None:
+        return None
+    with np.load(io.BytesIO(blob)) as data:
+        return data["array"], str(data["tag"])

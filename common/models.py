@@ -369,6 +369,14 @@ class PersonalLM(nn.Module):
         """The live tensors outside the user tier (for shapes; nothing is copied)."""
         return {k: v for k, v in self.trainable_state().items() if tier_of(k) != USER}
 
+    def initial_shared_state(self) -> dict[str, torch.Tensor]:
+        """The shared tensors at their seeded initial values, whatever this process has trained since.
+
+        The server starts from these: a process-wide model may already hold a
+        device's trained tiers (one process serves many users).
+        """
+        return {k: v.clone() for k, v in self._initial_state.items() if tier_of(k) != USER}
+
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of every tensor outside the user tier: what may be sent."""
         return {k: v.detach().contiguous().clone() for k, v in self.shared_params().items()}

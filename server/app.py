@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.kslot import KSlotCodec
 from common.models import AdapterSpec, personal_model
 from common.privacy import build_pipeline
+from server import checkpoint
 from server.report import SHARED_TIERS_FILE, save_shared_tiers, write_report
 from server.strategy import TieredFedAvg
 
@@ -32,7 +33,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     started = time.time()
-    shared = personal_model(AdapterSpec.from_config(cfg)).shared_state()
+    shared = personal_model(AdapterSpec.from_config(cfg)).initial_shared_state()
     codec = KSlotCodec({k: tuple(v.shape) for k, v in shared.items()}, cfg.persona.slots)
     initial = ArrayRecord({k: Array(v) for k, v in codec.initial_state(shared, cfg.persona.init_std, cfg.seed).items()})
     pipeline = build_pipeline(cfg, codec)
@@ -44,8 +45,21 @@ def main(grid: Grid, context: Context) -> None:
     if num_rounds == 0:
         raise RuntimeError("the user-level privacy budget does not allow a single round")
     strategy = TieredFedAvg(cfg, codec, pipeline, num_rounds)
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, timeout=cfg.federation.round_timeout)
     run_dir = Path(cfg.output.run_dir)
+    start_round = 1
+    resumed = checkpoint.load(run_dir, cfg.flat())
+    if resumed is not None:
+        # Continue after the last complete round: its tiers, report rows and accountant.
+        done, tensors, state = resumed
+        initial = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        strategy.load_state_dict(state)
+        start_round = done + 1
+        log.warning("resuming after round %d of %d from %s", done, num_rounds, run_dir / checkpoint.CHECKPOINT_FILE)
+
+    def save(server_round: int, arrays: ArrayRecord) -> None:
+        checkpoint.save(run_dir, server_round, {k: v.numpy() for k, v in arrays.items()}, strategy.state_dict(), cfg.flat())
+
+    final = strategy.run(grid, initial, start_round=start_round, checkpoint=save)
     write_report(run_dir, cfg, strategy, wall_s=time.time() - started, planned_rounds=planned)
-    save_shared_tiers(run_dir / SHARED_TIERS_FILE, result.arrays)
+    save_shared_tiers(run_dir / SHARED_TIERS_FILE, final)
     log.info("server report written to %s", run_dir)

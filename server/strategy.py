@@ -178,6 +178,42 @@ class TieredFedAvg(Strategy):
         self.evaluation = {"round": server_round, "evaluated": done, "refused": dict(refused), "failed": failed}
         return MetricRecord({"evaluated": done, "refused": sum(refused.values()), "failed": failed})
 
+    # -- rounds, checkpoints and resume ---------------------------------------------------
+    def run(self, grid: Grid, arrays: ArrayRecord, start_round: int = 1, checkpoint=None) -> ArrayRecord:
+        """Rounds ``start_round`` to ``num_rounds``: train, checkpoint, and evaluate after the last.
+
+        The same calls as Flower's ``Strategy.start()``, which cannot resume:
+        ``checkpoint(round, arrays)`` runs after every round's aggregation.
+        """
+        for server_round in range(start_round, self.num_rounds + 1):
+            log.info("[ROUND %d/%d]", server_round, self.num_rounds)
+            replies = grid.send_and_receive(self.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=self.timeout)
+            new, _ = self.aggregate_train(server_round, replies)
+            if new is not None:
+                arrays = new
+            if checkpoint is not None:
+                checkpoint(server_round, arrays)
+            messages = self.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            if messages:
+                self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=self.timeout))
+        return arrays
+
+    def state_dict(self) -> dict:
+        """What a resumed server needs besides the tiers: the report rows and the user-level accountant."""
+        accounting = self.pipeline.step("accounting")
+        return {
+            "rounds": {str(r): row for r, row in self.rounds.items()},
+            "accountant": accounting.accountant.state_dict() if accounting else None,
+            "epsilon_per_round": {str(r): e for r, e in accounting.epsilon_per_round.items()} if accounting else {},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds = {int(r): row for r, row in state["rounds"].items()}
+        accounting = self.pipeline.step("accounting")
+        if accounting is not None and state["accountant"] is not None:
+            accounting.accountant.load_state_dict(state["accountant"])
+            accounting.epsilon_per_round = {int(r): e for r, e in state["epsilon_per_round"].items()}
+
     def summary(self) -> None:
         log.info("TieredFedAvg: privacy pipeline %s, %d persona slot(s), client sampling rate %.3f",
                  " -> ".join(self.pipeline.names()), self.codec.num_slots, self.rate)

@@ -38,6 +38,7 @@ def simulate(
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
     audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, disparity) | full (+ membership inference, generation audits)."),
     data: Path = typer.Option(None, help="A folder of per-user JSONL files (users/*.jsonl or *.jsonl), one device per file, instead of the embedded dataset."),
+    resume: Path = typer.Option(None, help="Continue a run that stopped (its folder): the server resumes after its last checkpointed round."),
 ) -> None:
     """Run a federated simulation on the embedded persona dataset (or your own per-user data) and write a report."""
     from common.config import ConfigError
@@ -46,7 +47,12 @@ def simulate(
     if audit not in ("none", "fast", "full"):
         raise typer.BadParameter("--audit must be none, fast or full")
     try:
-        harness = prepare("full" if full else profile, _parse_overrides(set_), run_dir, data=data)
+        if resume is not None:
+            from simulations.run import read_harness
+
+            harness = read_harness(resume)
+        else:
+            harness = prepare("full" if full else profile, _parse_overrides(set_), run_dir, data=data)
     except ConfigError as err:
         console.print(f"[bold red]configuration error[/] {err}")
         raise typer.Exit(code=2) from None

@@ -28,7 +28,7 @@ def codec_for(cfg: RunConfig) -> KSlotCodec:
 def initial_arrays(cfg: RunConfig) -> ArrayRecord:
     """What the ServerApp starts from: the global tier, every persona slot and the centroids."""
     model = personal_model(AdapterSpec.from_config(cfg))
-    state = codec_for(cfg).initial_state(model.shared_state(), cfg.persona.init_std, cfg.seed)
+    state = codec_for(cfg).initial_state(model.initial_shared_state(), cfg.persona.init_std, cfg.seed)
     return ArrayRecord({k: Array(v) for k, v in state.items()})
 
 

@@ -52,7 +52,7 @@ def test_same_spec_same_initial_shared_tier_in_every_process():
     """Clients and server derive identical initial global adapters from the seed."""
     from common.models import PersonalLM
 
-    a = personal_model(spec(seed=3)).shared_state()
+    a = personal_model(spec(seed=3)).initial_shared_state()
     b = PersonalLM(spec(seed=3)).shared_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -73,6 +73,10 @@ class Step:
     name = "step"
     # Position in the pipeline: lower runs earlier on the device.
     rank = 0
+    # True for a step that changes the update itself (clip, noise); False for
+    # one that only carries it (the sums, the guard). A replayed update, already
+    # clipped and noised once, passes only through the carriers.
+    transforms = True
 
     def device(self, update: DeviceUpdate) -> dict[str, float]:
         return {}
@@ -109,9 +113,14 @@ class Pipeline:
     def step(self, name: str) -> Step | None:
         return next((s for s in self.steps if s.name == name), None)
 
-    def run_device(self, update: DeviceUpdate) -> dict[str, dict[str, float]]:
-        """Every device half in order; returns each step's metrics (they stay on the device)."""
-        return {s.name: s.device(update) for s in self.steps}
+    def run_device(self, update: DeviceUpdate, replay: bool = False) -> dict[str, dict[str, float]]:
+        """Every device half in order; returns each step's metrics (they stay on the device).
+
+        ``replay``: the update was clipped and noised before (a round the server
+        lost and asked again); only the steps that carry it run, so the same
+        release goes out again and nothing new is spent.
+        """
+        return {s.name: s.device(update) for s in self.steps if not (replay and s.transforms)}
 
     def setup(self, rnd: ServerRound) -> dict[int, dict]:
         payloads: dict[int, dict] = {}

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 class Guard(Step):
     name = "guard"
     rank = 50
+    transforms = False
 
     def __init__(self, schema: WireSchema):
         self.guard = EgressGuard(schema)

@@ -32,6 +32,7 @@ NOISE_RANGE_SIGMAS = 9.0
 class PlainSum(Step):
     name = "plain-sum"
     rank = 40
+    transforms = False
 
     def __init__(self, codec: KSlotCodec):
         self.codec = codec
@@ -73,6 +74,7 @@ def honest_contributors(min_survivors: int, cohort: int, colluder_fraction: floa
 class SecureSum(Step):
     name = "secure-sum"
     rank = 40
+    transforms = False
 
     def __init__(self, codec: KSlotCodec, clip_range: float, modulus_bits: int, max_dropout: float,
                  colluder_fraction: float, noise=None):
