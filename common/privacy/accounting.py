@@ -87,7 +87,9 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, delta: float, populati
     while hi - lo > 1e-3:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return round(hi, 3)
+    # Round *up* to the grid: rounding to nearest could land just below the
+    # smallest noise that fits and overshoot the target.
+    return math.ceil(hi * 1000 - 1e-9) / 1000
 
 
 class Accounting(Step):
