@@ -16,7 +16,11 @@ lower bound, wire-audit hits, the worst-to-mean ratio of served NLL, and the
 regurgitation counts.
 
     python -m benchmarks.audit_figures            # default profile, ~40 min
-    python -m benchmarks.audit_figures --quick    # tiny model, 3 users, < 1 min
+    python -m benchmarks.audit_figures --quick    # tiny model, 3 users, 2 rounds
+    python -m benchmarks.audit_figures --smoke    # tiny model, 3 users, 1 round, pattern scrubbing,
+                                                  # fast audits, no eps-inf-noscrub arm (~1.5 min)
+
+Last line: ``RESULT audit_figures key=value ...``.
 """
 
 from __future__ import annotations
@@ -27,16 +31,17 @@ import math
 import tempfile
 from pathlib import Path
 
-from common.config import build_config
+from benchmarks._common import SMOKE_PROFILE, SMOKE_SIM, add_size_flags, result_line
+from common.config import RunConfig, build_config
 
 
-def noise_for_record_epsilon(target: float, cfg: dict, records: int = 40) -> float:
+def noise_for_record_epsilon(target: float, cfg: RunConfig, records: int = 40) -> float:
     """DP-SGD noise multiplier giving a ``records``-record user ``target`` epsilon over the run."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    batches = math.ceil(records / int(cfg["batch-size"]))
-    steps = int(cfg["local-steps"]) * int(cfg["num-server-rounds"])
-    return round(get_noise_multiplier(target_epsilon=target, target_delta=float(cfg["delta"]), sample_rate=1 / batches, steps=steps, accountant="rdp"), 3)
+    batches = math.ceil(records / cfg.train.batch_size)
+    steps = cfg.train.local_steps * cfg.federation.num_server_rounds
+    return round(get_noise_multiplier(target_epsilon=target, target_delta=cfg.train.delta, sample_rate=1 / batches, steps=steps, accountant="rdp"), 3)
 
 
 def _measured(result) -> dict:
@@ -73,22 +78,29 @@ def _row(name: str, run: Path, audit: dict, report: dict) -> dict:
     }
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     from simulations.audits import run_audits
     from simulations.run import prepare, simulate
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_size_flags(ap, quick="tiny model, 3 users")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run folders (with report.html) here")
     args = ap.parse_args(argv)
-    profile = "quick" if args.quick else "default"
-    extra = {"num-supernodes": 3} if args.quick else {}
-    sigma8 = noise_for_record_epsilon(8.0, build_config(profile, extra).flat())
+    profile, extra, level = "default", {}, "full"
+    if args.quick:
+        profile, extra = "quick", {"num-supernodes": 3}
+    if args.smoke:
+        # Fast audits only: the full level generates text and trains attack models.
+        profile, extra, level = SMOKE_PROFILE, SMOKE_SIM, "fast"
+    sigma8 = noise_for_record_epsilon(8.0, build_config(profile, extra))
     arms = [
         ("eps-inf", {"dp": False}),
         ("eps-inf-noscrub", {"dp": False, "scrub-mode": "off"}),
         ("eps-8", {"noise-multiplier": sigma8}),
     ]
+    if args.smoke:
+        # The control arm runs the same code as eps-inf; eps-8 also covers the baseline comparison.
+        arms = [arm for arm in arms if arm[0] != "eps-inf-noscrub"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -98,15 +110,15 @@ def main(argv=None) -> list[dict]:
             report = simulate(harness, record_wire=True)
             baseline = root / "eps-inf" if name == "eps-8" else None
             compare = [root / "eps-inf"] if name == "eps-8" else []
-            audit = run_audits(run, baseline=baseline, compare=compare)
+            audit = run_audits(run, level=level, baseline=baseline, compare=compare)
             rows.append(_row(name, run, audit, report))
             print(f"audit_figures {name}: " + json.dumps(rows[-1]), flush=True)
-    fields = [f"sigma8={sigma8}"]
+    fields = {"sigma8": sigma8}
     for row in rows:
         tag = row["run"].replace("-", "_")
-        fields += [f"{tag}_{k}={v}" for k, v in row.items() if k != "run"]
-    print("RESULT audit_figures " + " ".join(fields))
-    return rows
+        fields.update({f"{tag}_{k}": v for k, v in row.items() if k != "run"})
+    print(result_line("audit_figures", fields))
+    return {**fields, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Single-core scrubbing throughput and recall on planted Faker PII.
 
-    python -m benchmarks.scrub_throughput [--quick] [--docs N] [--seed S]
+    python -m benchmarks.scrub_throughput [--docs N] [--seed S]   # 600 documents, 2 repeats
+    python -m benchmarks.scrub_throughput --quick    # 150 documents, one repeat
+    python -m benchmarks.scrub_throughput --smoke    # 4 documents, one repeat (seconds)
 
 Documents are ~200 words of seeded Faker filler with PII planted at known
 offsets (names from several locales, e-mails, phones in Faker's formats,
@@ -28,11 +30,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from faker import Faker  # noqa: E402
+
+from benchmarks._common import add_size_flags, result_line  # noqa: E402
 
 TARGET_WORDS = 200
 
@@ -159,14 +162,14 @@ def _timed(fn, docs_text: list[str], repeat: int) -> tuple[float, object]:
     return len(docs_text) / best, out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer documents, one repeat")
+    add_size_flags(ap, quick="150 documents, one repeat")
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
-    n = args.docs or (150 if args.quick else 600)
-    repeat = 1 if args.quick else 2
+    n = args.docs or (4 if args.smoke else 150 if args.quick else 600)
+    repeat = 1 if args.quick or args.smoke else 2
 
     pin = _pin_one_core()
     try:
@@ -216,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
           "patterns_docs_s": f"{pat:.1f}"}
     kv.update({f"recall_{_SHORT.get(t, t)}": f"{v:.3f}" for t, v in rec_full.items()})
     kv.update({f"patterns_recall_{t}": f"{v:.3f}" for t, v in rec_pat.items()})
-    print("\nRESULT scrub_throughput " + " ".join(f"{k}={v}" for k, v in kv.items()))
-    return 0
+    print("\n" + result_line("scrub_throughput", kv))
+    return kv
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -22,6 +22,7 @@ itself and is odd as Flower requires; reconstruction_threshold = t).
 
     python -m benchmarks.secagg_overhead            # N = 10 and 30, 4 rounds each
     python -m benchmarks.secagg_overhead --quick    # N = 10, 3 rounds (< 1 min)
+    python -m benchmarks.secagg_overhead --smoke    # N = 10, 2 rounds, 1,000 floats (~20 s, mostly Ray start-up)
 
 Last line: ``RESULT secagg_overhead ...``.
 """
@@ -39,6 +40,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import numpy as np  # noqa: E402
 
+from benchmarks._common import add_size_flags, result_line  # noqa: E402
 from benchmarks.secagg_driver import run_secagg_round  # noqa: E402
 from common.secagg import SecAggParams, default_neighbours  # noqa: E402
 
@@ -155,12 +157,16 @@ def run_flower(n: int, dim: int, rounds: int, k: int, t: int) -> dict:
 
 
 def _feasible_dropouts(params: SecAggParams, frac: float, rng: np.random.Generator) -> list[int]:
-    """A random dropout set of the given fraction that every neighbourhood survives."""
+    """A random dropout set of the given fraction that every neighbourhood survives.
+
+    The survivors must also stay connected in the neighbour graph: the server
+    aborts rather than unmask a disconnected survivor set.
+    """
     n_drop = int(round(frac * len(params.node_ids)))
     for _ in range(200):
         drop = set(rng.choice(params.node_ids, n_drop, replace=False).tolist())
         alive = set(params.node_ids) - drop
-        if all(len(params.neighbours_of(i) & alive) >= params.threshold for i in params.node_ids):
+        if all(len(params.neighbours_of(i) & alive) >= params.threshold for i in params.node_ids) and params.connected(alive):
             return sorted(drop)
     raise RuntimeError("no tolerable dropout set found; raise k or lower t")
 
@@ -218,13 +224,15 @@ def run_ours(n: int, dim: int, rounds: int, k: int, t: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="N=10 only, 3 rounds")
-    ap.add_argument("--dim", type=int, default=460_800)
+    add_size_flags(ap, quick="N=10 only, 3 rounds")
+    ap.add_argument("--dim", type=int, default=None, help="floats per client vector (default 460,800; 1,000 with --smoke)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per arm (first is warm-up)")
     ap.add_argument("--clients", type=str, default=None, help="comma-separated N values")
     args = ap.parse_args(argv)
-    sizes = [int(s) for s in (args.clients or ("10" if args.quick else "10,30")).split(",")]
-    rounds = args.rounds or (3 if args.quick else 4)
+    small = args.quick or args.smoke
+    sizes = [int(s) for s in (args.clients or ("10" if small else "10,30")).split(",")]
+    rounds = args.rounds or (2 if args.smoke else 3 if args.quick else 4)
+    args.dim = args.dim or (1_000 if args.smoke else 460_800)
     if rounds < 2:
         raise SystemExit("--rounds must be >= 2 (round 1 is excluded as warm-up)")
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -272,14 +280,12 @@ def main(argv=None) -> dict:
 
     err0 = max(o["err_drop0"] for _, _, o, _ in rows.values())
     err30 = max(o["err_drop30"] for _, _, o, _ in rows.values())
-    line = (
-        "RESULT secagg_overhead"
-        f" n10_flower_overhead_s={fmt(10, 'flower')} n10_ours_s={fmt(10, 'ours')} n10_ratio={fmt(10, 'ratio')}"
-        f" n30_flower_overhead_s={fmt(30, 'flower')} n30_ours_s={fmt(30, 'ours')} n30_ratio={fmt(30, 'ratio')}"
-        f" max_abs_err={max(err0, err30):.3e} max_abs_err_drop0={err0:.3e} max_abs_err_drop30={err30:.3e}"
-    )
-    print(line, flush=True)
-    return {"rows": rows, "line": line}
+    res = {}
+    for n in (10, 30):
+        res.update({f"n{n}_flower_overhead_s": fmt(n, "flower"), f"n{n}_ours_s": fmt(n, "ours"), f"n{n}_ratio": fmt(n, "ratio")})
+    res.update({"max_abs_err": f"{max(err0, err30):.3e}", "max_abs_err_drop0": f"{err0:.3e}", "max_abs_err_drop30": f"{err30:.3e}"})
+    print(result_line("secagg_overhead", res), flush=True)
+    return {**res, "rows": rows}
 
 
 if __name__ == "__main__":

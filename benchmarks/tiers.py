@@ -13,7 +13,10 @@ secure aggregation with distributed noise. Reports per epsilon:
 * the bytes each client sent in the last round (train + secure-aggregation replies).
 
     python -m benchmarks.tiers            # default profile (SmolLM2, 20 users), ~25 min
-    python -m benchmarks.tiers --quick    # quick profile (tiny model, 6 users), < 1 min
+    python -m benchmarks.tiers --quick    # quick profile (tiny model, 6 users), pattern scrubbing
+    python -m benchmarks.tiers --smoke    # tiny model, 3 users, 1 round, epsilon 8 only (~1 min)
+
+Last line: ``RESULT tiers key=value ...``.
 """
 
 from __future__ import annotations
@@ -25,69 +28,76 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._common import SMOKE_PROFILE, SMOKE_SIM, add_size_flags, result_line
 from common.config import build_config
-from common.dp import noise_for_epsilon
+from common.privacy.accounting import noise_for_epsilon
 
 BUDGETS = (math.inf, 8.0, 2.0)
+# One finite budget covers every step of a budget's run (calibration, user-level
+# DP, secure aggregation with distributed noise); the others differ only in z.
+SMOKE_BUDGETS = (8.0,)
 
 
 def run_one(profile: str, epsilon: float, secagg: bool, root: Path, extra: dict) -> dict:
     from simulations.run import prepare, simulate
 
     overrides = {"secagg": secagg, **extra}
+    z = 0.0  # no user-level noise at epsilon = inf
     if math.isfinite(epsilon):
         cfg = build_config(profile, overrides)
-        z = noise_for_epsilon(epsilon, int(cfg["num-server-rounds"]), float(cfg["user-delta"]), int(cfg["num-supernodes"]))
+        z = noise_for_epsilon(epsilon, cfg.federation.num_server_rounds, cfg.user_dp.delta, cfg.federation.num_supernodes)
         overrides.update({"user-dp": True, "user-noise-multiplier": z, "user-max-epsilon": epsilon})
-    run_dir = root / f"eps-{epsilon}"
     started = time.perf_counter()
-    report = simulate(prepare(profile, overrides, run_dir))
+    report = simulate(prepare(profile, overrides, root / f"eps-{epsilon}"))
     wall = time.perf_counter() - started
-    diag = json.loads((run_dir / "diagnostics.json").read_text())["persona_recovery"]["rounds"]
+    diag = report["diagnostics"]["persona_recovery"]["rounds"]
     u = report["utility"]
-    last = report["rounds"][-1]
-    eps_rounds = report["user_level"].get("epsilon_per_round", {})
+    server = report["server"]
+    last = server["rounds"][-1]
+    eps_rounds = server["user_level"].get("epsilon_per_round", {})
     return {
         "epsilon": epsilon,
         "epsilon_spent": max(eps_rounds.values()) if eps_rounds else math.inf,
-        "z": overrides.get("user-noise-multiplier", 0.0),
+        "z": z,
         "wall_s": round(wall, 1),
         "tiers": {t: round(u[t]["nll"], 4) for t in ("base", "global", "persona", "personal", "served")},
         "groups": {g: {"users": v["users"], "served": round(v["served"], 4), "global": round(v["global"], 4)} for g, v in u["routing_groups"].items()},
-        "ari_eval": diag.get(f"evaluate-{len(report['rounds'])}", {}).get("adjusted_rand_index", float("nan")),
+        "ari_eval": diag.get(f"evaluate-{len(server['rounds'])}", {}).get("adjusted_rand_index", float("nan")),
         "persona_counts_last_round": last.get("persona_counts"),
         "bytes_per_client_last_round": max(last["bytes_per_client"]),
         "bytes_secagg_last_round": max(last["bytes_secagg_replies"]),
     }
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_size_flags(ap, quick="quick profile (tiny model, 6 users), pattern scrubbing")
     ap.add_argument("--no-secagg", action="store_true", help="plain aggregation with server-added noise")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    profile = "quick" if args.quick else "default"
-    # The quick profile's 6 users put ~2 in a persona: a minimum size of 1 keeps
-    # the slots from folding every round (the default profile keeps its 3).
-    extra = {"scrub-mode": "patterns"} if args.quick else {}
+    profile, extra, budgets = "default", {}, BUDGETS
+    if args.quick:
+        # Pattern scrubbing keeps the devices' first-round ingestion short.
+        profile, extra = "quick", {"scrub-mode": "patterns"}
+    if args.smoke:
+        profile, extra, budgets = SMOKE_PROFILE, SMOKE_SIM, SMOKE_BUDGETS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for eps in BUDGETS:
+        for eps in budgets:
             row = run_one(profile, eps, not args.no_secagg, Path(tmp), extra)
             rows.append(row)
             print(f"tiers eps={eps}: " + json.dumps(row), flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
-    fields = []
+    fields = {}
     for row in rows:
         tag = "inf" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}"
-        fields += [f"eps{tag}_{t}={v}" for t, v in row["tiers"].items() if t != "base"]
-        fields += [f"eps{tag}_{g}={v['served']}" for g, v in row["groups"].items()]
-        fields += [f"eps{tag}_ari={row['ari_eval']}", f"eps{tag}_z={row['z']}"]
-    fields += [f"base={rows[0]['tiers']['base']}", f"bytes_per_client={rows[0]['bytes_per_client_last_round']}", f"secagg={not args.no_secagg}"]
-    print("RESULT tiers " + " ".join(fields))
-    return rows
+        fields.update({f"eps{tag}_{t}": v for t, v in row["tiers"].items() if t != "base"})
+        fields.update({f"eps{tag}_{g}": v["served"] for g, v in row["groups"].items()})
+        fields.update({f"eps{tag}_ari": row["ari_eval"], f"eps{tag}_z": row["z"]})
+    fields.update({"base": rows[0]["tiers"]["base"], "bytes_per_client": rows[0]["bytes_per_client_last_round"], "secagg": not args.no_secagg})
+    print(result_line("tiers", fields))
+    return {**fields, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -115,3 +115,11 @@ def test_noise_calibration_hits_the_budget_from_below(target):
     acc = make_user_accountant(20, 1e-3, target)
     assert rounds_within_budget(acc, z, 20, 3) == 3  # the calibrated run is not cut short
     assert rounds_within_budget(make_user_accountant(20, 1e-3, target), z * 0.8, 20, 3) < 3
+
+
+@pytest.mark.parametrize("rounds,population", [(1, 3), (1, 6), (2, 6), (3, 20)])
+def test_calibrated_noise_never_overshoots_the_budget(rounds, population):
+    """z is rounded *up* to its 0.001 grid. Rounded to nearest, one round of 3 users at epsilon 8 got
+    z = 0.52, which spends 8.0013: the budget then refused the run its only round."""
+    z = noise_for_epsilon(8.0, rounds, 1e-3, population)
+    assert rounds_within_budget(make_user_accountant(population, 1e-3, 8.0), z, population, rounds) == rounds

@@ -1,0 +1,31 @@
+"""What the benchmarks share (a helper, not a benchmark): the smoke settings and the RESULT line.
+
+Every benchmark has three sizes: the full run (the figures in docs/results.md),
+``--quick`` (the real model, under a minute) and ``--smoke`` (the tiny random
+model and the smallest sizes: seconds, no ``../shared`` data, figures
+meaningless). ``tests/test_benchmarks.py`` runs every ``--smoke`` so that no
+benchmark rots unseen; it never looks at the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+# A simulation in smoke mode: the quick profile (tiny random model) cut to
+# 3 users and 1 round with pattern-only scrubbing (no spaCy load on the devices).
+SMOKE_PROFILE = "quick"
+SMOKE_SIM: dict[str, Any] = {"num-supernodes": 3, "num-server-rounds": 1, "scrub-mode": "patterns"}
+
+
+def add_size_flags(ap: argparse.ArgumentParser, quick: str) -> None:
+    """``--quick`` (its meaning given per benchmark) and ``--smoke``, mutually exclusive."""
+    sizes = ap.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help=quick)
+    sizes.add_argument("--smoke", action="store_true", help="tiny random model, smallest sizes, seconds; figures meaningless (the test suite runs this)")
+
+
+def result_line(name: str, values: Mapping[str, Any]) -> str:
+    """``RESULT name key=value ...``: the machine-readable last line of every benchmark."""
+    return f"RESULT {name} " + " ".join(f"{k}={v}" for k, v in values.items())
