@@ -121,7 +121,7 @@ def training_rounds(rows: list[dict]) -> list[dict]:
     rounds = sorted({int(r) for row in rows for r in row["diagnostics"]})
     out = []
     for rnd in rounds:
-        entries = [row["diagnostics"][str(rnd)] for row in rows if row["diagnostics"].get(str(rnd), {}).get("sampled", True)]
+        entries = [row["diagnostics"][str(rnd)] for row in rows if row["diagnostics"].get(str(rnd), {}).get("sampled", False)]
         losses = [e["train_loss"] for e in entries if e.get("train_loss") is not None and math.isfinite(e["train_loss"])]
         clip = [e["privacy"]["clip"] for e in entries if "clip" in e.get("privacy", {})]
         item = {"round": rnd, "devices": len(entries), "train_loss": statistics.fmean(losses) if losses else float("nan")}

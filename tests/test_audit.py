@@ -104,7 +104,8 @@ def test_the_registry_holds_each_audit_exactly_once():
 def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
     result = audit_result
     wire = result["wire"]
-    assert wire["messages"] == 3 * 2 + 3  # 3 clients x 2 train rounds + 3 evaluations
+    # 3 clients x 2 rounds x (a train reply + 3 secure-aggregation stage replies) + 3 evaluations
+    assert wire["messages"] == 3 * 2 * (1 + 3) + 3
     assert wire["bytes_scanned"] > 0 and wire["planted_values"] > 0
     assert wire["hits"] == 0
     ledger = result["ledger"]
