@@ -45,7 +45,6 @@ from common.kslot import KSlotCodec
 from common.models import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, AdapterSpec, ModelNotAvailable, personal_model, routing_group, tier_of
 from common import csprng
 from common.privacy import DeviceUpdate, Pipeline, build_pipeline
-from common.privacy.pipeline import sample_rate
 from common.secagg import SecAggClient, SecAggProtocolError
 from common.wire import ARRAYS, METRICS, SECAGG, EgressGuard, EgressViolation, Reason, refusal_content
 
@@ -143,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
     sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
     masked = SECAGG in msg.content.keys()
     participation = device.get_json(store, device.PARTICIPATION, {"rounds": 0, "joined": 0})
-    rate = sample_rate(cfg)
+    rate = cfg.client_sample_rate
     fingerprint = _fingerprint(sent, dev.server_round)
     replay = _replayable(store, fingerprint)
     if replay is not None:
@@ -364,7 +363,7 @@ def _user_epsilon_against_server(cfg: RunConfig, rounds_joined: int) -> float | 
 
     if not (cfg.user_dp.enabled and cfg.noise_placement == "distributed"):
         return None
-    return independent_user_epsilon(cfg.user_dp.noise_multiplier, rounds_joined, cfg.user_dp.delta, sample_rate(cfg))
+    return independent_user_epsilon(cfg.user_dp.noise_multiplier, rounds_joined, cfg.user_dp.delta, cfg.client_sample_rate)
 
 
 def make_app(mods=()) -> ClientApp:

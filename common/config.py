@@ -316,6 +316,14 @@ class RunConfig:
         return self.output.seed
 
     @property
+    def client_sample_rate(self) -> float:
+        """The Poisson client-sampling rate: ``round(f*N)/N``, or 1 when every client takes part."""
+        fed = self.federation
+        if fed.fraction_train >= 1.0:
+            return 1.0
+        return max(1, round(fed.fraction_train * fed.num_supernodes)) / fed.num_supernodes
+
+    @property
     def noise_placement(self) -> str:
         """Where user-level noise is added: on the devices (distributed, needs secagg) or on the server."""
         return "distributed" if self.secagg.enabled and self.secagg.noise == "distributed" else "server"

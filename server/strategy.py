@@ -41,7 +41,6 @@ from common import csprng
 from common.config import RunConfig
 from common.kslot import KSlotCodec
 from common.privacy import Pipeline, Reply, ServerAggregate, ServerRound
-from common.privacy.pipeline import sample_rate
 from common.wire import ARRAYS, CONFIG, SECAGG, EgressGuard, EgressViolation, refusal_reason, reply_nbytes
 from server.aggregate import apply_sum
 
@@ -58,7 +57,7 @@ class TieredFedAvg(Strategy):
         self.pipeline = pipeline
         self.num_rounds = num_rounds
         self.population = cfg.federation.num_supernodes
-        self.rate = sample_rate(cfg)
+        self.rate = cfg.client_sample_rate
         # Under secure aggregation every device joins every round and samples itself,
         # so the server never learns the cohort (and cannot undo the amplification).
         self.self_sampling = pipeline.step("secure-sum") is not None and self.rate < 1.0

@@ -34,7 +34,7 @@ def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
         steps += [
             Clip(ud.clip_norm, codec),
             noise,
-            Accounting(ud.noise_multiplier, cfg.federation.num_supernodes, sample_rate(cfg), ud.delta, ud.max_epsilon or None),
+            Accounting(ud.noise_multiplier, cfg.federation.num_supernodes, cfg.client_sample_rate, ud.delta, ud.max_epsilon or None),
         ]
     if sa.enabled:
         distributed = noise if noise is not None and noise.placement == "distributed" else None
@@ -45,12 +45,3 @@ def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
         schema = train_reply_schema(codec.update_shapes)
     steps.append(Guard(schema))
     return Pipeline(steps)
-
-
-def sample_rate(cfg: RunConfig) -> float:
-    """The Poisson client-sampling rate: ``round(f*N)/N``, or 1 when every client takes part."""
-    fed = cfg.federation
-    if fed.fraction_train >= 1.0:
-        return 1.0
-    return max(1, round(fed.fraction_train * fed.num_supernodes)) / fed.num_supernodes
-
