@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -12,10 +11,7 @@ from common import csprng
 
 def test_gaussian_moments_tails_and_freshness():
     n, std = 1_000_000, 2.0
-    t = time.perf_counter()
-    z = csprng.gaussian(n, std)
-    elapsed = time.perf_counter() - t
-    assert elapsed < 1.0  # typically < 0.1 s; noise for a 460,800-coordinate update must be cheap
+    z = csprng.gaussian(n, std)  # its speed is a benchmark question, never a test assertion
     assert z.shape == (n,) and z.dtype == np.float64 and np.isfinite(z).all()
     # Loose bounds, each about 10 standard errors wide at this sample size.
     assert abs(z.mean()) < 10 * std / np.sqrt(n)
