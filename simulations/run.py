@@ -72,6 +72,7 @@ def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Pa
         num_personas=cfg.data.num_personas,
         seed=cfg.seed,
         holdout_users=cfg.data.holdout_users,
+        audit_canaries=cfg.data.audit_canaries,  # their inclusion coins: OS entropy, kept in the manifest only
     )
     manifest = generate_dataset(data_dir, spec)
     cfg = cfg.with_values(**{"data-dir": str(data_dir), "run-dir": str(run_dir)})
