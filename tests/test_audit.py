@@ -110,6 +110,13 @@ def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
     ledger = result["ledger"]
     assert len(ledger["record_level"]) == 3 and ledger["failures"] == []
     assert all(r["agrees"] and r["epsilon_independent"] > 0 and r["mechanism"] for r in ledger["record_level"])
+    for row in ledger["record_level"]:
+        # The accountant holds exactly the expected mechanism: 2 rounds x 2 local steps at the device's own rate.
+        assert row["history_matches"] and row["rounds_trained"] == [1, 2]
+        assert row["expected"] == [{"noise_multiplier": 1.0, "sample_rate": row["expected"][0]["sample_rate"], "steps": 4}]
+        assert 0 < row["epsilon_pld"] <= row["epsilon_rdp"]  # PLD is the tighter accountant
+        assert row["epsilon_reported"] == pytest.approx(row["epsilon_rdp"], rel=0.05)
+    assert [(r["contributions"], r["devices_trained"]) for r in ledger["rounds"]] == [(3, 3), (3, 3)]
     assert result["verdicts"]["ledger"]["status"] == "passed" and result["verdicts"]["wire"]["status"] == "passed"
 
 
@@ -141,6 +148,62 @@ def test_ledger_fails_loudly_on_a_wrong_epsilon(audited_run, tmp_path):
     page = page_structure((run / "report.html").read_text())
     assert page.banner == "banner fail"
     assert json.loads((run / "audit.json").read_text())["verdicts"]["ledger"]["status"] == "FAILED"
+
+
+def _tamper_accountant(run, user_index: int, change) -> None:
+    """Rewrite one device's accountant history with ``change`` and make its reported epsilon match the new history.
+
+    The arithmetic then agrees (what the old ledger checked); only the mechanism is wrong.
+    """
+    from client import device
+    from client.store import DeviceStore
+    from client.train import epsilon_from_history
+
+    report = json.loads((run / "report.json").read_text())
+    store = DeviceStore(run / "devices" / f"{report['users'][user_index]['user_id']}.sqlite")
+    state = json.loads(device.accountant_state(store))
+    state["history"] = [change(list(h)) for h in state["history"]]
+    store.put_state(device.ACCOUNTANT, json.dumps(state).encode())
+    report["users"][user_index]["epsilon_record_level"] = epsilon_from_history(json.dumps(state), 1e-5)
+    (run / "report.json").write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda h: [h[0], h[1], h[2] - 1], "accountant history"),  # one step never accounted
+        (lambda h: [h[0], h[1] / 2, h[2]], "accountant history"),  # accounted at half the real sampling rate
+        (lambda h: [h[0] * 2, h[1], h[2]], "accountant history"),  # twice the noise that was used
+    ],
+    ids=["step-removed", "rate-halved", "noise-doubled"],
+)
+def test_ledger_fails_on_a_tampered_accountant_whose_arithmetic_agrees(audited_run, tmp_path, change, needle):
+    from simulations.audits.ledger import epsilon_ledger
+    from simulations.audits.view import RunView
+
+    run = copy_run(audited_run, tmp_path)
+    _tamper_accountant(run, 1, change)
+    result = epsilon_ledger(RunView(run))
+    assert result["failures"] == [1]
+    row = result["record_level"][1]
+    assert not row["history_matches"] and any(needle in p for p in row["problems"])
+    # The reported epsilon matches the tampered history (the arithmetic agrees) but understates the real mechanism's.
+    assert row["epsilon_reported"] == pytest.approx(row["epsilon_independent"], rel=0.05)
+    assert row["epsilon_reported"] < row["epsilon_rdp"] and row["epsilon_pld"] <= row["epsilon_rdp"]
+
+
+def test_ledger_cross_checks_the_devices_rounds_against_the_servers_log(audited_run, tmp_path):
+    from simulations.audits.ledger import epsilon_ledger
+    from simulations.audits.view import RunView
+
+    run = copy_run(audited_run, tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    report["server"]["rounds"][0]["contributors"] = 2  # one contribution the devices' diagnostics do not explain
+    del report["server"]["rounds"][1]  # and a round the devices trained in that the server never ran
+    (run / "report.json").write_text(json.dumps(report))
+    result = epsilon_ledger(RunView(run))
+    assert result["failures"] == [0, 1, 2, "round 1"]
+    assert all(any("did not run" in p for p in r["problems"]) for r in result["record_level"])
 
 
 def test_needle_finder_counts_overlapping_and_repeated_occurrences():
