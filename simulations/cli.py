@@ -36,7 +36,7 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set num-server-rounds=5"),
     run_dir: Path = typer.Option(None, help="Output folder (default runs/<timestamp>)."),
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
-    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, disparity) | full (+ membership inference, generation audits)."),
+    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, one-run DP audit, disparity) | full (+ membership signal, generation audits)."),
 ) -> None:
     """Run a federated simulation on the embedded persona dataset and write a report."""
     from common.config import ConfigError
