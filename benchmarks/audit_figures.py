@@ -11,9 +11,12 @@ Three runs of the default profile, each audited in full (``run_audits``):
   scrubbing on. Its DP disparate impact is measured against ``eps-inf``.
 
 Reports per run: canary exposure (personalised model, mean over canaries, and
-the base-model reference), MIA AUC and TPR at 1% FPR, the empirical epsilon
-lower bound, wire-audit hits, the worst-to-mean ratio of served NLL, and the
-regurgitation counts.
+the base-model reference), the membership signal (AUC and TPR at 1% FPR, no
+epsilon claim), the one-run audit's certified epsilon lower bound over all
+canary devices with the largest epsilon its sizes can certify, wire-audit
+hits, the worst-to-mean ratio of served NLL, and the regurgitation counts.
+Then the largest epsilon a one-run audit can certify at 50, 100, 500 and 1000
+canaries (beta = 0.05), which needs no run.
 
     python -m benchmarks.audit_figures            # default profile, ~40 min
     python -m benchmarks.audit_figures --quick    # tiny model, 3 users, 2 rounds
@@ -55,6 +58,7 @@ def _row(name: str, run: Path, audit: dict, report: dict) -> dict:
     ex = _measured(audit.get("exposure")).get("mean", {})
     mia = _measured(audit.get("membership_inference"))
     rec, usr = _measured(mia.get("record_level")), _measured(mia.get("user_level"))
+    pooled = (_measured(audit.get("one_run")).get("tests") or [{}])[-1]
     wire, regurgitation = _measured(audit.get("wire")), _measured(audit.get("regurgitation"))
     eps = [u.get("epsilon_record_level") for u in report["users"] if u["evaluated"]]
     return {
@@ -66,7 +70,8 @@ def _row(name: str, run: Path, audit: dict, report: dict) -> dict:
         "exposure_base_reference": ex.get("reference_base"),
         "mia_auc": rec.get("auc"),
         "mia_tpr_1pct": rec.get("tpr_at_1pct_fpr"),
-        "mia_eps_lb": rec.get("empirical_epsilon_lower_bound"),
+        "one_run_eps_lb": pooled.get("epsilon_lower_bound"),
+        "one_run_eps_max_certifiable": pooled.get("max_certifiable_epsilon"),
         "user_mia_auc": usr.get("auc"),
         "wire_hits": wire.get("hits"),
         "wire_bytes": wire.get("bytes_scanned"),
@@ -113,7 +118,9 @@ def main(argv=None) -> dict:
             audit = run_audits(run, level=level, baseline=baseline, compare=compare)
             rows.append(_row(name, run, audit, report))
             print(f"audit_figures {name}: " + json.dumps(rows[-1]), flush=True)
-    fields = {"sigma8": sigma8}
+    from simulations.audits.one_run import certifiable_curve
+
+    fields = {"sigma8": sigma8, **{f"one_run_max_eps_m{c['canaries']}": c["max_epsilon"] for c in certifiable_curve()}}
     for row in rows:
         tag = row["run"].replace("-", "_")
         fields.update({f"{tag}_{k}": v for k, v in row.items() if k != "run"})

@@ -260,6 +260,8 @@ class DataConfig(_Section):
     data_dir: str = _opt("data-dir", "data/default")
     num_personas: int = _opt("num-personas", 4, _at_least(1))
     holdout_users: int = _opt("holdout-users", 4, _at_least(0))  # generated but never federated
+    # one-run audit canaries per canary user, each in its train data with probability 1/2
+    audit_canaries: int = _opt("audit-canaries", 50, _at_least(0))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set num-server-rounds=5"),
     run_dir: Path = typer.Option(None, help="Output folder (default runs/<timestamp>)."),
     full: bool = typer.Option(False, "--full", help="Shortcut for --profile full."),
-    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, disparity) | full (+ membership inference, generation audits)."),
+    audit: str = typer.Option("fast", help="Audits at the end: none | fast (ledger, wire, canary exposure, one-run DP audit, disparity) | full (+ membership signal, generation audits)."),
     data: Path = typer.Option(None, help="A folder of per-user JSONL files (users/*.jsonl or *.jsonl), one device per file, instead of the embedded dataset."),
     resume: Path = typer.Option(None, help="Continue a run that stopped (its folder): the server resumes after its last checkpointed round."),
 ) -> None:

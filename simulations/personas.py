@@ -16,15 +16,21 @@ Layout written under ``out_dir``::
                             field, entity_type, exact value, start/end offsets.
                             Audits read it; training never does.
     manifest.json           spec, items, personas and per-user ground truth
-                            (persona index, signature, record counts).  Persona
-                            labels are for EVALUATION ONLY: a device must infer
-                            its persona, it is never told.
+                            (persona index, signature, record counts, canaries
+                            and, with ``audit_canaries``, every audit canary
+                            with its inclusion coin).  Persona labels are for
+                            EVALUATION ONLY: a device must infer its persona,
+                            it is never told.
 
 Determinism: the same ``DatasetSpec`` (and the same installed Faker version,
 whose locale data is part of the output) gives byte-identical files.  All
 randomness flows from per-purpose ``random.Random`` instances seeded from a hash
 of (spec.seed, purpose, user index), so adding a field to one user's data never
-shifts another user's draws.
+shifts another user's draws.  The one-run audit canaries are the exception on
+purpose: their phrases and inclusion coins come from ``spec.audit_seed``, drawn
+from OS entropy when not given, never from ``spec.seed`` (which the run config
+carries to every device); only the manifest records it.  Everything else in
+the corpus is the same whatever the audit seed.
 
 Run it as ``python -m simulations.personas OUT_DIR [--users N] [--seed S]``.
 """
@@ -35,6 +41,7 @@ import argparse
 import hashlib
 import json
 import random
+import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -258,6 +265,13 @@ class DatasetSpec:
     canary_users: int = 2
     canary_repeats: int = 4
     holdout_users: int = 0
+    # One-run audit (Steinke, Nasr & Jagielski 2023): ``audit_canaries`` random
+    # phrases per canary user (the users that hold the exposure canary), each
+    # included in that user's train tasks independently with probability 1/2.
+    # Phrases and coins come from ``audit_seed`` (None: drawn from OS entropy),
+    # which only manifest.json records; excluded phrases exist only there.
+    audit_canaries: int = 0
+    audit_seed: int | None = None
 
     def validate(self) -> None:
         if not MIN_PERSONAS <= self.num_personas <= MAX_PERSONAS:
@@ -275,8 +289,8 @@ class DatasetSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # Each persona needs at least 2 items in its liked category and some
         # items outside it, or preference pairs cannot encode the persona.
-        if self.canary_users < 0 or self.canary_repeats < 1 or self.holdout_users < 0:
-            raise ValueError("canary_users and holdout_users must be >= 0, canary_repeats >= 1")
+        if self.canary_users < 0 or self.canary_repeats < 1 or self.holdout_users < 0 or self.audit_canaries < 0:
+            raise ValueError("canary_users, holdout_users and audit_canaries must be >= 0, canary_repeats >= 1")
         if self.num_users + self.holdout_users > MAX_USERS:
             raise ValueError(f"num_users + holdout_users must be <= {MAX_USERS}")
         if self.num_items < 2 * len(CATEGORIES):
@@ -382,6 +396,50 @@ CANARY_PREFIX = "My secret number is "
 def canary_secret(rng: random.Random) -> str:
     """A random number in the canary format ddd-ddd-dddd (NANP-like: no leading 0 or 1)."""
     return f"{rng.randint(200, 999)}-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
+
+
+# One-run audit canaries: a fixed input and a random list of AUDIT_WORDS
+# lower-case common nouns ("the kettle, the pebble, ..."). No digits, capitals
+# or names, so the scrubber leaves them as they are (tests/test_personas.py
+# checks it on the full scrubber; bare runs of nouns, without the articles,
+# were tagged ORGANIZATION by spaCy about one time in seven).
+AUDIT_INPUT = "Repeat the audit phrase."
+AUDIT_WORDS = 6
+AUDIT_ID_PREFIX = "a"
+_AUDIT_VOCAB = (
+    "kettle", "pebble", "ladder", "blanket", "carpet", "bucket", "hammer", "pencil",
+    "button", "candle", "basket", "bottle", "window", "garden", "saucer", "teapot",
+    "pillow", "ribbon", "mitten", "spoon", "ticket", "wagon", "helmet", "feather",
+    "barrel", "shovel", "lantern", "thimble", "compass", "anchor", "marble", "pocket",
+    "biscuit", "walnut", "pepper", "onion", "carrot", "turnip", "noodle", "muffin",
+    "pretzel", "pickle", "peanut", "cereal", "yogurt", "lemon", "cabbage", "mustard",
+    "tunnel", "bridge", "fence", "chimney", "staircase", "doorbell", "mailbox", "curtain",
+    "magnet", "funnel", "puzzle", "rocket", "saddle", "tractor", "trumpet", "whistle",
+)
+
+
+def audit_phrase(rng: random.Random) -> str:
+    """A random audit-canary phrase: AUDIT_WORDS nouns drawn with replacement from a fixed vocabulary."""
+    return "the " + ", the ".join(rng.choice(_AUDIT_VOCAB) for _ in range(AUDIT_WORDS)) + "."
+
+
+def planted_task(record: dict) -> bool:
+    """A task the generator planted for an audit (exposure canary ``c...`` or one-run canary ``a...``), not persona data."""
+    return record.get("type") == "task" and record["id"].startswith(("c", AUDIT_ID_PREFIX))
+
+
+def _audit_canaries(audit_seed: int, index: int, m: int) -> list[dict]:
+    """The ``m`` audit canaries of user ``index``: distinct phrases, each included with probability 1/2."""
+    phrases_rng, coins = _rng(audit_seed, "audit-phrases", index), _rng(audit_seed, "audit-coins", index)
+    phrases: list[str] = []
+    while len(phrases) < m:
+        phrase = audit_phrase(phrases_rng)
+        if phrase not in phrases:
+            phrases.append(phrase)
+    return [
+        {"id": f"{AUDIT_ID_PREFIX}{j + 1:04d}", "input": AUDIT_INPUT, "output": phrase, "included": coins.random() < 0.5}
+        for j, phrase in enumerate(phrases)
+    ]
 
 
 def _choose_canaries(spec: DatasetSpec, volumes: list[str]) -> dict[int, str]:
@@ -547,6 +605,11 @@ def generate_dataset(out_dir: Path, spec: DatasetSpec = DatasetSpec()) -> dict:
     assign += [_rng(spec.seed, "holdout-persona", i).randrange(spec.num_personas) for i in range(spec.holdout_users)]
     volumes += ["frequent"] * spec.holdout_users
     canaries = _choose_canaries(spec, volumes)
+    # The audit coins' seed: never derived from spec.seed (the run config, which
+    # every device reads, carries that); recorded in manifest.json only.
+    audit_seed = None
+    if spec.audit_canaries and canaries:
+        audit_seed = spec.audit_seed if spec.audit_seed is not None else secrets.randbits(63)
     fake = Faker("en_US")
 
     users, sidecar_rows = [], []
@@ -566,6 +629,12 @@ def generate_dataset(out_dir: Path, spec: DatasetSpec = DatasetSpec()) -> dict:
             entry["canary"] = canary
             entry["counts"]["train_task"] += spec.canary_repeats
             entry["pii_planted"] += spec.canary_repeats
+            if audit_seed is not None:
+                audit = _audit_canaries(audit_seed, index, spec.audit_canaries)
+                included = [c for c in audit if c["included"]]
+                records += [{"type": "task", "id": c["id"], "split": "train", "input": c["input"], "output": c["output"]} for c in included]
+                entry["audit_canaries"] = audit
+                entry["counts"]["train_task"] += len(included)
         path = out_dir / entry["file"]
         path.write_text("".join(_dump(r) + "\n" for r in records), encoding="utf-8")
         users.append(entry)
@@ -586,6 +655,16 @@ def generate_dataset(out_dir: Path, spec: DatasetSpec = DatasetSpec()) -> dict:
         "canary": {"input": CANARY_INPUT, "prefix": CANARY_PREFIX, "format": "ddd-ddd-dddd"},
         "users": users,
     }
+    if audit_seed is not None:
+        manifest["spec"]["audit_seed"] = audit_seed
+        manifest["audit_canaries"] = {
+            "seed": audit_seed,
+            "per_user": spec.audit_canaries,
+            "inclusion_probability": 0.5,
+            "input": AUDIT_INPUT,
+            "words": AUDIT_WORDS,
+            "vocabulary": len(_AUDIT_VOCAB),
+        }
     (out_dir / "manifest.json").write_text(
         json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -121,6 +121,7 @@ def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Pa
             num_personas=cfg.data.num_personas,
             seed=cfg.seed,
             holdout_users=cfg.data.holdout_users,
+            audit_canaries=cfg.data.audit_canaries,  # their inclusion coins: OS entropy, kept in the manifest only
         )
         participants = [u for u in generate_dataset(data_dir, spec)["users"] if not u.get("holdout")]
     else:

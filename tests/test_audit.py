@@ -1,8 +1,9 @@
 """The audits (``simulations.audits``) on a real (tiny) simulation run, with negative controls.
 
 The audits must be able to fail: a planted PII value that really is on the wire
-must be found (in UTF-16 and as token ids), and a tampered epsilon must break
-the ledger. Audits that need planted ground truth must skip, with a reason,
+must be found (in UTF-16 and as token ids), a tampered epsilon or accountant
+history must break the ledger, and a memorising device that claims a small
+epsilon must fail the one-run audit. Audits that need planted ground truth must skip, with a reason,
 on a run that has none.
 """
 
@@ -19,9 +20,9 @@ from simulations.audits.report_html import chromium_binary
 
 pytestmark = pytest.mark.slow
 
-AUDITS = {"ledger", "wire", "exposure", "membership_inference", "regurgitation", "disparity", "dp_impact", "counterfactual", "personalization"}
+AUDITS = {"ledger", "wire", "exposure", "one_run", "membership_inference", "regurgitation", "disparity", "dp_impact", "counterfactual", "personalization"}
 MAIN_SECTIONS = ["audits", "utility", "training", "users", "privacy"]
-AUDIT_SECTIONS = ["ledger", "wire", "exposure", "membership-inference", "regurgitation", "disparity", "dp-impact", "counterfactual", "personalization"]
+AUDIT_SECTIONS = ["ledger", "wire", "exposure", "one-run", "membership-inference", "regurgitation", "disparity", "dp-impact", "counterfactual", "personalization"]
 
 
 class SectionIds(HTMLParser):
@@ -111,6 +112,13 @@ def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
     ledger = result["ledger"]
     assert len(ledger["record_level"]) == 3 and ledger["failures"] == []
     assert all(r["agrees"] and r["epsilon_independent"] > 0 and r["mechanism"] for r in ledger["record_level"])
+    for row in ledger["record_level"]:
+        # The accountant holds exactly the expected mechanism: 2 rounds x 2 local steps at the device's own rate.
+        assert row["history_matches"] and row["rounds_trained"] == [1, 2]
+        assert row["expected"] == [{"noise_multiplier": 1.0, "sample_rate": row["expected"][0]["sample_rate"], "steps": 4}]
+        assert 0 < row["epsilon_pld"] <= row["epsilon_rdp"]  # PLD is the tighter accountant
+        assert row["epsilon_reported"] == pytest.approx(row["epsilon_rdp"], rel=0.05)
+    assert [(r["contributions"], r["devices_trained"]) for r in ledger["rounds"]] == [(3, 3), (3, 3)]
     assert result["verdicts"]["ledger"]["status"] == "passed" and result["verdicts"]["wire"]["status"] == "passed"
 
 
@@ -144,6 +152,62 @@ def test_ledger_fails_loudly_on_a_wrong_epsilon(audited_run, tmp_path):
     assert json.loads((run / "audit.json").read_text())["verdicts"]["ledger"]["status"] == "FAILED"
 
 
+def _tamper_accountant(run, user_index: int, change) -> None:
+    """Rewrite one device's accountant history with ``change`` and make its reported epsilon match the new history.
+
+    The arithmetic then agrees (what the old ledger checked); only the mechanism is wrong.
+    """
+    from client import device
+    from client.store import DeviceStore
+    from client.train import epsilon_from_history
+
+    report = json.loads((run / "report.json").read_text())
+    store = DeviceStore(run / "devices" / f"{report['users'][user_index]['user_id']}.sqlite")
+    state = json.loads(device.accountant_state(store))
+    state["history"] = [change(list(h)) for h in state["history"]]
+    store.put_state(device.ACCOUNTANT, json.dumps(state).encode())
+    report["users"][user_index]["epsilon_record_level"] = epsilon_from_history(json.dumps(state), 1e-5)
+    (run / "report.json").write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda h: [h[0], h[1], h[2] - 1], "accountant history"),  # one step never accounted
+        (lambda h: [h[0], h[1] / 2, h[2]], "accountant history"),  # accounted at half the real sampling rate
+        (lambda h: [h[0] * 2, h[1], h[2]], "accountant history"),  # twice the noise that was used
+    ],
+    ids=["step-removed", "rate-halved", "noise-doubled"],
+)
+def test_ledger_fails_on_a_tampered_accountant_whose_arithmetic_agrees(audited_run, tmp_path, change, needle):
+    from simulations.audits.ledger import epsilon_ledger
+    from simulations.audits.view import RunView
+
+    run = copy_run(audited_run, tmp_path)
+    _tamper_accountant(run, 1, change)
+    result = epsilon_ledger(RunView(run))
+    assert result["failures"] == [1]
+    row = result["record_level"][1]
+    assert not row["history_matches"] and any(needle in p for p in row["problems"])
+    # The reported epsilon matches the tampered history (the arithmetic agrees) but understates the real mechanism's.
+    assert row["epsilon_reported"] == pytest.approx(row["epsilon_independent"], rel=0.05)
+    assert row["epsilon_reported"] < row["epsilon_rdp"] and row["epsilon_pld"] <= row["epsilon_rdp"]
+
+
+def test_ledger_cross_checks_the_devices_rounds_against_the_servers_log(audited_run, tmp_path):
+    from simulations.audits.ledger import epsilon_ledger
+    from simulations.audits.view import RunView
+
+    run = copy_run(audited_run, tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    report["server"]["rounds"][0]["contributors"] = 2  # one contribution the devices' diagnostics do not explain
+    del report["server"]["rounds"][1]  # and a round the devices trained in that the server never ran
+    (run / "report.json").write_text(json.dumps(report))
+    result = epsilon_ledger(RunView(run))
+    assert result["failures"] == [0, 1, 2, "round 1"]
+    assert all(any("did not run" in p for p in r["problems"]) for r in result["record_level"])
+
+
 def test_needle_finder_counts_overlapping_and_repeated_occurrences():
     from simulations.audits.wire import NeedleFinder
 
@@ -175,8 +239,21 @@ def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):
     mia = r["membership_inference"]
     rec, usr = mia["record_level"], mia["user_level"]
     assert rec["members"] > 0 and rec["nonmembers"] == 3 * 6 and 0 <= rec["auc"] <= 1
-    assert rec["formal_epsilon"] > 0 and not rec["bound_exceeds_formal"]
     assert (usr["members"], usr["nonmembers"]) == (3, 4)  # participants vs hold-out users
+    assert r["verdicts"]["membership_inference"]["status"] == "measured"  # a signal, no epsilon claim
+    assert not any("epsilon" in key for level in (rec, usr) for key in level)
+    one = r["one_run"]
+    assert r["verdicts"]["one_run"]["status"] == "passed"
+    reported = {u["user_index"]: u["epsilon_record_level"] for u in json.loads((audited_run / "report.json").read_text())["users"]}
+    devices = [t for t in one["tests"] if t["test"].startswith("device")]
+    assert len(devices) == 2 and one["tests"][-1]["test"] == "all canary devices" and one["tests"][-1]["canaries"] == 100
+    for t in devices:
+        assert t["canaries"] == 50 and t["formal_epsilon"] == reported[int(t["test"].split()[1])]  # its own epsilon
+        assert 0.0 <= t["epsilon_lower_bound"] <= t["max_certifiable_epsilon"] and not t["exceeds_formal"]
+    assert one["beta_per_test"] == pytest.approx(0.05 / (3 * 2))
+    # Scrubbing left every included phrase alone, and no excluded phrase reached a device.
+    assert all(c["excluded_in_store"] == 0 and c["included_in_store"] == t["included"] for c, t in zip(one["store_checks"], devices))
+    assert [c["max_epsilon"] for c in one["curve"]] == sorted(c["max_epsilon"] for c in one["curve"])
     assert r["regurgitation"]["prompts"] > 0 and r["regurgitation"]["pii_hits"] == 0
     d = r["disparity"]
     assert d["overall"]["n"] == 3 and d["overall"]["worst_to_mean"] >= 1.0
@@ -206,11 +283,11 @@ def test_a_run_without_planted_ground_truth_skips_those_audits_with_a_reason(aud
     (run / "data" / "pii_sidecar.jsonl").unlink()
     manifest_path = run / "data" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["users"] = [{k: v for k, v in u.items() if k != "canary"} for u in manifest["users"] if not u.get("holdout")]
+    manifest["users"] = [{k: v for k, v in u.items() if k not in ("canary", "audit_canaries")} for u in manifest["users"] if not u.get("holdout")]
     manifest_path.write_text(json.dumps(manifest))
     result = run_audits(run, level="full")
     verdicts = result["verdicts"]
-    for name, needle in (("wire", "no planted PII"), ("exposure", "no planted canaries"), ("regurgitation", "no planted PII")):
+    for name, needle in (("wire", "no planted PII"), ("exposure", "no planted canaries"), ("one_run", "no audit canaries"), ("regurgitation", "no planted PII")):
         assert result[name] == {"skipped": verdicts[name]["detail"]} and needle in verdicts[name]["detail"]
         assert verdicts[name]["status"] == "skipped"
     assert result["membership_inference"]["user_level"] == {"skipped": result["membership_inference"]["user_level"]["skipped"]}
@@ -219,7 +296,7 @@ def test_a_run_without_planted_ground_truth_skips_those_audits_with_a_reason(aud
     assert verdicts["ledger"]["status"] == "passed" and verdicts["disparity"]["status"] == "measured"
     page = (run / "report.html").read_text()
     assert page_structure(page).ids == MAIN_SECTIONS + AUDIT_SECTIONS
-    assert "Skipped: no planted canaries" in page and "Skipped: no planted PII" in page
+    assert "Skipped: no planted canaries" in page and "Skipped: no planted PII" in page and "Skipped: no audit canaries" in page
 
 
 def test_a_run_without_a_manifest_still_audits_what_it_can(audited_run, tmp_path):
@@ -235,6 +312,7 @@ def test_a_run_without_a_manifest_still_audits_what_it_can(audited_run, tmp_path
     result = run_audits(run, level="fast")
     assert result["verdicts"]["membership_inference"] == {"status": "not run", "detail": "a full-level audit"}
     assert result["verdicts"]["exposure"]["status"] == "skipped" and result["verdicts"]["wire"]["status"] == "skipped"
+    assert result["verdicts"]["one_run"]["status"] == "skipped"
     assert "persona ground truth" in result["disparity"]["by_persona"]["skipped"]
     assert result["verdicts"]["ledger"]["status"] == "passed"
     view = RunView(run)
@@ -251,32 +329,38 @@ def test_exposure_and_membership_see_a_memorising_model(memorising_run):
     ex = exposure.canary_exposure(view, references=199)
     assert ex["mean"]["personal"] > 3.0 > ex["mean"]["reference_base"]
     mia = membership.membership_inference(view)
-    assert mia["record_level"]["formal_epsilon"] is None  # no DP: nothing to exceed
+    assert 0.0 <= mia["record_level"]["auc"] <= 1.0 and "formal_epsilon" not in mia["record_level"]
 
 
-def test_an_empirical_bound_above_the_formal_epsilon_fails_the_audit(memorising_run, monkeypatch):
-    from simulations.audits import membership
+def test_a_certified_bound_above_the_formal_epsilon_fails_the_one_run_audit(memorising_run, monkeypatch):
+    """A device whose model tells its included canaries apart while it claims a (wrong) tiny epsilon: a DP bug."""
+    from simulations.audits import one_run
     from simulations.audits.base import REGISTRY
     from simulations.audits.view import RunView
 
     view = RunView(memorising_run)
-    view.config["dp"] = True
+    real = one_run.one_run_audit(view)  # the real scores; no DP-SGD, so nothing to exceed
+    assert all(t["formal_epsilon"] is None and not t["exceeds_formal"] for t in real["tests"])
+    assert REGISTRY["one_run"].verdict(real)["status"] == "passed" and "DP-SGD is off" in real["notes"][0]
+
     for u in view.report["users"]:
-        u["epsilon_record_level"] = 1e-6  # a (wrong) claim that nothing can be learned
-    # A perfectly separating attack: members score 1, non-members 0.
-    monkeypatch.setattr(view, "record_nll", lambda pairs, stack, batch_size=32: [0.0 if stack == "personal" else 1.0] * len(pairs))
-    real = membership._task_pairs
-    monkeypatch.setattr(membership, "_task_pairs", lambda v, u, split, ex: real(v, u, split, ex) * (50 if split == "train" else 1))
-    result = membership.membership_inference(view, members_per_user=None)
-    assert result["record_level"]["bound_exceeds_formal"] is False  # identical scores separate nothing...
-    assert REGISTRY["membership_inference"].failure(result) is None
-    monkeypatch.setattr(
-        view, "record_nll", lambda pairs, stack, batch_size=32: [0.0 if stack == "personal" and len(pairs) > 20 else 1.0] * len(pairs)
-    )
-    result = membership.membership_inference(view, members_per_user=None)
-    rec = result["record_level"]
-    assert rec["auc"] == 1.0 and rec["empirical_epsilon_lower_bound"] > 1e-6 and rec["bound_exceeds_formal"]
-    assert REGISTRY["membership_inference"].verdict(result)["status"] == "FAILED"
+        u["epsilon_record_level"] = 0.1
+    included = {c["output"] for u in view.participants for c in u.get("audit_canaries", []) if c["included"]}
+
+    def nll(penalty: float):
+        # The personalised model's NLL of an included phrase is lower (penalty < 0) or higher than the base model's.
+        return lambda pairs, stack, batch_size=32: [1.0 + penalty if stack == "personal" and out in included else 1.0 for _, out in pairs]
+
+    monkeypatch.setattr(view, "record_nll", nll(-1.0))
+    result = one_run.one_run_audit(view)
+    for t in result["tests"]:
+        # Guessing on all: only the surplus of included over k+ = m/2 can be wrong.
+        assert t["correct"] == t["canaries"] - abs(t["included"] - t["canaries"] // 2) or t["guesses"] < t["canaries"]
+        assert 0.1 < t["epsilon_lower_bound"] <= t["max_certifiable_epsilon"] and t["exceeds_formal"]
+    verdict = REGISTRY["one_run"].verdict(result)
+    assert verdict["status"] == "FAILED" and "all canary devices" in verdict["detail"]
+    monkeypatch.setattr(view, "record_nll", nll(+1.0))  # the same attack, inverted, certifies nothing
+    assert all(t["epsilon_lower_bound"] == 0.0 for t in one_run.one_run_audit(view)["tests"])
 
 
 def test_regurgitation_counts_a_reproduced_value(audited_run, monkeypatch):

@@ -15,6 +15,10 @@ from simulations.audits.stats import (
     empirical_epsilon,
     exposure,
     group_table,
+    one_run_epsilon,
+    one_run_guesses,
+    one_run_max_epsilon,
+    one_run_p_value,
     roc_auc,
     share_worse,
     token_jaccard,
@@ -151,6 +155,81 @@ def test_empirical_epsilon_rejects_bad_parameters():
         empirical_epsilon([1.0], [0.0], delta=1.0)
     with pytest.raises(ValueError):
         empirical_epsilon([1.0], [0.0], delta=1e-5, alpha=0.0)
+
+
+# ---------------------------------------------------------------- one-run audit (Steinke, Nasr & Jagielski 2023)
+
+
+def test_one_run_p_value_at_epsilon_zero_is_a_fair_coin_tail():
+    # eps = 0: each guess is right with probability 1/2. 9 or more of 10: (C(10,9) + C(10,10)) / 2^10.
+    assert one_run_p_value(10, 10, 9, 0.0) == pytest.approx(11 / 1024)
+    assert one_run_p_value(10, 10, 0, 0.0) == 1.0  # no correct guess proves nothing
+
+
+def test_one_run_p_value_matches_a_hand_computed_binomial_tail():
+    # eps = ln 3: q = 3/4. P[B >= 4] for B ~ Binomial(5, 3/4) = 5 (3/4)^4 (1/4) + (3/4)^5.
+    q = 0.75
+    assert one_run_p_value(8, 5, 4, math.log(3)) == pytest.approx(5 * q**4 * (1 - q) + q**5)
+
+
+def test_one_run_p_value_delta_term_by_hand():
+    # m = r = v = 2 at eps = 0 (q = 1/2): P[B >= 2] = 1/4; the delta term is
+    # 2 m delta max(P[B = 1] / 1, P[0 <= B < 2] / 2) = 4 delta max(1/2, 3/8) = 2 delta.
+    assert one_run_p_value(2, 2, 2, 0.0, delta=1e-3) == pytest.approx(0.25 + 2e-3)
+    assert one_run_p_value(2, 2, 2, 0.0, delta=0.5) == 1.0  # capped
+
+
+@pytest.mark.parametrize("r", [10, 50, 1000])
+def test_one_run_all_correct_pure_dp_has_the_closed_form(r):
+    # With delta = 0 and every guess right, p(eps) = q^r, so the bound is logit(beta^(1/r)).
+    beta = 0.05
+    q = beta ** (1 / r)
+    assert one_run_epsilon(r, r, r, 0.0, beta) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+    assert one_run_max_epsilon(r, 0.0, beta) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+
+
+def test_one_run_max_epsilon_values_by_number_of_canaries():
+    # logit(0.05^(1/m)): 1.052 (m = 10), 2.785 (50), 3.493 (100), 5.114 (500), 5.809 (1000).
+    expected = {10: 1.0519, 50: 2.7847, 100: 3.4930, 500: 5.1144, 1000: 5.8091}
+    for m, eps in expected.items():
+        assert one_run_max_epsilon(m) == pytest.approx(eps, abs=1e-3)
+        assert one_run_max_epsilon(m, delta=1e-5) <= one_run_max_epsilon(m)  # delta only weakens it
+
+
+def test_one_run_epsilon_is_a_valid_lower_bound_for_randomized_response():
+    """The exact false-alarm rate for eps0-randomized response (the worst case of Theorem 3.1) is at most beta.
+
+    Each of r guesses is right with probability q0 = e^eps0 / (1 + e^eps0); the
+    bound exceeds eps0 exactly when the count of correct guesses reaches some
+    v*, which happens with probability P[Binomial(r, q0) >= v*].
+    """
+    from scipy.stats import binom
+
+    r, beta = 200, 0.05
+    for eps0 in (0.0, 0.5, 1.0, 2.0):
+        bounds = [one_run_epsilon(r, r, v, 0.0, beta) for v in range(r + 1)]
+        assert bounds == sorted(bounds)  # more correct guesses never certify less
+        v_star = next(v for v, b in enumerate(bounds) if b > eps0)
+        assert binom.sf(v_star - 1, r, 1 / (1 + math.exp(-eps0))) <= beta
+
+
+def test_one_run_epsilon_at_chance_is_zero_and_grows_with_correct_guesses():
+    assert one_run_epsilon(100, 100, 50) == 0.0
+    assert 0.0 < one_run_epsilon(100, 100, 70) < one_run_epsilon(100, 100, 90) < one_run_epsilon(100, 100, 100)
+    assert one_run_epsilon(100, 100, 90, delta=1e-5) <= one_run_epsilon(100, 100, 90)
+    with pytest.raises(ValueError):
+        one_run_epsilon(10, 5, 6)
+    with pytest.raises(ValueError):
+        one_run_epsilon(10, 10, 5, beta=0.0)
+
+
+def test_one_run_guesses_take_the_highest_and_lowest_scores():
+    scores = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2]
+    assert one_run_guesses(scores, 2, 2).tolist() == [0, 1, -1, 0, 1, -1]
+    assert one_run_guesses(scores, 1, 0).tolist() == [0, 1, 0, 0, 0, 0]
+    assert one_run_guesses([1.0, 1.0, 1.0], 1, 1).tolist() == [-1, 0, 1]  # ties: by position
+    with pytest.raises(ValueError):
+        one_run_guesses(scores, 4, 3)
 
 
 # ---------------------------------------------------------------- exposure

@@ -225,3 +225,67 @@ def test_regeneration_removes_stale_users(tmp_path):
     generate_dataset(tmp_path, DatasetSpec(num_users=6, num_personas=3))
     generate_dataset(tmp_path, DatasetSpec(num_users=3, num_personas=3))
     assert len(list((tmp_path / "users").iterdir())) == 3
+
+
+AUDITED = DatasetSpec(**{**SMALL.__dict__, "audit_canaries": 40, "audit_seed": 11})
+
+
+def _without_audit_canaries(root: Path) -> dict[str, bytes]:
+    """The user files with the one-run audit canaries (ids a...) taken out."""
+    out = {}
+    for path in sorted((root / "users").glob("*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        out[path.name] = "\n".join(line for line in lines if not str(json.loads(line).get("id", "")).startswith("a")).encode()
+    return out
+
+
+def test_audit_canaries_are_fair_coins_and_excluded_ones_exist_only_in_the_manifest(tmp_path):
+    from simulations.personas import AUDIT_INPUT, planted_task
+
+    manifest = generate_dataset(tmp_path, AUDITED)
+    assert manifest["audit_canaries"]["seed"] == 11 == manifest["spec"]["audit_seed"]
+    users = _users(tmp_path, manifest)
+    holders = [u for u in manifest["users"] if u.get("audit_canaries")]
+    assert [u["user_id"] for u in holders] == [u["user_id"] for u in manifest["users"] if u.get("canary")]
+    every_file = "".join((tmp_path / u["file"]).read_text(encoding="utf-8") for u in manifest["users"])
+    for entry in holders:
+        canaries = entry["audit_canaries"]
+        assert len(canaries) == 40 and len({c["output"] for c in canaries}) == 40
+        assert all(re.fullmatch(r"the [a-z]+(, the [a-z]+){5}\.", c["output"]) and c["input"] == AUDIT_INPUT for c in canaries)
+        planted = {r["id"]: r for r in users[entry["user_id"]] if planted_task(r) and r["id"].startswith("a")}
+        included = [c for c in canaries if c["included"]]
+        assert set(planted) == {c["id"] for c in included}
+        assert all(planted[c["id"]] == {"type": "task", "id": c["id"], "split": "train", "input": c["input"], "output": c["output"]} for c in included)
+        assert not any(c["output"] in every_file for c in canaries if not c["included"])
+        tasks = [r for r in users[entry["user_id"]] if r["type"] == "task" and r["split"] == "train"]
+        assert len(tasks) == entry["counts"]["train_task"]
+    # Fair coins: 80 flips, included share well inside a 99.99% binomial interval.
+    flips = [c["included"] for u in holders for c in u["audit_canaries"]]
+    assert 22 <= sum(flips) <= 58
+
+
+def test_audit_canaries_leave_the_persona_data_unchanged(tmp_path, corpus):
+    out, _ = corpus
+    generate_dataset(tmp_path / "a", AUDITED)
+    generate_dataset(tmp_path / "b", AUDITED)
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")  # deterministic for (seed, audit seed)
+    fresh = [generate_dataset(tmp_path / f"os{i}", DatasetSpec(**{**AUDITED.__dict__, "audit_seed": None})) for i in range(2)]
+    assert fresh[0]["audit_canaries"]["seed"] != fresh[1]["audit_canaries"]["seed"]  # drawn from OS entropy
+    for root in (tmp_path / "a", tmp_path / "os0", tmp_path / "os1"):
+        assert _without_audit_canaries(root) == _without_audit_canaries(out)
+        assert (root / "pii_sidecar.jsonl").read_bytes() == (out / "pii_sidecar.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_audit_phrases_survive_the_scrubber():
+    """The device stores scrubbed text: an audit phrase the scrubber changed would be a different record."""
+    import random
+
+    from client.pii import Scrubber
+    from simulations.personas import audit_phrase
+
+    rng = random.Random(0)
+    phrases = [audit_phrase(rng) for _ in range(400)]
+    for mode in ("full", "patterns"):
+        outcomes = Scrubber.from_config(mode=mode)(phrases)
+        assert [o.text for o in outcomes] == phrases

@@ -29,9 +29,9 @@ def run_audits(run_dir: Path, level: str = "full", baseline: Path | None = None,
     """Run the registered audits of ``level`` on a finished run; write ``audit.json`` and ``report.html``.
 
     * ``fast`` runs the audits of level fast (the epsilon ledger, the wire
-      audit, canary exposure with fewer candidates, utility disparity, DP
-      disparate impact); ``full`` adds the rest (membership inference and the
-      audits that generate text);
+      audit, canary exposure with fewer candidates, the one-run DP audit,
+      utility disparity, DP disparate impact); ``full`` adds the rest (the
+      membership signal and the audits that generate text);
     * ``baseline``: a non-private run of the same data, for DP disparate impact;
     * ``compare``: other audited runs, for the privacy-utility chart.
 

@@ -1,22 +1,40 @@
-"""The epsilon ledger: every reported epsilon recomputed by an independent implementation.
+"""The epsilon ledger: every device's mechanism derived independently, checked against its accountant, and recomputed twice.
 
-* **record level**: for every device listed in the harness's ``config.json``,
-  read the accountant state its store kept (the Opacus accountant's
-  ``state_dict``: ``(noise multiplier, sampling rate, steps)`` per entry),
-  recompute epsilon through Google's dp-accounting (the device used Opacus) and
-  compare with the epsilon the device reported (``report.json``'s
-  ``users[i].epsilon_record_level``; None means no DP-SGD);
-* **user level**: recompute the server's per-round epsilon (``server.json``'s
-  ``user_level``, Flower's accountant) with Opacus' RDP analysis.
+* **record level**, for every device listed in the harness's ``config.json``:
 
-Any disagreement beyond :data:`LEDGER_TOLERANCE` fails the audit. The
-orchestrator can read the device stores because a simulation holds every
-device on one machine; on a real deployment each device would run its own
-ledger check.
+  - the **expected** mechanism, from nothing the device reported about its
+    privacy: the noise multiplier of the run config (``noise-multiplier``; a
+    device may only refuse a lower one), the Poisson rate
+    ``client.train.sample_rate(train config, records)`` with the number of
+    train records in its store, ``local-steps`` steps per round, and the rounds
+    it trained, from its own diagnostics (``DIAGNOSTICS``) cross-checked
+    against the server's log (``report.json["server"]["rounds"]``): a device
+    cannot have trained in a round the server did not run, and in every round
+    the number of devices whose diagnostics say they trained must equal the
+    server's count of contributions;
+  - the expected history must equal the history the device's Opacus
+    accountant kept (``(noise multiplier, sampling rate, steps)``, entry by
+    entry, consecutive equal mechanisms merged as Opacus merges them);
+  - epsilon of the expected history is recomputed with Google's dp-accounting,
+    both its RDP accountant (the analysis Opacus uses, so the reported epsilon
+    must agree with it within :data:`LEDGER_TOLERANCE`) and its PLD accountant
+    (tight up to discretisation: it must not exceed RDP's by more than
+    :data:`PLD_SLACK`, and the reported epsilon must not be below it by more
+    than the tolerance: a reported epsilon that is too small is the dangerous
+    direction);
+
+* **user level**: the server's per-round epsilon (``server.json``'s
+  ``user_level``, Flower's accountant) recomputed with Opacus' RDP analysis
+  and with dp-accounting's PLD accountant.
+
+Any failed check fails the audit. The orchestrator can read the device
+stores because a simulation holds every device on one machine; on a real
+deployment each device would run its own ledger check.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -24,50 +42,148 @@ from simulations.audits.base import Audit, AuditContext, register
 from simulations.audits.report_html import Plot, Section, bar_chart, format_epsilon
 
 LEDGER_TOLERANCE = 0.05  # relative; the two RDP implementations use the same orders
+PLD_SLACK = 0.02  # relative: PLD (pessimistic, discretised) may exceed RDP by this much at most
+PLD_DISCRETISATION = 1e-3  # dp-accounting's value_discretization_interval (1e-4: ~10x slower, same to 3 decimals here)
 OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps)
 
 
-def record_level_epsilon_independent(history: list, delta: float) -> float:
-    """Record-level epsilon of an Opacus accountant history, via dp-accounting."""
+def _quiet_absl() -> None:
     import logging
-
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
 
     # dp-accounting logs each RDP order it cannot evaluate and then excludes it;
     # epsilon is the minimum over the remaining orders, so this is noise here.
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _event(noise: float, rate: float):
+    import dp_accounting
+
+    gaussian = dp_accounting.GaussianDpEvent(noise)
+    return gaussian if rate >= 1.0 else dp_accounting.PoissonSampledDpEvent(rate, gaussian)
+
+
+def record_level_epsilon_independent(history: list, delta: float) -> float:
+    """Epsilon of an Opacus accountant history via dp-accounting's RDP accountant (Opacus' orders)."""
+    from dp_accounting.rdp import RdpAccountant
+
+    _quiet_absl()
     acc = RdpAccountant(OPACUS_ORDERS)
     for noise, rate, steps in history:
-        acc.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), int(steps))
+        acc.compose(_event(noise, rate), int(steps))
     return float(acc.get_epsilon(delta))
 
 
-def _device_history(store_path: Path) -> list:
+@functools.lru_cache(maxsize=256)
+def _pld_epsilon(history: tuple[Mechanism, ...], delta: float) -> float:
+    from dp_accounting.pld import PLDAccountant
+
+    acc = PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
+    for noise, rate, steps in history:
+        acc.compose(_event(noise, rate), int(steps))
+    return float(acc.get_epsilon(delta))
+
+
+def pld_epsilon(history: list, delta: float) -> float:
+    """Epsilon of a (noise, rate, steps) history via dp-accounting's PLD accountant (0 for no steps).
+
+    Cached: devices with the same number of records share a mechanism.
+    """
+    history = tuple((float(z), float(q), int(n)) for z, q, n in history)
+    return _pld_epsilon(history, float(delta)) if history else 0.0
+
+
+def merged(history: list) -> list[Mechanism]:
+    """Consecutive entries with the same (noise, rate) folded into one, as Opacus' accountant keeps them."""
+    out: list[Mechanism] = []
+    for noise, rate, steps in history:
+        if out and math.isclose(out[-1][0], noise, rel_tol=1e-9) and math.isclose(out[-1][1], rate, rel_tol=1e-9):
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(steps))
+        else:
+            out.append((float(noise), float(rate), int(steps)))
+    return out
+
+
+def expected_history(noise: float, rate: float, steps_per_round: int, rounds: int) -> list[Mechanism]:
+    """The DP-SGD mechanism a device must have run: ``steps_per_round`` Poisson-sampled Gaussian steps per round trained."""
+    return merged([(noise, rate, steps_per_round)] * rounds)
+
+
+def _same_mechanism(a: list, b: list) -> bool:
+    a, b = merged(a), merged(b)
+    return len(a) == len(b) and all(
+        math.isclose(za, zb, rel_tol=1e-9) and math.isclose(qa, qb, rel_tol=1e-9) and int(na) == int(nb)
+        for (za, qa, na), (zb, qb, nb) in zip(a, b)
+    )
+
+
+def _device_state(store_path: Path) -> tuple[list, int, list[int]]:
+    """(accountant history, train records, rounds its diagnostics say it trained) from a device store."""
     from client import device
     from client.store import DeviceStore
     from client.train import accountant_history
 
     if not store_path.is_file():
-        return []
-    return accountant_history(device.accountant_state(DeviceStore(store_path)))
+        return [], 0, []
+    store = DeviceStore(store_path)
+    diagnostics = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})
+    return accountant_history(device.accountant_state(store)), len(store.tasks("train")), sorted(int(r) for r in diagnostics["rounds"])
 
 
-def _record_row(user: dict, reported: dict | None, delta: float, dp: bool) -> dict:
-    history = _device_history(Path(user["store"]))
-    independent = record_level_epsilon_independent(history, delta) if history else 0.0
+def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]) -> dict:
+    from client.train import sample_rate
+
+    train = view.cfg.train
+    delta = float(train.delta)
+    history, records, rounds = _device_state(Path(user["store"]))
+    rate = sample_rate(train, records)
+    expected = expected_history(train.noise_multiplier, rate, train.local_steps, len(rounds)) if train.dp else []
+    problems = []
+    unknown = [r for r in rounds if r not in server_rounds]
+    if unknown:
+        problems.append(f"trained in rounds {unknown} that the server did not run")
+    matches = _same_mechanism(history, expected)
+    if not matches:
+        problems.append(f"accountant history {merged(history)} is not the expected {expected}")
+    rdp, pld = record_level_epsilon_independent(expected, delta), pld_epsilon(expected, delta)
+    if pld > rdp * (1 + PLD_SLACK) + PLD_DISCRETISATION:
+        problems.append(f"PLD epsilon {pld:.4f} above RDP epsilon {rdp:.4f}: implausible")
     row = {
         "user_index": user["user_index"],
         "delta": delta,
+        "train_records": records,
+        "rounds_trained": rounds,
         "mechanism": [{"noise_multiplier": z, "sample_rate": q, "steps": int(n)} for z, q, n in history],
-        "epsilon_independent": independent,
+        "expected": [{"noise_multiplier": z, "sample_rate": q, "steps": n} for z, q, n in expected],
+        "history_matches": matches,
+        "epsilon_independent": record_level_epsilon_independent(history, delta) if history else 0.0,
+        "epsilon_rdp": rdp,
+        "epsilon_pld": pld,
     }
     if reported is None or not reported.get("evaluated"):
-        # Nothing reported to check (the device never stored a result); listed, not failed.
-        return {**row, "epsilon_reported": None, "agrees": None}
+        # Nothing reported to compare (the device never stored a result); the mechanism is still checked.
+        return {**row, "epsilon_reported": None, "problems": problems, "agrees": None if not problems else False}
     claimed = reported.get("epsilon_record_level")
-    agrees = (claimed is None and not dp) or (claimed is not None and math.isclose(claimed, independent, rel_tol=LEDGER_TOLERANCE, abs_tol=1e-9))
-    return {**row, "epsilon_reported": claimed, "agrees": agrees}
+    if claimed is None:
+        if train.dp:
+            problems.append("reported no epsilon (infinite) under DP-SGD")
+    elif not train.dp:
+        problems.append(f"reported epsilon {claimed} without DP-SGD")
+    else:
+        if not math.isclose(claimed, rdp, rel_tol=LEDGER_TOLERANCE, abs_tol=1e-9):
+            problems.append(f"reported epsilon {claimed:.4f} is not the RDP recomputation {rdp:.4f}")
+        if claimed < pld * (1 - LEDGER_TOLERANCE) - 1e-9:
+            problems.append(f"reported epsilon {claimed:.4f} is below the PLD recomputation {pld:.4f}")
+    return {**row, "epsilon_reported": claimed, "problems": problems, "agrees": not problems}
+
+
+def _round_checks(rows: list[dict], server_rows: list[dict]) -> list[dict]:
+    """Per server round: its contributions against the devices whose diagnostics say they trained in it."""
+    out = []
+    for srow in server_rows:
+        trained = sum(srow["round"] in r["rounds_trained"] for r in rows)
+        out.append({"round": srow["round"], "contributions": srow["contributors"], "devices_trained": trained, "agrees": trained == srow["contributors"]})
+    return out
 
 
 def _user_level_row(user_level: dict) -> dict | None:
@@ -77,21 +193,30 @@ def _user_level_row(user_level: dict) -> dict | None:
         return None
     per_round = user_level["epsilon_per_round"]
     last = per_round[max(per_round, key=int)] if per_round else 0.0
-    again = independent_user_epsilon(
-        float(user_level["noise_multiplier"]), len(per_round), float(user_level["delta"]), float(user_level.get("sample_rate", 1.0))
-    )
-    return {"epsilon_reported": last, "epsilon_independent": again, "agrees": math.isclose(last, again, rel_tol=LEDGER_TOLERANCE)}
+    z, delta, q = float(user_level["noise_multiplier"]), float(user_level["delta"]), float(user_level.get("sample_rate", 1.0))
+    again = independent_user_epsilon(z, len(per_round), delta, q)
+    pld = pld_epsilon([(z, q, len(per_round))], delta)
+    problems = []
+    if not math.isclose(last, again, rel_tol=LEDGER_TOLERANCE):
+        problems.append(f"reported {last:.4f} is not the RDP recomputation {again:.4f}")
+    if last < pld * (1 - LEDGER_TOLERANCE):
+        problems.append(f"reported {last:.4f} is below the PLD recomputation {pld:.4f}")
+    if pld > again * (1 + PLD_SLACK) + PLD_DISCRETISATION:
+        problems.append(f"PLD {pld:.4f} above RDP {again:.4f}: implausible")
+    return {"epsilon_reported": last, "epsilon_independent": again, "epsilon_pld": pld, "problems": problems, "agrees": not problems}
 
 
 def epsilon_ledger(view) -> dict:
-    delta, dp = float(view.config["delta"]), bool(view.config["dp"])
+    server_rows = view.report["server"]["rounds"]
     reported = view.reported()
-    rows = [_record_row(user, reported.get(user["user_index"]), delta, dp) for user in view.participants]
+    rows = [_record_row(view, user, reported.get(user["user_index"]), {r["round"] for r in server_rows}) for user in view.participants]
     failures: list = [r["user_index"] for r in rows if r["agrees"] is False]
+    rounds = _round_checks(rows, server_rows)
+    failures += [f"round {r['round']}" for r in rounds if not r["agrees"]]
     user_row = _user_level_row(view.report["server"]["user_level"])
     if user_row is not None and not user_row["agrees"]:
         failures.append("user-level")
-    return {"record_level": rows, "user_level": user_row, "failures": failures}
+    return {"record_level": rows, "rounds": rounds, "user_level": user_row, "failures": failures}
 
 
 def _mechanism(history: list[dict]) -> tuple[str, str, int]:
@@ -101,8 +226,10 @@ def _mechanism(history: list[dict]) -> tuple[str, str, int]:
     return ", ".join(map(str, zs)) or "-", ", ".join(map(str, qs)) or "-", sum(h["steps"] for h in history)
 
 
-def _agrees(value: bool | None) -> str | bool:
-    return "not reported (device never evaluated)" if value is None else value
+def _agrees(row: dict) -> str:
+    if row["agrees"] is None:
+        return "not reported (device never evaluated)"
+    return "yes" if row["agrees"] else "NO: " + "; ".join(row["problems"])
 
 
 @register
@@ -112,12 +239,22 @@ class EpsilonLedger(Audit):
     level = "fast"
     order = 10
     method = (
-        "Every device's record-level epsilon is recomputed from the mechanism its store kept (the Opacus "
-        "accountant's history: noise multiplier, sampling rate, steps) with Google's dp-accounting, and compared "
-        "with the epsilon the device reported; the user-level epsilon of every round is recomputed with Opacus' "
-        "RDP analysis, where the server used Flower's accountant."
+        "Checks the mechanism, not only the arithmetic. For every device the expected DP-SGD mechanism is derived "
+        "from nothing the device reported about its privacy: the run config's noise multiplier, the Poisson rate "
+        "client.train.sample_rate(config, number of train records in the device's store), local-steps steps per "
+        "round, and the rounds it trained from its own diagnostics, cross-checked against the server's log (no "
+        "round the server did not run; in every round, as many devices trained as the server counted "
+        "contributions). That history must equal the one the device's Opacus accountant kept, entry by entry. "
+        "Epsilon of the expected history is then recomputed with Google's dp-accounting, RDP (the analysis "
+        f"Opacus uses: the reported epsilon must agree within {LEDGER_TOLERANCE:.0%}) and PLD (tight up to "
+        f"discretisation: it must not exceed RDP by more than {PLD_SLACK:.0%}, and the reported epsilon must not "
+        "be below it: too small an epsilon is the dangerous direction). The user-level epsilon is recomputed "
+        "with Opacus' RDP analysis, where the server used Flower's accountant, and with dp-accounting's PLD."
     )
-    criterion = f"every reported epsilon within {LEDGER_TOLERANCE:.0%} of its independent recomputation"
+    criterion = (
+        f"every device's accountant holds the expected mechanism, every round's contributions match the devices "
+        f"that trained, and every reported epsilon is within {LEDGER_TOLERANCE:.0%} of the RDP recomputation and not below the PLD one"
+    )
 
     def run(self, ctx: AuditContext) -> dict:
         return epsilon_ledger(ctx.view)
@@ -130,7 +267,7 @@ class EpsilonLedger(Audit):
     def summary(self, result: dict) -> str:
         rows = result["record_level"]
         checked = sum(r["agrees"] is not None for r in rows)
-        line = f"{checked} of {len(rows)} devices checked, {len(result['failures'])} disagreement(s)"
+        line = f"{checked} of {len(rows)} devices checked against their expected mechanism, {len(result['failures'])} disagreement(s)"
         if result["user_level"]:
             line += f"; user level {format_epsilon(result['user_level']['epsilon_reported'])}"
         return line
@@ -138,17 +275,28 @@ class EpsilonLedger(Audit):
     def section(self, result: dict, ctx: AuditContext) -> Section:
         view = ctx.view
         rows = [
-            [r["user_index"], r["delta"], *_mechanism(r["mechanism"]), view.config["max-grad-norm"], format_epsilon(r["epsilon_reported"]), f"{r['epsilon_independent']:.3f}", _agrees(r["agrees"])]
+            [
+                r["user_index"], r["delta"], r["train_records"], len(r["rounds_trained"]), *_mechanism(r["mechanism"]), *_mechanism(r["expected"]),
+                view.config["max-grad-norm"], format_epsilon(r["epsilon_reported"]), f"{r['epsilon_rdp']:.3f}", f"{r['epsilon_pld']:.3f}", _agrees(r),
+            ]
             for r in result["record_level"]
         ]
-        header = ["user", "delta", "z", "sampling rate", "steps", "C", "reported (Opacus)", "independent (dp-accounting)", "agrees"]
-        tables = [("Record-level epsilon per device", header, rows)]
+        header = [
+            "user", "delta", "train records", "rounds trained", "z (accountant)", "q (accountant)", "steps (accountant)",
+            "z (expected)", "q (expected)", "steps (expected)", "C", "reported (Opacus)", "RDP (dp-accounting)", "PLD (dp-accounting)", "agrees",
+        ]
+        tables = [("Record-level mechanism and epsilon per device", header, rows)]
+        tables.append((
+            "Server rounds against the devices' diagnostics",
+            ["round", "contributions (server)", "devices that trained (diagnostics)", "agrees"],
+            [[r["round"], r["contributions"], r["devices_trained"], r["agrees"]] for r in result["rounds"]],
+        ))
         if result["user_level"]:
             u, ul = result["user_level"], view.report["server"]["user_level"]
             tables.append((
                 f"User-level epsilon ({ul['sampling']})",
-                ["delta", "z", "C", "rounds", "reported (Flower RdpAccountant)", "independent (Opacus RDP)", "agrees"],
-                [[ul["delta"], ul["noise_multiplier"], ul["clip_norm"], ul["rounds_run"], f"{u['epsilon_reported']:.3f}", f"{u['epsilon_independent']:.3f}", u["agrees"]]],
+                ["delta", "z", "C", "rounds", "reported (Flower RdpAccountant)", "independent (Opacus RDP)", "PLD (dp-accounting)", "agrees"],
+                [[ul["delta"], ul["noise_multiplier"], ul["clip_norm"], ul["rounds_run"], f"{u['epsilon_reported']:.3f}", f"{u['epsilon_independent']:.3f}", f"{u['epsilon_pld']:.3f}", _agrees(u)]],
             ))
         finite = [r for r in result["record_level"] if r["epsilon_reported"] is not None]
         figures = []

@@ -8,9 +8,17 @@ Privacy
     * :func:`roc_auc`, :func:`tpr_at_fpr`: membership-inference attack quality.
       Carlini et al. 2022 ("Membership Inference Attacks From First Principles")
       argue for the TPR at a low FPR over the AUC; the report shows both.
-    * :func:`empirical_epsilon`: a statistically valid *lower* bound on epsilon
-      from the same scores (Jagielski, Ullman & Oprea 2020, "Auditing
+    * :func:`empirical_epsilon`: a *lower* bound on epsilon from member and
+      non-member scores (Jagielski, Ullman & Oprea 2020, "Auditing
       Differentially Private Machine Learning: How Private is Private SGD?").
+      Valid only when every score is an independent trial (one training run
+      per trial); the audits of one run use the one-run bound below instead.
+    * :func:`one_run_p_value`, :func:`one_run_epsilon`,
+      :func:`one_run_max_epsilon`, :func:`one_run_guesses`: the one-run audit
+      of Steinke, Nasr & Jagielski 2023 ("Privacy Auditing with One (1)
+      Training Run"): canaries included independently with probability 1/2,
+      guesses on the highest and lowest scores, and the binomial-tail bound
+      that turns the number of correct guesses into a lower bound on epsilon.
     * :func:`exposure`: canary exposure (Carlini et al. 2019, "The Secret
       Sharer").
 
@@ -37,7 +45,9 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
+from scipy.special import expit
 from scipy.stats import beta as beta_distribution
+from scipy.stats import binom
 
 # ---------------------------------------------------------------- helpers
 
@@ -127,6 +137,11 @@ def empirical_epsilon(member_scores, nonmember_scores, delta: float, alpha: floa
     same scores makes that maximum slightly optimistic. For a strict audit, pick
     the threshold on held-out scores and pass it as ``thresholds=[t]``.
 
+    The bound assumes every member and non-member score is an independent
+    trial (a fresh training run per trial, as in Jagielski et al.). Scores of
+    many records from one training run are not independent, so on one run use
+    :func:`one_run_epsilon` with randomly included canaries instead.
+
     Returns 0.0 when no threshold gives a positive bound, i.e. the scores show
     no significant privacy loss. With n samples per side the bound is at most
     about log(n / log(2 / alpha)), however well the attack separates them. A
@@ -155,6 +170,98 @@ def empirical_epsilon(member_scores, nonmember_scores, delta: float, alpha: floa
         if valid.any():
             best = max(best, float(np.max(np.log(numerator[valid] / denominator[valid]))))
     return best
+
+
+# ---------------------------------------------------------------- one-run audit
+
+
+def _check_counts(m: int, r: int, v: int) -> None:
+    if not (0 <= v <= r <= m):
+        raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
+
+
+def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) -> float:
+    """P[at least ``v`` of ``r`` guesses correct] for an (epsilon, delta)-DP mechanism (an upper bound).
+
+    Steinke, Nasr & Jagielski 2023, Theorems 3.1 (pure DP) and 3.3
+    (approximate DP). ``m`` canaries are each included independently with
+    probability 1/2; the auditor guesses "in" or "out" for ``r`` of them from
+    the mechanism's output alone (abstaining on the rest) and ``v`` guesses are
+    right. With q = e^eps / (1 + e^eps), the accuracy of eps-DP randomized
+    response, and B ~ Binomial(r, q):
+
+        p = P[B >= v] + 2 m delta * max_{i = 1..v} P[v - i <= B < v] / i
+
+    (the second term vanishes for delta = 0), capped at 1. A small p rejects
+    the hypothesis "the mechanism is (epsilon, delta)-DP".
+    """
+    _check_counts(m, r, v)
+    if epsilon < 0 or not 0.0 <= delta <= 1.0:
+        raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
+    if v == 0:
+        return 1.0
+    q = float(expit(epsilon))
+    tail = float(binom.sf(v - 1, r, q))  # P[B >= v]
+    if delta == 0.0:
+        return min(tail, 1.0)
+    i = np.arange(1, v + 1)
+    below = binom.sf(v - i - 1, r, q) - tail  # P[v - i <= B < v]
+    return float(min(tail + 2 * m * delta * float(np.max(below / i)), 1.0))
+
+
+def one_run_epsilon(m: int, r: int, v: int, delta: float = 0.0, beta: float = 0.05, tol: float = 1e-6) -> float:
+    """Lower bound on epsilon at confidence ``1 - beta`` from ``v`` correct of ``r`` guesses on ``m`` canaries.
+
+    The largest epsilon whose hypothesis "(epsilon, delta)-DP" the observation
+    rejects at level ``beta`` (:func:`one_run_p_value` < ``beta``), found by
+    bisection to ``tol``: with probability at least 1 - beta over the canaries'
+    inclusion coins, the mechanism is not (eps', delta)-DP for any eps' below
+    the returned value. 0.0 when even epsilon = 0 is not rejected.
+    """
+    _check_counts(m, r, v)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must lie in (0, 1), got {beta}")
+
+    def rejected(eps: float) -> bool:
+        return one_run_p_value(m, r, v, eps, delta) < beta
+
+    if not rejected(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while rejected(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1e3:  # p -> 1 as epsilon grows for any v <= r; this is a safeguard only
+            return lo
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
+    return lo
+
+
+def one_run_max_epsilon(m: int, delta: float = 0.0, beta: float = 0.05, guesses: int | None = None) -> float:
+    """The largest lower bound an audit of ``m`` canaries can certify: every one of ``guesses`` (default m) correct.
+
+    For delta = 0 this has the closed form logit(beta ** (1 / guesses)): no
+    attack, however strong, certifies more at these sizes.
+    """
+    r = m if guesses is None else guesses
+    return one_run_epsilon(m, r, r, delta, beta)
+
+
+def one_run_guesses(scores, k_plus: int, k_minus: int) -> np.ndarray:
+    """Guesses from attack scores: +1 ("included") for the ``k_plus`` highest, -1 for the ``k_minus`` lowest, 0 else.
+
+    Ties are broken by position (a stable sort), which is independent of the
+    inclusion coins, so the guesses remain a function of the output alone.
+    """
+    array = _as_scores("scores", scores)
+    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > array.size:
+        raise ValueError(f"need k_plus, k_minus >= 0 and k_plus + k_minus <= {array.size}")
+    order = np.argsort(array, kind="stable")
+    guesses = np.zeros(array.size, dtype=int)
+    guesses[order[array.size - k_plus :]] = 1
+    guesses[order[:k_minus]] = -1
+    return guesses
 
 
 # ---------------------------------------------------------------- canaries

@@ -12,7 +12,8 @@ both the attacker and the ground truth:
   device holds; and what the harness read from the stores into ``report.json``
   (per-user scores and reported epsilon);
 * the generator's **ground truth**, when the data was generated:
-  ``manifest.json`` (personas, canaries, hold-out users) and
+  ``manifest.json`` (personas, canaries, the one-run audit canaries with
+  their inclusion coins, hold-out users) and
   ``pii_sidecar.jsonl`` (planted PII). A run on a user's own data has neither;
   :attr:`RunView.manifest` and :attr:`RunView.sidecar` are then None and the
   audits that need them skip.
