@@ -35,6 +35,7 @@ deployment each device would run its own ledger check.
 from __future__ import annotations
 
 import functools
+import dataclasses
 import math
 from pathlib import Path
 
@@ -117,17 +118,34 @@ def _same_mechanism(a: list, b: list) -> bool:
     )
 
 
-def _device_state(store_path: Path) -> tuple[list, int, list[int]]:
-    """(accountant history, train records, rounds its diagnostics say it trained) from a device store."""
+def _device_state(store_path: Path) -> tuple[list, int, list[int], list[int]]:
+    """(accountant history, train records, rounds its diagnostics say it trained, rounds it sent an update in).
+
+    Under secure aggregation with client sampling a device joins every round
+    but trains only in the rounds it drew itself; the others carry a zero update.
+    """
     from client import device
     from client.store import DeviceStore
     from client.train import accountant_history
 
     if not store_path.is_file():
-        return [], 0, []
+        return [], 0, [], []
     store = DeviceStore(store_path)
-    diagnostics = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})
-    return accountant_history(device.accountant_state(store)), len(store.tasks("train")), sorted(int(r) for r in diagnostics["rounds"])
+    rounds = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})["rounds"]
+    joined = sorted(int(r) for r in rounds)
+    trained = sorted(int(r) for r, e in rounds.items() if e.get("sampled", True))
+    return accountant_history(device.accountant_state(store)), len(store.tasks("train")), trained, joined
+
+
+def expected_noise(train, records: int, planned_rounds: int) -> float:
+    """The noise multiplier a device should have trained with: the run's, or its calibration to the target epsilon."""
+    from client.train import calibrated_noise
+
+    if train.target_epsilon > 0:
+        cap = train.max_epsilon
+        target = min(train.target_epsilon, cap) if cap > 0 else train.target_epsilon
+        return calibrated_noise(dataclasses.replace(train, target_epsilon=target), records, planned_rounds)
+    return train.noise_multiplier
 
 
 def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]) -> dict:
@@ -135,9 +153,10 @@ def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]
 
     train = view.cfg.train
     delta = float(train.delta)
-    history, records, rounds = _device_state(Path(user["store"]))
+    history, records, rounds, joined = _device_state(Path(user["store"]))
     rate = sample_rate(train, records)
-    expected = expected_history(train.noise_multiplier, rate, train.local_steps, len(rounds)) if train.dp else []
+    noise = expected_noise(train, records, view.cfg.federation.num_server_rounds)
+    expected = expected_history(noise, rate, train.local_steps, len(rounds)) if train.dp else []
     problems = []
     unknown = [r for r in rounds if r not in server_rounds]
     if unknown:
@@ -153,6 +172,7 @@ def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]
         "delta": delta,
         "train_records": records,
         "rounds_trained": rounds,
+        "rounds_joined": joined,
         "mechanism": [{"noise_multiplier": z, "sample_rate": q, "steps": int(n)} for z, q, n in history],
         "expected": [{"noise_multiplier": z, "sample_rate": q, "steps": n} for z, q, n in expected],
         "history_matches": matches,
@@ -169,11 +189,15 @@ def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]
             problems.append("reported no epsilon (infinite) under DP-SGD")
     elif not train.dp:
         problems.append(f"reported epsilon {claimed} without DP-SGD")
-    else:
+    elif train.accountant == "rdp":
         if not math.isclose(claimed, rdp, rel_tol=LEDGER_TOLERANCE, abs_tol=1e-9):
             problems.append(f"reported epsilon {claimed:.4f} is not the RDP recomputation {rdp:.4f}")
         if claimed < pld * (1 - LEDGER_TOLERANCE) - 1e-9:
             problems.append(f"reported epsilon {claimed:.4f} is below the PLD recomputation {pld:.4f}")
+    else:
+        # Opacus' PRV accountant is a numerical privacy-loss-distribution analysis, like PLD.
+        if not math.isclose(claimed, pld, rel_tol=LEDGER_TOLERANCE, abs_tol=1e-3):
+            problems.append(f"reported PRV epsilon {claimed:.4f} is not the PLD recomputation {pld:.4f}")
     return {**row, "epsilon_reported": claimed, "problems": problems, "agrees": not problems}
 
 
@@ -181,7 +205,7 @@ def _round_checks(rows: list[dict], server_rows: list[dict]) -> list[dict]:
     """Per server round: its contributions against the devices whose diagnostics say they trained in it."""
     out = []
     for srow in server_rows:
-        trained = sum(srow["round"] in r["rounds_trained"] for r in rows)
+        trained = sum(srow["round"] in r.get("rounds_joined", r["rounds_trained"]) for r in rows)
         out.append({"round": srow["round"], "contributions": srow["contributors"], "devices_trained": trained, "agrees": trained == srow["contributors"]})
     return out
 
