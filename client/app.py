@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from client import device
 from client.persona import device_profile, pick_and_load
 from client.policy import PolicyError, Refused
-from client.store import IngestError
+from client.store import IngestError, StoreError
 from client.train import (
     calibrated_noise,
     classification_scores,
@@ -82,7 +82,7 @@ def reason_for(err: BaseException) -> Reason:
 def refusal_mod(msg: Message, context: Context, call_next) -> Message:
     """Every failure becomes a typed refusal: a reason code crosses the wire, the details stay in the local log.
 
-    Our own errors (ingestion, policy, config) name files, lines and keys but
+    Our own errors (ingestion, the store, policy, config) name files, lines and keys but
     never user text, so they are logged; a third-party exception's text may
     hold anything, so only its type is.
     """
@@ -90,7 +90,7 @@ def refusal_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     except Exception as err:  # noqa: BLE001 - the one place every device failure is caught
         reason = reason_for(err)
-        own = isinstance(err, (Refused, IngestError, device.DeviceDataMissing, PolicyError, ConfigError, ModelNotAvailable))
+        own = isinstance(err, (Refused, IngestError, StoreError, device.DeviceDataMissing, PolicyError, ConfigError, ModelNotAvailable))
         log.warning("declined a %s message: %s (%s at %s)", msg.metadata.message_type, reason.name,
                     err if own else type(err).__name__, _where(err))
         return Message(content=refusal_content(reason), reply_to=msg)

@@ -3,7 +3,8 @@
 Order matters for the privacy floor. :func:`admit` reads the device's policy,
 the run config and the message's per-round values and refuses before anything
 is read from or written to the store; only then does :func:`open_device` open
-(and on first use ingest and scrub into) the store and load the model.
+the store (ingesting and scrubbing whatever is new in the user's file) and
+load the model.
 
 A client process serves many users over its life (Flower's simulation runs
 many virtual SuperNodes per worker; an edge device may host several
@@ -26,7 +27,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from client.policy import DevicePolicy, Refused
-from client.store import DeviceStore
+from client.store import DeviceStore, ProgressFn, default_key_file
 from common.config import ConfigError, RunConfig
 from common.models import USER, AdapterSpec, PersonalLM, cache_dir, personal_model, tier_of
 from common.wire import CONFIG, DEVICE_PATH_KEYS, SECAGG, Reason, message_config_violation
@@ -142,25 +143,39 @@ def scrubber(mode: str, operator: str, config_path: str = "", secret: bytes = b"
                                 operator=operator, device_secret=secret or None)
 
 
-def open_store(cfg: RunConfig, policy: DevicePolicy, node_config: dict) -> DeviceStore:
-    """Open this user's store, ingesting (and scrubbing) the raw file on first use."""
+def key_file_for(policy: DevicePolicy, store_path: Path) -> Path:
+    """The store's key file: where the device's policy says, else next to the store."""
+    return Path(policy.key_file) if policy.key_file else default_key_file(store_path)
+
+
+def open_store(cfg: RunConfig, policy: DevicePolicy, node_config: dict, progress: ProgressFn | None = None) -> DeviceStore:
+    """Open this user's store and ingest (and scrub) what is new in the raw file.
+
+    An unchanged file costs a stat and a small read; the scrubber is built
+    only when there is something to ingest. A failed first ingest leaves no
+    store behind (nor a key file it created).
+    """
     user_file, store_path = locate_user(cfg, policy, node_config)
     if not user_file.is_file():
         raise DeviceDataMissing(f"{user_file}: no such user file")
-    fresh = not store_path.exists()
+    key_file = key_file_for(policy, store_path)
+    fresh, fresh_key = not store_path.exists(), not key_file.exists()
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    store = DeviceStore(store_path)
-    if not store.is_ingested():
-        secret = store.device_secret() if cfg.scrub.operator == "pseudonym" else b""
-        scrub = scrubber(cfg.scrub.mode, cfg.scrub.operator, cfg.scrub.config, secret)
-        try:
-            counts = store.ingest_jsonl(user_file, scrub=scrub)
-        except Exception:
-            if fresh:  # a failed first ingest leaves no empty store behind
-                for path in (store_path, *(store_path.with_name(store_path.name + s) for s in ("-wal", "-shm", "-journal"))):
-                    path.unlink(missing_ok=True)
-            raise
-        log.info("ingested %s records into the device store (%d quarantined)", sum(counts.values()), counts.get("quarantined", 0))
+    try:
+        store = DeviceStore(store_path, key_file)
+        if store.needs_ingest(user_file):
+            secret = store.device_secret() if cfg.scrub.operator == "pseudonym" else b""
+            scrub = scrubber(cfg.scrub.mode, cfg.scrub.operator, cfg.scrub.config, secret)
+            counts = store.ingest_jsonl(user_file, scrub=scrub, progress=progress)
+            log.info("ingested %d new records into the device store (%d quarantined)",
+                     sum(v for k, v in counts.items() if k != "scrubbed_entities"), counts["quarantined"])
+    except Exception:
+        if fresh:  # a failed first ingest leaves no empty store behind
+            for path in (store_path, *(store_path.with_name(store_path.name + s) for s in ("-wal", "-shm", "-journal"))):
+                path.unlink(missing_ok=True)
+            if fresh_key:
+                key_file.unlink(missing_ok=True)
+        raise
     return store
 
 

@@ -15,7 +15,8 @@ request that would loosen it. Admission reads and writes nothing, so a refused
 message leaves the device's data and state untouched.
 
 Everything about *where* the device reads and writes (its user file, its
-store, its scrubber YAML) comes from here and never from a server.
+store and the store's key file, its scrubber YAML) comes from here and never
+from a server.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class DevicePolicy:
 
     user_file: str = ""  # the user's raw JSONL; "" = the simulation's data folder
     store_path: str = ""  # the device store; "" = next to the user file
+    key_file: str = ""  # the store's encryption key (0600); "" = next to the store, <store>.key
     min_scrub_mode: str = "full"
     audit_control_arm: bool = False  # only an audit control arm may store raw text (scrub mode off)
     scrub_operator: str = "tag"
@@ -130,7 +132,7 @@ class DevicePolicy:
             raise PolicyError(f"{path}: the policy must be a table of keys")
         out = cls._values(values, str(path))
         # Relative data paths are relative to the policy file, as the owner wrote them.
-        for name in ("user_file", "store_path", "scrub_config"):
+        for name in ("user_file", "store_path", "key_file", "scrub_config"):
             if out.get(name) and not Path(out[name]).is_absolute():
                 out[name] = str(path.parent / out[name])
         return out

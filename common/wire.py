@@ -47,7 +47,7 @@ SECAGG_REPLY_FIELDS = frozenset({"stage", "session_id", "c_pk", "s_pk", "b_commi
 MESSAGE_CONFIG: dict[str, type] = {"server-round": int}
 # Keys that name a place on the device. Only the device's owner sets these
 # (its policy); from a server, in a message or in the run config, they are refused.
-DEVICE_PATH_KEYS = frozenset({"store-dir", "store-path", "user-file", "wire-audit-dir", "policy-file"})
+DEVICE_PATH_KEYS = frozenset({"store-dir", "store-path", "key-file", "user-file", "wire-audit-dir", "policy-file"})
 
 # A train reply carries no metrics; an evaluate reply carries none of these unless listed.
 EVAL_METRICS: frozenset[str] = frozenset()

@@ -185,6 +185,50 @@ def import_annotators(
     console.print(f"wrote {len(manifest['users'])} annotators ({', '.join(manifest['options'])}) to {out_dir}")
 
 
+@app.command()
+def ingest(
+    policy_file: Path = typer.Option(None, help="The device's policy file: its user-file, store-path, key-file and scrubber."),
+    user_file: Path = typer.Option(None, help="The user's JSONL file (instead of the policy's)."),
+    store: Path = typer.Option(None, help="The device store (default: the policy's, else next to the user file)."),
+    scrub_mode: str = typer.Option("", help="full | patterns; at least the policy's min-scrub-mode (the default)."),
+) -> None:
+    """Validate, scrub and store what is new in a user's file, with progress (a device does the same on its next message)."""
+    from rich.progress import DownloadColumn
+
+    from client import device
+    from client.policy import SCRUB_RANK, DevicePolicy, PolicyError
+    from client.store import IngestError, StoreError
+    from common.config import ConfigError, build_config
+
+    node = {key: str(value) for key, value in (("policy-file", policy_file), ("user-file", user_file), ("store-path", store)) if value}
+    try:
+        policy = DevicePolicy.for_node(node)
+        mode = scrub_mode or policy.min_scrub_mode
+        if mode not in ("full", "patterns") or SCRUB_RANK[mode] < SCRUB_RANK[policy.min_scrub_mode]:
+            raise typer.BadParameter(f"must be full or patterns, and at least the policy's {policy.min_scrub_mode}", param_hint="--scrub-mode")
+        cfg = build_config("default", {"scrub-mode": mode, "scrub-operator": policy.scrub_operator, "scrub-config": policy.scrub_config})
+        phases = {"validate": "validating", "ingest": "scrubbing, encrypting, storing"}
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("checking for new lines", total=None)
+            moved = []
+
+            def on_progress(phase: str, done: int, total: int) -> None:
+                moved.append(phase)
+                bar.update(task, description=phases[phase], completed=done, total=total)
+
+            opened = device.open_store(cfg, policy, {}, progress=on_progress)
+    except (IngestError, StoreError, PolicyError, ConfigError, device.DeviceDataMissing) as err:
+        # Our errors name files, lines and reason codes, never user text; no markup, so brackets in paths stay.
+        console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    quarantined = opened.quarantined()
+    console.print(f"{'ingested new lines' if moved else 'up to date'}: {opened.num_records()} records, "
+                  f"{len(quarantined)} quarantined, scrub-mode={mode}; store {opened.path} (key {opened.key_file})",
+                  markup=False, soft_wrap=True)
+    for where, reason in quarantined:
+        console.print(f"  quarantined: {where}: {reason}", markup=False)
+
+
 @app.command("pii-eval")
 def pii_eval(
     file: Path = typer.Argument(..., help="Presidio-evaluator JSON: full_text + spans."),

@@ -74,14 +74,14 @@ def user_files(folder: Path) -> list[Path]:
 
 def validate_folder(folder: Path) -> list[dict]:
     """Validate every user file first; returns the participants (from ``manifest.json`` if present)."""
-    from client.store import IngestError, parse_jsonl
+    from client.jsonl import IngestError, validate_file
 
     folder = Path(folder)
     files = user_files(folder)
     errors = []
     for path in files:
         try:
-            parse_jsonl(path)
+            validate_file(path)
         except IngestError as err:
             errors.append(str(err))
     if errors:

@@ -229,12 +229,13 @@ def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):
     assert all(0 <= row[k] <= ex["max_exposure_bits"] for row in ex["rows"] for k in ("global", "persona", "personal", "reference_base"))
     # Scrubbing removed the phone-shaped canary before training (so its exposure is
     # a random rank; benchmarks/audit_figures.py compares scrub on and off).
-    import sqlite3
+    from client.store import DeviceStore
+    from simulations.personas import CANARY_PREFIX
 
     for user in json.loads((audited_run / "data" / "manifest.json").read_text())["users"]:
         if user.get("canary"):
-            with sqlite3.connect(audited_run / "devices" / f"{user['user_id']}.sqlite") as db:
-                outputs = [row[0] for row in db.execute("SELECT output FROM tasks WHERE id LIKE 'c%'")]
+            # The store keeps no record ids (and encrypts its text): the canary tasks are found by their frame.
+            outputs = [o for _, o in DeviceStore(audited_run / "devices" / f"{user['user_id']}.sqlite").tasks("train") if o.startswith(CANARY_PREFIX)]
             assert outputs and all(user["canary"] not in o and "<PHONE_NUMBER>" in o for o in outputs)
     mia = r["membership_inference"]
     rec, usr = mia["record_level"], mia["user_level"]

@@ -93,3 +93,23 @@ def test_crash_traceback_does_not_print_local_variables(tmp_path):
     assert "RuntimeError: analyzer crashed" in output and "evaluate_file" in output, output
     # ... and showed no local variables, so not the text being scrubbed.
     assert planted not in output, output
+
+
+def test_ingest_command_shows_progress_then_is_up_to_date_and_reports_bad_lines(tmp_path):
+    user = tmp_path / "me.jsonl"
+    user.write_text(json.dumps({"type": "document", "id": "d1", "text": "Write to jane.roe@example.org today."}) + "\n"
+                    + json.dumps({"type": "document", "id": "d2", "text": "x" * 20_001}) + "\n", encoding="utf-8")
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"user-file": "me.jsonl", "store-path": "me.sqlite", "min-scrub-mode": "patterns"}))
+    args = ["ingest", "--policy-file", str(policy), "--scrub-mode", "patterns"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "ingested new lines: 1 records, 1 quarantined, scrub-mode=patterns" in first.output
+    assert "quarantined: line 2: too_long:text" in first.output and "jane.roe" not in first.output
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "up to date: 1 records" in second.output
+    with user.open("a", encoding="utf-8") as f:
+        f.write('{"type":"document","id":"d3","text":"Jane Roe"}\n{"type":"note"}\n')
+    bad = CliRunner().invoke(app, args)
+    assert bad.exit_code == 1 and f"{user}:4: bad_type_field" in bad.output and "Jane" not in bad.output
+    assert CliRunner().invoke(app, args[:-1] + ["off"]).exit_code == 2

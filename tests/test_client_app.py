@@ -127,8 +127,15 @@ def test_a_device_without_training_tasks_declines_with_a_reason(tiny_data, task_
     ctx = device_context(tmp_path, 1, only_docs, cfg)
     reply = app(server_message(cfg, "train"), ctx)
     assert set(reply.content.keys()) == {REFUSAL} and Reason(reply.content[REFUSAL]["reason"]) == Reason.NO_TRAINING_DATA
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    ctx = device_context(tmp_path, 2, empty, cfg)
+    only_train = tmp_path / "train.jsonl"
+    only_train.write_text('{"type":"task","id":"t1","split":"train","input":"a","output":"b"}\n')
+    ctx = device_context(tmp_path, 2, only_train, cfg)
     reply = app(server_message(cfg, "evaluate"), ctx)
     assert Reason(reply.content[REFUSAL]["reason"]) == Reason.NO_TEST_DATA
+    # An empty user file is an ingest error (it names the file), not a device with no data.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    ctx = device_context(tmp_path, 3, empty, cfg)
+    reply = app(server_message(cfg, "evaluate"), ctx)
+    assert Reason(reply.content[REFUSAL]["reason"]) == Reason.INGEST_ERROR
+    assert not (tmp_path / "device-3" / "store.sqlite").exists() and not (tmp_path / "device-3" / "store.key").exists()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from helpers import quick, user_files
 
 from client import device
 from client.pii import DEFAULT_CONFIG_PATH, Scrubber
 from client.policy import DevicePolicy
+from client.store import IngestError
 
 PSEUDONYM = re.compile(r"<[A-Z_]+_[0-9a-f]{8}>")
 BARE_TAG = re.compile(r"<[A-Z_]+>")
@@ -55,3 +58,29 @@ def test_the_scrubber_yaml_is_the_device_owners_never_the_runs(tiny_data, tmp_pa
     assert scrub(["Ship PRJ-1234 today."])[0].text == "Ship <PROJECT_CODE> today."
     default = device.scrubber("patterns", "tag")
     assert "PRJ-1234" in default(["Ship PRJ-1234 today."])[0].text
+
+
+def test_the_policy_names_the_key_file_and_an_unchanged_file_builds_no_scrubber(tiny_data, tmp_path, monkeypatch):
+    key = tmp_path / "keys" / "device.key"
+    store = _store(tiny_data, tmp_path, 0, key_file=str(key))
+    assert store.key_file == key and key.is_file() and not (tmp_path / "d0.key").exists()
+    before = store.num_records()
+
+    def no_scrubber(*args):
+        raise AssertionError("the scrubber was built for an unchanged file")
+    monkeypatch.setattr(device, "scrubber", no_scrubber)
+    again = _store(tiny_data, tmp_path, 0, key_file=str(key))
+    assert again.num_records() == before and again.device_secret() == store.device_secret()
+
+
+def test_a_failed_first_ingest_leaves_no_store_and_no_key_it_created(tmp_path):
+    bad = tmp_path / "u.jsonl"
+    bad.write_text('{"type":"document","id":"d1","text":"ok"}\n{"type":"document"}\n')
+    shared_key = tmp_path / "device.key"
+    for key_file in ("", str(shared_key)):
+        policy = DevicePolicy(user_file=str(bad), store_path=str(tmp_path / "s.sqlite"), min_scrub_mode="patterns", key_file=key_file)
+        if key_file:
+            device.DeviceStore(tmp_path / "other.sqlite", shared_key)  # a key other stores use
+        with pytest.raises(IngestError, match=r"u\.jsonl:2: missing_field:id"):
+            device.open_store(policy.admit(quick(secagg=False, scrub_mode="patterns")), policy, {})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["u.jsonl"] + (["device.key", "other.sqlite"] if key_file else []))

@@ -43,6 +43,7 @@ MATRIX = {
     "wire-audit-dir in the run config": ({"wire-audit-dir": "/tmp/wire"}, "run", Reason.DEVICE_PATH_FROM_SERVER),
     "wire-audit-dir in the message": ({"wire-audit-dir": "/tmp/wire"}, "message", Reason.DEVICE_PATH_FROM_SERVER),
     "store-path in the message": ({"store-path": "/tmp/x.sqlite"}, "message", Reason.DEVICE_PATH_FROM_SERVER),
+    "key-file in the run config": ({"key-file": "/tmp/x.key"}, "run", Reason.DEVICE_PATH_FROM_SERVER),
     "dp=false in the message": ({"dp": False}, "message", Reason.CONFIG_KEY_NOT_ALLOWED),
     "scrub-mode=off in the message": ({"scrub-mode": "off"}, "message", Reason.CONFIG_KEY_NOT_ALLOWED),
     "an unknown run-config key": ({"unknown-key": 1}, "run", Reason.CONFIG_INVALID),
@@ -126,9 +127,10 @@ def test_policy_files_are_validated_and_name_the_key(tmp_path):
         DevicePolicy.from_file(bad)
     assert "Jane" not in str(err.value)
     toml = tmp_path / "p.toml"
-    toml.write_text('user-file = "me.jsonl"\nrequire-secagg = true\nmax-rounds = 5\n')
+    toml.write_text('user-file = "me.jsonl"\nkey-file = "keys/me.key"\nrequire-secagg = true\nmax-rounds = 5\n')
     policy = DevicePolicy.from_file(toml)
     assert policy.user_file == str(tmp_path / "me.jsonl") and policy.require_secagg and policy.max_rounds == 5
+    assert policy.key_file == str(tmp_path / "keys" / "me.key") and DevicePolicy().key_file == ""
     # node_config keys sit on top of the file.
     node = DevicePolicy.for_node({"policy-file": str(toml), "max-rounds": 2})
     assert node.max_rounds == 2 and node.require_secagg

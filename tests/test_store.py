@@ -93,7 +93,7 @@ def test_reingest_is_idempotent(tmp_path, store):
 def test_reingest_updates_record_and_leaves_quarantine(tmp_path, store):
     first = [{"type": "document", "id": "d1", "text": "QUARANTINE_ME please"}]
     store.ingest_jsonl(write_jsonl(tmp_path / "a.jsonl", first), email_scrub)
-    assert store.quarantined() == [("d1", "analyzer_failed")]
+    assert store.quarantined() == [("line 1", "analyzer_failed")]
     fixed = [{"type": "document", "id": "d1", "text": "fine now"}]
     store.ingest_jsonl(write_jsonl(tmp_path / "b.jsonl", fixed), email_scrub)
     assert store.quarantined() == []
@@ -108,8 +108,7 @@ def test_quarantine_never_returns_text(tmp_path, store):
     ]
     counts = store.ingest_jsonl(write_jsonl(tmp_path / "u.jsonl", recs), email_scrub)
     assert counts["quarantined"] == 2 and counts["document"] == 2 and counts["task"] == 2
-    assert sorted(store.quarantined()) == [("d0009", "analyzer_failed"),
-                                           ("t0009", "analyzer_failed")]
+    assert store.quarantined() == [("line 10", "analyzer_failed"), ("line 11", "analyzer_failed")]
     assert all("QUARANTINE_ME" not in d for d in store.documents())
     assert all("QUARANTINE_ME" not in o for _, o in store.tasks("train"))
     assert b"QUARANTINE_ME" not in store.path.read_bytes()
@@ -120,14 +119,14 @@ def test_scrubber_error_that_is_not_a_code_is_replaced(tmp_path, store):
         return [ScrubOutcome(None, 0, f"failed on {t}") for t in texts]
     src = write_jsonl(tmp_path / "u.jsonl", [{"type": "document", "id": "d1", "text": SECRET}])
     store.ingest_jsonl(src, leaky)
-    assert store.quarantined() == [("d1", "scrub_error")]
+    assert store.quarantined() == [("line 1", "scrub_error")]
     assert SECRET.encode() not in store.path.read_bytes()
 
 
 def test_none_text_without_error_is_quarantined(tmp_path, store):
     src = write_jsonl(tmp_path / "u.jsonl", [{"type": "document", "id": "d1", "text": "x"}])
     store.ingest_jsonl(src, lambda texts: [ScrubOutcome(None, 0, None) for _ in texts])
-    assert store.quarantined() == [("d1", "scrub_no_text")] and store.documents() == []
+    assert store.quarantined() == [("line 1", "scrub_no_text")] and store.documents() == []
 
 
 def test_scrubber_returning_wrong_count_writes_nothing(tmp_path, store):
@@ -197,14 +196,15 @@ def test_error_on_second_ingest_keeps_existing_data(tmp_path, store):
     assert store.num_records() == before and "new" not in store.documents()
 
 
-def test_scrub_is_called_once_with_all_texts(tmp_path, store):
+def test_a_small_file_is_scrubbed_in_one_batch_attribute_values_included(tmp_path, store):
     calls = []
 
     def counting(texts):
         calls.append(list(texts))
         return email_scrub(texts)
     store.ingest_jsonl(write_jsonl(tmp_path / "u.jsonl", GOOD), counting)
-    assert len(calls) == 1 and len(calls[0]) == 2 + 2 * 2
+    # 2 documents, the attribute value, 2 tasks x (input, output).
+    assert len(calls) == 1 and len(calls[0]) == 2 + 1 + 2 * 2 and "Lisbon" in calls[0]
 
 
 def test_state_put_get_and_persistence(store):
@@ -244,3 +244,182 @@ def test_generated_corpus_ingests_cleanly(tmp_path):
         assert counts["document"] == c["document"] and counts["quarantined"] == 0
         assert len(st.tasks("test")) == c["test_task"]
         assert all("@" not in o for _, o in st.tasks("train"))
+
+
+# -- incremental ingestion ------------------------------------------------------------
+
+def append(path: Path, records: list[dict | str]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+
+def counting_scrub(calls: list):
+    def scrub(texts):
+        calls.append(list(texts))
+        return email_scrub(texts)
+    return scrub
+
+
+def test_appended_lines_are_ingested_on_the_next_call_and_only_they_are_scrubbed(tmp_path, store):
+    src = write_jsonl(tmp_path / "u.jsonl", GOOD)
+    store.ingest_jsonl(src, email_scrub)
+    append(src, [{"type": "document", "id": "d0003", "text": f"new note to {SECRET}"},
+                 {"type": "interaction", "item": "item_044", "rating": 5, "timestamp": "2026-02-01T00:00:00Z"}])
+    assert store.needs_ingest(src)
+    calls: list = []
+    counts = store.ingest_jsonl(src, counting_scrub(calls))
+    assert calls == [[f"new note to {SECRET}"]]
+    assert counts["document"] == 1 and counts["interaction"] == 1 and counts["task"] == 0
+    assert store.documents()[-1] == "new note to <EMAIL_ADDRESS>" and store.num_records() == 10
+    assert not store.needs_ingest(src)
+
+
+def test_an_unchanged_file_is_neither_parsed_nor_scrubbed_nor_read_in_full(tmp_path, store, monkeypatch):
+    import client.jsonl
+    import client.store
+
+    src = write_jsonl(tmp_path / "u.jsonl", GOOD)
+    store.ingest_jsonl(src, email_scrub)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an unchanged file was parsed or read in full")
+    monkeypatch.setattr(client.jsonl, "parse_line", forbidden)
+    monkeypatch.setattr(client.store, "_read_range", forbidden)
+    assert not store.needs_ingest(src)
+    assert store.ingest_jsonl(src, forbidden)["document"] == 0
+    assert store.ingest_jsonl(src, forbidden)["quarantined"] == 0
+
+
+def test_an_edited_prefix_is_ingested_again_from_line_1_idempotently(tmp_path, store):
+    src = write_jsonl(tmp_path / "u.jsonl", GOOD)
+    store.ingest_jsonl(src, email_scrub)
+    edited = [dict(GOOD[1], text="edited, no pii here")] + GOOD[:1] + GOOD[2:]
+    write_jsonl(src, edited)
+    calls: list = []
+    store.ingest_jsonl(src, counting_scrub(calls))
+    assert len(calls[0]) == 7  # the whole file again
+    assert sorted(store.documents()) == ["edited, no pii here", "mail me at <EMAIL_ADDRESS> today"]
+    assert store.num_records() == 8
+    # Touching the file (same bytes, new mtime) re-checks the prefix but ingests nothing.
+    import os
+    os.utime(src, ns=(1, 1))
+    assert store.needs_ingest(src)
+    assert store.ingest_jsonl(src, counting_scrub(calls))["document"] == 0 and len(calls) == 1
+    assert not store.needs_ingest(src)
+
+
+def test_a_last_line_without_newline_that_grows_is_handled(tmp_path, store):
+    src = tmp_path / "u.jsonl"
+    src.write_text(json.dumps(GOOD[1]), encoding="utf-8")  # no trailing newline
+    store.ingest_jsonl(src, email_scrub)
+    with src.open("a", encoding="utf-8") as f:
+        f.write("\n" + json.dumps({"type": "document", "id": "d0003", "text": "later"}) + "\n")
+    store.ingest_jsonl(src, email_scrub)
+    assert store.documents() == ["no pii here", "later"] and store.num_records() == 2
+
+
+def test_a_duplicate_of_an_ingested_record_in_appended_lines_rejects_that_region(tmp_path, store):
+    src = write_jsonl(tmp_path / "u.jsonl", GOOD)
+    store.ingest_jsonl(src, email_scrub)
+    append(src, [{"type": "document", "id": "d0100", "text": "fine"},
+                 {"type": "document", "id": "d0001", "text": "a second d0001"}])
+    with pytest.raises(IngestError) as info:
+        store.ingest_jsonl(src, email_scrub)
+    assert (info.value.line, info.value.reason) == (11, "duplicate_id:id")
+    assert "fine" not in store.documents() and store.num_records() == 8  # nothing of the region
+    # The owner fixes the line; the region goes in.
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join(lines[:-1] + [json.dumps({"type": "document", "id": "d0101", "text": "ok"})]) + "\n")
+    store.ingest_jsonl(src, email_scrub)
+    assert store.documents()[-2:] == ["fine", "ok"]
+
+
+def test_large_files_go_in_bounded_batches_each_committed_with_progress(tmp_path, store, monkeypatch, caplog):
+    import logging
+
+    import client.store
+
+    monkeypatch.setattr(client.store, "BATCH_LINES", 4)
+    recs = [{"type": "document", "id": f"d{i:03d}", "text": f"note {i}"} for i in range(10)]
+    src = write_jsonl(tmp_path / "u.jsonl", recs)
+    calls: list = []
+    seen: list = []
+    with caplog.at_level(logging.INFO, logger="client.store"):
+        store.ingest_jsonl(src, counting_scrub(calls), progress=lambda *a: seen.append(a))
+    assert [len(c) for c in calls] == [4, 4, 2]
+    # A device logs one line per batch: the file's name and line numbers, never its text.
+    batches = [r.getMessage() for r in caplog.records if "committed lines" in r.getMessage()]
+    assert batches == [f"u.jsonl: committed lines up to {n} ({k} records)" for n, k in ((4, 4), (8, 4), (10, 2))]
+    assert "note" not in caplog.text
+    size = src.stat().st_size
+    assert [p for p in seen if p[0] == "ingest"][-1] == ("ingest", size, size)
+    assert store.documents() == [f"note {i}" for i in range(10)]
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,line,reason,hint", [
+    (b"", None, "empty_file", "no record"),
+    (b"\n  \n\n", None, "empty_file", "no record"),
+    (b"\xef\xbb\xbf" + json.dumps(GOOD[1]).encode() + b"\n", 1, "utf8_bom", "byte order mark"),
+    ((json.dumps(GOOD[1]) + "\r" + json.dumps(GOOD[3]) + "\r").encode(), 1, "cr_line_endings", "CR only"),
+    (json.dumps(GOOD[1]).encode("utf-16"), 1, "invalid_utf8", "UTF-16"),
+    (json.dumps(GOOD[1]).encode() + b"\n" + '{"type":"document","id":"d9","text":"caf\u00e9"}'.encode("latin-1") + b"\n",
+     2, "invalid_utf8", "UTF-8"),
+    (b'{"type":"interaction","item":"i1","rating":1' + b"0" * 5000 + b',"timestamp":"2026-01-01T00:00:00Z"}\n',
+     1, "invalid_number", "too many digits"),
+    (b'{"type":"interaction","item":"i1","rating":NaN,"timestamp":"2026-01-01T00:00:00Z"}\n', 1, "invalid_number", "NaN"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", 1, "too_deep", "nested"),
+])
+def test_bad_files_name_file_line_and_reason_and_write_nothing(tmp_path, store, content, line, reason, hint):
+    src = tmp_path / "u.jsonl"
+    src.write_bytes(content)
+    with pytest.raises(IngestError) as info:
+        store.ingest_jsonl(src, email_scrub)
+    assert (info.value.line, info.value.reason) == (line, reason)
+    where = f"{src}:{line}" if line else f"{src}"
+    assert str(info.value).startswith(f"{where}: {reason}") and hint in str(info.value)
+    assert store.num_records() == 0 and not store.is_ingested()
+
+
+def test_file_and_line_size_caps(tmp_path, store, monkeypatch):
+    import client.jsonl
+    import client.store
+
+    src = write_jsonl(tmp_path / "u.jsonl", GOOD)
+    monkeypatch.setattr(client.store, "MAX_FILE_BYTES", 100)
+    with pytest.raises(IngestError, match=r"u\.jsonl: file_too_large \(a user file is at most"):
+        store.ingest_jsonl(src, email_scrub)
+    monkeypatch.undo()
+    monkeypatch.setattr(client.jsonl, "MAX_LINE_BYTES", 100)
+    with pytest.raises(IngestError, match=r"u\.jsonl:1: line_too_long"):
+        store.ingest_jsonl(src, email_scrub)
+    assert store.num_records() == 0
+
+
+def test_the_default_caps_let_a_50_mb_file_through():
+    from client.jsonl import MAX_LINE_BYTES, MAX_TEXT_CHARS
+
+    from client.store import MAX_FILE_BYTES
+    assert MAX_FILE_BYTES >= 50 * 1000 * 1000 and MAX_LINE_BYTES > 2 * 6 * MAX_TEXT_CHARS + 1000
+
+
+def test_over_long_texts_are_quarantined_and_the_rest_is_used(tmp_path, store):
+    recs = GOOD + [
+        {"type": "document", "id": "d0010", "text": "x" * 20_001},
+        {"type": "attribute", "key": "bio", "value": "y" * 1_001},
+        {"type": "task", "id": "t0010", "split": "train", "input": "ok", "output": "z" * 20_001},
+    ]
+    counts = store.ingest_jsonl(write_jsonl(tmp_path / "u.jsonl", recs), email_scrub)
+    assert counts["quarantined"] == 3 and counts["document"] == 2 and counts["attribute"] == 1
+    assert store.quarantined() == [("line 10", "too_long:text"), ("line 11", "too_long:value"),
+                                   ("line 12", "too_long:output")]
+    assert store.num_records() == 8 and store.attributes() == {"city": "Lisbon"}
+
+
+def test_attribute_values_are_scrubbed(tmp_path, store):
+    recs = [{"type": "attribute", "key": "contact", "value": f"write to {SECRET}"},
+            {"type": "attribute", "key": "broken", "value": "QUARANTINE_ME"}]
+    store.ingest_jsonl(write_jsonl(tmp_path / "u.jsonl", recs), email_scrub)
+    assert store.attributes() == {"contact": "write to <EMAIL_ADDRESS>"}
+    assert store.quarantined() == [("line 2", "analyzer_failed")]
