@@ -96,7 +96,8 @@ def validate_folder(folder: Path) -> list[dict]:
     return [{"user_id": p.stem, "file": str(p.relative_to(folder))} for p in files]
 
 
-def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Path | None = None, data: Path | None = None) -> dict:
+def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Path | None = None, data: Path | None = None,
+            audit_seed: int | None = None) -> dict:
     """Validate the config (and a user data folder, if given), write every device's policy; returns the harness config.
 
     Without ``data`` (or a ``data-dir`` override) the embedded persona dataset
@@ -104,6 +105,10 @@ def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Pa
     first, one device per file, and nothing is generated; ``num-supernodes``
     becomes the number of users. Validation happens before anything is
     written: a bad value or a bad file leaves no run folder behind.
+
+    ``audit_seed`` fixes the audit canaries' phrases and inclusion coins (a
+    reproducible test run); by default they come from OS entropy, so no one who
+    reads the run config can know them.
     """
     overrides = dict(overrides or {})
     data = Path(data) if data is not None else (Path(str(overrides.pop("data-dir"))) if "data-dir" in overrides else None)
@@ -122,6 +127,7 @@ def prepare(profile: str = "default", overrides: dict | None = None, run_dir: Pa
             seed=cfg.seed,
             holdout_users=cfg.data.holdout_users,
             audit_canaries=cfg.data.audit_canaries,  # their inclusion coins: OS entropy, kept in the manifest only
+            audit_seed=audit_seed,
         )
         participants = [u for u in generate_dataset(data_dir, spec)["users"] if not u.get("holdout")]
     else:

@@ -92,7 +92,8 @@ def test_a_simulation_killed_after_a_round_resumes_to_the_same_result(tmp_path):
     from server import strategy as strategy_mod
     from simulations.run import prepare, simulate
 
-    overrides = {"num-supernodes": 3, "num-server-rounds": 3, "secagg": False, "dp": False, "persona-slots": 0, "scrub-mode": "patterns"}
+    # No audit canaries: their inclusion coins come from OS entropy, so two generated data folders would differ.
+    overrides = {"num-supernodes": 3, "num-server-rounds": 3, "secagg": False, "dp": False, "persona-slots": 0, "scrub-mode": "patterns", "audit-canaries": 0}
     simulate(prepare("quick", overrides, tmp_path / "whole"))
     harness = prepare("quick", overrides, tmp_path / "killed")
 

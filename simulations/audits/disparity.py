@@ -38,13 +38,36 @@ def disparity_audit(view) -> dict:
         return skipped("no device evaluated")
     served = [r["nll_served"] for r in rows]
     names = personas(view)
-    return {
+    out = {
         "metric": "served NLL per target token (lower is better)",
         "overall": disparity(served, higher_is_better=False),
         "share_personal_worse_than_global": share_worse([r["nll_personal"] for r in rows], [r["nll_global"] for r in rows], False),
         "by_persona": group_table(served, [names[r["user_id"]] for r in rows], higher_is_better=False) if names else skipped(NO_PERSONAS),
         "by_routing_group": group_table(served, [r["routing_group"] for r in rows], higher_is_better=False),
     }
+    groups = user_groups(view)
+    labelled = all("accuracy_served" in r for r in rows)
+    if labelled:
+        # Classification by scoring the label options: accuracy and macro-F1 per user, higher is better.
+        for metric in ("accuracy", "macro_f1"):
+            values = [r[f"{metric}_served"] for r in rows]
+            out[f"{metric}_overall"] = disparity(values, higher_is_better=True)
+    for key, of_user in groups.items():
+        members = [r for r in rows if r["user_id"] in of_user]
+        labels = [of_user[r["user_id"]] for r in members]
+        out[f"by_{key}"] = group_table([r["nll_served"] for r in members], labels, higher_is_better=False)
+        if labelled:
+            out[f"accuracy_by_{key}"] = group_table([r["accuracy_served"] for r in members], labels, higher_is_better=True)
+    return out
+
+
+def user_groups(view) -> dict[str, dict[str, str]]:
+    """Attributes the data's manifest records per user (e.g. an annotator's gender): key -> user id -> group."""
+    out: dict[str, dict[str, str]] = {}
+    for u in view.participants:
+        for key, value in (u.get("groups") or {}).items():
+            out.setdefault(key, {})[u["user_id"]] = value
+    return out
 
 
 @register
@@ -80,6 +103,15 @@ class UtilityDisparity(Audit):
         else:
             tables.append(("By persona", GROUP_HEADER, group_rows(result["by_persona"])))
         tables.append(("By routing group", GROUP_HEADER, group_rows(result["by_routing_group"])))
+        for metric in ("accuracy", "macro_f1"):
+            if f"{metric}_overall" in result:
+                m = result[f"{metric}_overall"]
+                tables.append((f"Served {metric.replace('_', '-')} over users (higher is better)", ["users", "mean", "std", "worst", "p10", "worst/mean"],
+                               [[m["n"], round(m["mean"], 4), round(m["std"], 4), round(m["worst"], 4), round(m["p10"], 4), round(m["worst_to_mean"], 4)]]))
+        for key in sorted(k[3:] for k in result if k.startswith("by_") and k not in ("by_persona", "by_routing_group")):
+            tables.append((f"Served NLL by {key}", GROUP_HEADER, group_rows(result[f"by_{key}"])))
+            if f"accuracy_by_{key}" in result:
+                tables.append((f"Served accuracy by {key}", GROUP_HEADER, group_rows(result[f"accuracy_by_{key}"])))
         users = evaluated(ctx.view)
         chart = bar_chart([u["user_index"] for u in users], [u["nll_served"] for u in users], title="served NLL per user", ylabel="NLL / token", reference_line=o["mean"], reference_label="mean")
         return Section(self.section_id, self.title, self.method, tables, [Plot("served NLL per user", chart)], note=note)

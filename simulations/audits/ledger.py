@@ -206,7 +206,14 @@ def _round_checks(rows: list[dict], server_rows: list[dict]) -> list[dict]:
     out = []
     for srow in server_rows:
         trained = sum(srow["round"] in r.get("rounds_joined", r["rounds_trained"]) for r in rows)
-        out.append({"round": srow["round"], "contributions": srow["contributors"], "devices_trained": trained, "agrees": trained == srow["contributors"]})
+        # A device charges its accountant when it trains, before the server sees
+        # anything, so updates the round then lost (an aborted secure sum, a
+        # rejected or failed reply) leave devices charged for nothing: safe. The
+        # dangerous direction, a contribution no device was charged for, never is.
+        lost = srow.get("failed", 0) + srow.get("rejected", 0) + int(srow.get("privacy", {}).get("secure-sum", {}).get("aborted", 0.0) > 0)
+        agrees = trained == srow["contributors"] or (lost > 0 and trained > srow["contributors"])
+        out.append({"round": srow["round"], "contributions": srow["contributors"], "devices_trained": trained,
+                    "charged_not_aggregated": max(0, trained - srow["contributors"]), "agrees": agrees})
     return out
 
 
@@ -268,7 +275,7 @@ class EpsilonLedger(Audit):
         "client.train.sample_rate(config, number of train records in the device's store), local-steps steps per "
         "round, and the rounds it trained from its own diagnostics, cross-checked against the server's log (no "
         "round the server did not run; in every round, as many devices trained as the server counted "
-        "contributions). That history must equal the one the device's Opacus accountant kept, entry by entry. "
+        "contributions, or more where the round lost updates: an aborted secure sum, a rejected or failed reply). That history must equal the one the device's Opacus accountant kept, entry by entry. "
         "Epsilon of the expected history is then recomputed with Google's dp-accounting, RDP (the analysis "
         f"Opacus uses: the reported epsilon must agree within {LEDGER_TOLERANCE:.0%}) and PLD (tight up to "
         f"discretisation: it must not exceed RDP by more than {PLD_SLACK:.0%}, and the reported epsilon must not "
