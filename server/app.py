@@ -48,8 +48,9 @@ def main(grid: Grid, context: Context) -> None:
     if connected < cfg.federation.num_supernodes:
         # The strategy waits for every node. Flower's local simulation has 2 unless told otherwise.
         log.warning(
-            "num-supernodes=%d but %d node(s) connected; waiting for the rest. On Flower's local simulation, set both sides: "
-            "flwr run . --federation-config num-supernodes=N --run-config num-supernodes=N",
+            "num-supernodes=%d but %d node(s) connected; waiting for the rest. On Flower's local simulation, size the "
+            "federation to match: flwr federation simulation-config @none/default local --num-supernodes N (once), "
+            "or flwr run . --federation-config num-supernodes=N --run-config num-supernodes=N",
             cfg.federation.num_supernodes, connected,
         )
     strategy = TieredFedAvg(cfg, codec, pipeline, num_rounds)

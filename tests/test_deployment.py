@@ -82,6 +82,7 @@ def test_every_flag_we_pass_is_in_the_pinned_flowers_help(tmp_path):
         "flower-supernode": _flags(flower.supernode_command("127.0.0.1:9000", tmp_path / "k", {"policy-file": "/p.toml"}, certs.ca, port=9094)),
         "flwr run": _flags(flower.run_command(ROOT, "c", {"model": "tiny-random"}, {"num-supernodes": 2}, stream=True)),
         "flwr supernode register": _flags(flower.register_command(tmp_path / "k.pub", "c")),
+        "flwr federation simulation-config": _flags(flower.simulation_size_command(3)),
     }
     expected = {
         "flower-superlink": {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--host", "--port",
@@ -89,6 +90,7 @@ def test_every_flag_we_pass_is_in_the_pinned_flowers_help(tmp_path):
         "flower-supernode": {"--superlink", "--root-certificates", "--auth-supernode-private-key", "--node-config", "--port"},
         "flwr run": {"--run-config", "--federation-config", "--stream"},
         "flwr supernode register": {"--format"},
+        "flwr federation simulation-config": {"--num-supernodes"},
     }
     assert ours == expected  # the flag set is pinned: a new flag must be checked here too
     for program, flags in ours.items():
@@ -99,7 +101,7 @@ def test_every_flag_we_pass_is_in_the_pinned_flowers_help(tmp_path):
         assert deprecated == [], f"{program}: deprecated flags passed: {deprecated}"
         if program == "flower-superlink":
             assert "--insecure" in listed and "--auth-list-public-keys" not in flags
-        if program in ("flwr run", "flwr supernode register"):
+        if program in ("flwr run", "flwr supernode register", "flwr federation simulation-config"):
             # The positional argument is a SuperLink connection, not a federation.
             assert "[SUPERLINK]" in page
 
@@ -348,7 +350,7 @@ def test_loopback_deployment_tls_node_auth_and_the_wire(tmp_path):
 
 @pytest.mark.slow
 def test_plain_flwr_run_on_flowers_local_simulation(tmp_path):
-    """The README's `flwr run .`: the node count set on both sides, Flower's own local SuperLink.
+    """The README's `flwr run .`: Flower's local simulation sized once, then a run with no connection and no node count.
 
     Run in a copy of the app, so the run config's relative defaults (``data-dir =
     data/default``, ``run-dir = runs/flwr-run``) resolve as they do for a user.
@@ -369,28 +371,35 @@ def test_plain_flwr_run_on_flowers_local_simulation(tmp_path):
     env = flower.flower_env({"FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                              "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                              "FEDPERSONA_CACHE": str(tmp_path / "cache")})
+    # Only the model's size: the node count comes from the federation (3 here, 20 in the README).
     run_config = {"num-supernodes": 3, "persona-slots": 2, "persona-min-size": 1, "model": "tiny-random", "num-server-rounds": 1,
                   "local-steps": 1, "batch-size": 4, "max-len": 32}
     started = time.monotonic()
     try:
-        job = subprocess.run(flower.run_command(Path("."), None, run_config, {"num-supernodes": 3}), cwd=app, env=env,
+        sized = subprocess.run(flower.simulation_size_command(3), cwd=app, env=env, capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+        assert sized.returncode == 0, sized.stdout + sized.stderr
+        job = subprocess.run(flower.run_command(Path("."), None, run_config), cwd=app, env=env,
                              capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
     finally:
-        # `flwr run .` leaves its local SuperLink running, detached: stop it (and its helpers) by PID.
+        # flwr starts its local SuperLink detached and leaves it running: stop it (and its helpers) by PID.
         for pid in _pids_with_argument(str(home)):
             stop_pid(pid)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "(3 simulated SuperNodes)" in job.stdout + job.stderr
     report = json.loads((app / "runs" / "flwr-run" / "server.json").read_text())
     # A simulated node without a policy file takes the n-th user file of data-dir and keeps the
     # shipping floor (full scrubbing, DP, secure aggregation on by default): all three took part.
     assert (report["rounds"][0]["contributors"], report["rounds"][0]["refused"]) == (3, {})
-    print(f"\nFLWR-RUN local simulation, 3 nodes, 1 round, secure aggregation on: {time.monotonic() - started:.1f} s")
+    print(f"\nFLWR-RUN local simulation sized to 3 nodes, 1 round, secure aggregation on: {time.monotonic() - started:.1f} s")
 
 
 def _pids_with_argument(value: str) -> list[int]:
     """PIDs of processes whose command line holds ``value`` (a path only this test made)."""
     out = []
     for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
         try:
             if value in proc.joinpath("cmdline").read_bytes().decode(errors="replace"):
                 out.append(int(proc.name))

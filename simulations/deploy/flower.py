@@ -15,6 +15,8 @@ deprecates one. What Flower 1.41 does and does not take:
   (the CA that signed the SuperLink's certificate; without it the system store
   is used), ``--auth-supernode-private-key`` and ``--node-config``. Its own
   ``--port`` is the local API its ClientApp process talks to.
+* ``flwr federation simulation-config @none/default local --num-supernodes N``:
+  the node count of Flower's local simulation (2 unless set), kept in its state.
 * ``flwr run APP CONNECTION`` and ``flwr supernode register KEY CONNECTION``:
   ``CONNECTION`` names a ``[superlink.NAME]`` table of ``$FLWR_HOME/config.toml``
   (``address`` plus ``root-certificates`` or ``insecure``), not a federation.
@@ -148,6 +150,14 @@ def run_command(app: Path, connection: str | None = None, run_config: Mapping[st
     if stream:
         cmd.append("--stream")
     return cmd
+
+
+def simulation_size_command(num_supernodes: int) -> list[str]:
+    """Set the node count of Flower's local simulation once; it persists in the local SuperLink's state.
+
+    Plain ``flwr run .`` then starts that many virtual SuperNodes (Flower's default is 2).
+    """
+    return [flower_bin("flwr"), "federation", "simulation-config", "@none/default", "local", "--num-supernodes", str(num_supernodes)]
 
 
 # -- the connection profile ----------------------------------------------------------------
