@@ -36,31 +36,21 @@ NODE_DIR = "supernodes"
 VALID_DAYS = 365
 
 
+def _in_root(name: str) -> property:
+    return property(lambda self: self.root / name, doc=f"``ROOT/{name}``")
+
+
 @dataclass(frozen=True)
 class CertPaths:
     """Where one ``certs`` folder keeps each file."""
 
     root: Path
 
-    @property
-    def ca(self) -> Path:
-        return self.root / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.root / "ca.key"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.root / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        return self.root / "server.key"
-
-    @property
-    def node_dir(self) -> Path:
-        return self.root / NODE_DIR
+    ca = _in_root("ca.crt")
+    ca_key = _in_root("ca.key")
+    server_cert = _in_root("server.pem")
+    server_key = _in_root("server.key")
+    node_dir = _in_root(NODE_DIR)
 
     def node_keys(self) -> list[Path]:
         """Every SuperNode public key in the folder, in name order."""
