@@ -13,6 +13,7 @@ hadolint passes the Dockerfile and ``docker-compose config`` (or
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -134,5 +135,7 @@ def test_docker_compose_config_accepts_the_compose_file():
         cmd = ["docker", "compose", "-f", str(DOCKER / "compose.yml"), "config", "--quiet"]
     else:
         pytest.skip("no docker-compose and no `docker compose` plugin on PATH")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=DOCKER)
+    # docker-compose 1.x is a Python program of the system's: keep our venv's paths (Ray adds to PYTHONPATH) away from it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=DOCKER, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
