@@ -44,6 +44,15 @@ def main(grid: Grid, context: Context) -> None:
         log.warning("user-level budget allows %d of %d rounds; stopping there", num_rounds, planned)
     if num_rounds == 0:
         raise RuntimeError("the user-level privacy budget does not allow a single round")
+    connected = len(list(grid.get_node_ids()))
+    if connected < cfg.federation.num_supernodes:
+        # The strategy waits for every node. Flower's local simulation has 2 unless told otherwise.
+        log.warning(
+            "num-supernodes=%d but %d node(s) connected; waiting for the rest. On Flower's local simulation, size the "
+            "federation to match: flwr federation simulation-config @none/default local --num-supernodes N (once), "
+            "or flwr run . --federation-config num-supernodes=N --run-config num-supernodes=N",
+            cfg.federation.num_supernodes, connected,
+        )
     strategy = TieredFedAvg(cfg, codec, pipeline, num_rounds)
     run_dir = Path(cfg.output.run_dir)
     start_round = 1

@@ -254,6 +254,77 @@ def pii_eval(
     console.print(pe.render_markdown(result))
 
 
+@app.command()
+def certs(
+    out: Path = typer.Argument(..., help="Folder for ca.crt, server.pem/server.key and supernodes/node-N.key/.pub."),
+    host: list[str] = typer.Option([], "--host", help="A host name or IP address the SuperNodes reach the SuperLink at (a SAN; repeatable). 127.0.0.1 and localhost are always in."),
+    nodes: int = typer.Option(3, min=0, help="SuperNode key pairs to make (EC P-384, OpenSSH format)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing CA (every SuperNode must then get the new ca.crt)."),
+) -> None:
+    """Make a CA, the SuperLink's TLS certificate and key, and one authentication key pair per SuperNode."""
+    from simulations.deploy.certs import make_certs
+
+    try:
+        paths = make_certs(out, host, nodes, force=force)
+    except (FileExistsError, ValueError) as err:
+        console.print(f"error: {err}", style="red", markup=False)
+        raise typer.Exit(code=2) from None
+    console.print(f"wrote {paths.ca}, {paths.server_cert} and {nodes} SuperNode key pair(s) under {paths.node_dir}; private keys are 0600", markup=False)
+
+
+def _deploy_errors():
+    """The deployment commands' own errors, printed without a traceback (exit code 2)."""
+    from client.policy import PolicyError
+    from simulations.deploy.flower import RegistrationError
+    from simulations.deploy.serve import StartupError
+
+    return (StartupError, RegistrationError, PolicyError, FileNotFoundError, ValueError)
+
+
+@app.command()
+def serve(
+    certs_dir: Path = typer.Option(..., "--certs", help="The folder `fedpersona certs` wrote."),
+    host: str = typer.Option("127.0.0.1", help="Address the SuperLink binds (0.0.0.0 for SuperNodes on other machines)."),
+    port: int = typer.Option(8000, help="The SuperLink's HTTPS port (Fleet, Control and Runtime APIs share it)."),
+    register: list[Path] = typer.Option([], "--register", help="A SuperNode public key to register (repeatable); default: every key in CERTS/supernodes/."),
+    connection: str = typer.Option("fedpersona", help="Name of the SuperLink connection written to $FLWR_HOME/config.toml (for `flwr run . NAME`)."),
+    database: Path = typer.Option(None, help="SuperLink state file (registered nodes, runs); default: in memory."),
+    ready_timeout: float = typer.Option(60.0, help="Seconds to wait for the SuperLink to answer."),
+    ready_file: Path = typer.Option(None, help="A file created once the keys are registered (a container health check)."),
+) -> None:
+    """Start flower-superlink with TLS and SuperNode authentication, and register the SuperNodes' public keys."""
+    from simulations.deploy.serve import serve as run_serve
+
+    try:
+        code = run_serve(certs_dir, host, port, list(register), connection, database, ready_timeout, ready_file,
+                         say=lambda line: console.print(line, markup=False, soft_wrap=True))
+    except _deploy_errors() as err:
+        console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def edge(
+    policy: Path = typer.Option(..., "--policy", help="The device owner's policy file (TOML or JSON; see the README's device policy)."),
+    data: Path = typer.Option(None, "--data", help="The device's user JSONL; must be the policy's user-file (default: that file)."),
+    certs_dir: Path = typer.Option(..., "--certs", help="A folder with ca.crt, the CA that signed the SuperLink's certificate."),
+    key: Path = typer.Option(..., "--key", help="This SuperNode's private key (supernodes/node-N.key); its .pub must be registered."),
+    superlink: str = typer.Option("127.0.0.1:8000", help="The SuperLink as host:port (a name or IP in its certificate)."),
+    port: int = typer.Option(None, help="Local port of the SuperNode's ClientApp API (Flower's default 9094; one per SuperNode on a machine)."),
+    store: Path = typer.Option(None, help="The device store, if the policy names no store-path (default: next to the data)."),
+) -> None:
+    """Start flower-supernode for one device: TLS, node authentication and the owner's policy file."""
+    from simulations.deploy.edge import edge as run_edge
+
+    try:
+        code = run_edge(data, policy, certs_dir, key, superlink, port, store)
+    except _deploy_errors() as err:
+        console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
+
+
 def main() -> None:  # console-script entry point
     app()
 

@@ -16,7 +16,8 @@ from simulations.audits.base import Audit, AuditContext, register, skipped
 from simulations.audits.report_html import Section
 
 
-def _needles(values: list[str], tokenizer) -> list[bytes]:
+def needles(values: list[str], tokenizer) -> list[bytes]:
+    """Byte patterns of each value: UTF-8, UTF-16 LE/BE and, given a tokenizer, its token ids as int32 and int64."""
     out = []
     for value in values:
         out.append(value.encode("utf-8"))
@@ -73,8 +74,8 @@ def wire_audit(view, tokenizer=None) -> dict:
         return skipped(reason)
     planted = view.planted_values()
     messages = sorted(view.wire_dir.glob("*.bin"))
-    needles = sorted(set(_needles(planted, tokenizer)))
-    finder = NeedleFinder(needles)
+    patterns = sorted(set(needles(planted, tokenizer)))
+    finder = NeedleFinder(patterns)
     hits, scanned = 0, 0
     for path in messages:
         blob = path.read_bytes()
@@ -84,7 +85,7 @@ def wire_audit(view, tokenizer=None) -> dict:
         "messages": len(messages),
         "bytes_scanned": scanned,
         "planted_values": len(planted),
-        "patterns": len(needles),
+        "patterns": len(patterns),
         "encodings": ["utf-8", "utf-16-le", "utf-16-be"] + (["token-ids int32", "token-ids int64"] if tokenizer else []),
         "hits": hits,
     }
