@@ -258,4 +258,7 @@ def write_full_report(run_dir: Path, harness: dict, wall_s: float) -> dict:
     report = build_full_report(run_dir, harness, wall_s)
     (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (Path(run_dir) / "report.md").write_text(render_markdown(report))
+    from simulations.instruments import write_instruments
+
+    write_instruments(run_dir, report["training"])
     return report

@@ -95,7 +95,7 @@ def figure_to_png(figure: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def _new_figure(width: float = 6.4, height: float = 3.6) -> Figure:
+def new_figure(width: float = 6.4, height: float = 3.6) -> Figure:
     # A bare Figure, not pyplot.figure(): pyplot keeps every figure alive in a
     # global registry until closed, which leaks memory in a long simulation.
     figure = Figure(figsize=(width, height))
@@ -120,7 +120,7 @@ def bar_chart(
     """
     if len(labels) != len(values):
         raise ValueError(f"{len(labels)} labels but {len(values)} values")
-    figure = _new_figure(width=max(4.0, min(12.0, 0.45 * len(labels) + 2)))
+    figure = new_figure(width=max(4.0, min(12.0, 0.45 * len(labels) + 2)))
     axes = figure.add_subplot()
     positions = range(len(values))
     axes.bar(positions, values, yerr=errors, color="#4878a8", capsize=3 if errors is not None else 0)
@@ -155,7 +155,7 @@ def line_chart(
     """
     if not series:
         raise ValueError("line_chart needs at least one series")
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     for name, (xs, ys) in series.items():
         if len(xs) != len(ys):
