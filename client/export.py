@@ -146,6 +146,9 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
             **(extra or {}),
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+        # peft's model-card template says nothing about this folder; say what it is instead.
+        (tmp / PROMPT_DIR / "README.md").unlink(missing_ok=True)
+        (tmp / "README.md").write_text(_readme(meta))
         for path in tmp.rglob("*"):
             os.chmod(path, 0o700 if path.is_dir() else 0o600)
         if out.exists():
@@ -155,6 +158,29 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _readme(meta: dict) -> str:
+    tiers = " + ".join(meta["tiers"])
+    lines = [
+        "# fedpersona export",
+        "",
+        f"The model a fedpersona device serves its owner: the {tiers} LoRA tiers merged exactly into one peft LoRA "
+        f"adapter of rank {meta['lora']['rank']} (this folder)"
+        + (f", and the soft prompt ({meta['prompt_tokens']} virtual tokens) as a peft prompt-tuning adapter in `prompt/`." if meta["soft_prompt"] else "."),
+        "",
+        f"Base model: `{meta['base_model']}`: {meta['base_model_note']}.",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base, OUT)",
+    ]
+    if meta["soft_prompt"]:
+        lines.append('model = PeftModel.from_pretrained(model.merge_and_unload(), OUT / "prompt")')
+    lines += ["```", "", "Inputs are plain text: the prompt followed by a newline (no chat template).",
+              "See `fedpersona-export.json` for the details. No user text is in this folder"
+              + ("; the user tier is, unencrypted: keep it on the device." if meta["contains_private_tier"] else "."), ""]
+    return "\n".join(lines)
 
 
 def export_served(model: PersonalLM, stack: ServedStack, out: Path) -> dict:

@@ -331,6 +331,11 @@ class PersonalLM(nn.Module):
             if "lora_" in name or name.startswith(PROMPT_KEY):
                 p.requires_grad_(not self._frozen(name))
 
+    @property
+    def prompt_active(self) -> bool:
+        """Whether the soft prompt is in front of the input (it is whenever the user tier is active)."""
+        return self._prompt
+
     def _frozen(self, name: str) -> bool:
         return self.spec.lora_split == "ffa" and ".lora_A." in name
 
