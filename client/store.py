@@ -61,7 +61,7 @@ At rest
 SQLite in WAL mode.  Every record body (document text and timestamp, task
 input and output, attribute key and value, interaction, preference) and every
 ``state`` blob (user tier, optimizer, accountant, profile, choices,
-diagnostics, evaluation results) is sealed with AES-256-GCM, a random 96-bit
+diagnostics, evaluation results, the served model) is sealed with AES-256-GCM, a random 96-bit
 nonce per write and, as associated data, the table and the row's key, so
 rows cannot be swapped between rows or tables.  What stays in clear: keyed
 row ids, a task's split, line numbers, state key names, quarantine reason
