@@ -17,7 +17,10 @@ The folder ``OUT`` holds:
 rank ``R = sum_i r_i`` and ``lora_alpha = R`` (scaling 1), with
 ``A = [A_1; A_2; A_3]`` (stacked along the rank) and
 ``B = [s_1 B_1, s_2 B_2, s_3 B_3]``, so ``B A = sum_i s_i B_i A_i``: the
-same product, up to float rounding (the sums run in another order).
+same product, up to float rounding (the sums run in another order). Checked
+on SmolLM2 with the full stack: identical logits in float64; in float32 they
+differ by about 3e-3 (logits up to about 30; the device's own float32 model
+is 8e-4 from its float64 one), on the tiny test model by under 1e-5.
 
 **Why two adapters.** peft cannot hold a LoRA and a prompt-learning adapter
 in one ``PeftModel`` (adapters of different peft types do not combine), and
