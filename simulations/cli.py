@@ -298,7 +298,8 @@ def ask(
     """Generate on the device with the model it serves. The prompt is scrubbed with the device's scrubber first.
 
     Stores nothing: neither the prompt nor the answer is written to the store
-    or to any log, and errors never repeat them.
+    or to any log, and errors never repeat them. PROMPT - reads the prompt
+    from standard input, which keeps it out of the shell's history.
     """
     import sys
 

@@ -198,8 +198,8 @@ def test_ask_answers_with_the_served_model_and_stores_nothing(run, caplog):
     head, _, answer = result.output.partition("]\n")
     assert "global + persona + user + soft prompt" in head and "prompt scrubbed: 2 entities" in head
     assert answer.strip()  # some text (the tiny model's is gibberish)
-    sampled = _cli("ask", "--store", store, "--sample", "--seed", "1", "--temperature", "0.7", "--top-k", "20", PII_PROMPT)
-    assert sampled.exit_code == 0, sampled.output
+    sampled = _cli("ask", "--store", store, "--sample", "--seed", "1", "--temperature", "0.7", "--top-k", "20", "-", input=PII_PROMPT)
+    assert sampled.exit_code == 0 and "prompt scrubbed: 2 entities" in sampled.output, sampled.output  # the prompt from stdin
     refused = _cli("ask", "--store", store, PII_PROMPT * 400)  # over the scrubber's 20,000 characters
     assert refused.exit_code == 1 and "too_long" in refused.output
     # The prompt's PII is nowhere: not in the output, a log record, or anything on the device's disk.
