@@ -5,7 +5,8 @@ the server sent, choose this device's persona slot locally, swap in this
 user's private tier, run DP-SGD, keep the private tier on the device, and
 reply with the K-slot update after the privacy pipeline's device halves
 (clip, noise share, secure-sum masking). Evaluate: score the held-out split
-with each tier stack and keep the results on the device. Query: the
+with each tier stack and keep the results, and the stack this user is served
+(client/served.py), on the device. Query: the
 secure-aggregation stages.
 
 Two mods wrap every handler. The refusal mod turns any failure into a typed
@@ -29,6 +30,7 @@ from flwr.clientapp import ClientApp
 from client import device
 from client.persona import device_profile, pick_and_load
 from client.policy import PolicyError, Refused
+from client.served import keep_served
 from client.store import IngestError, StoreError
 from client.train import (
     calibrated_noise,
@@ -320,6 +322,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         scores[name], tokens = evaluate_nll(model, test, adapters)
     group = routing_group(len(train_pairs), cfg.routing.cold_start_below, cfg.routing.frequent_from)
     served = {COLD_START: "global", OCCASIONAL: "persona", FREQUENT: "personal"}[group]
+    # The stack this user is served, kept on the device (fedpersona export / ask read it).
+    keep_served(store, model, cfg, stacks[served], group, dev.server_round)
     labelled = [(i, o, opts) for i, o, opts in store.labelled_tasks("test") if opts]
     classification = None
     if labelled:

@@ -179,6 +179,23 @@ def open_store(cfg: RunConfig, policy: DevicePolicy, node_config: dict, progress
     return store
 
 
+def read_store(policy: DevicePolicy) -> DeviceStore:
+    """This device's existing store, opened outside a round to read it (``fedpersona export`` and ``ask``).
+
+    The store and its key file are found as :func:`open_store` finds them
+    (the policy's ``store-path``, else next to its user file; the policy's
+    ``key-file``, else next to the store), but nothing is ingested and no store
+    or key file is ever created.
+    """
+    if policy.store_path:
+        store_path = Path(policy.store_path)
+    elif policy.user_file:
+        store_path = Path(policy.user_file).with_suffix(".sqlite")
+    else:
+        raise DeviceDataMissing("no device store named (give --store, or a policy file with store-path)")
+    return DeviceStore.open_existing(store_path, key_file_for(policy, store_path))
+
+
 def swap_in_user(model: PersonalLM, store: DeviceStore) -> None:
     """Load this user's private tier, or the seeded initial values for a new user."""
     blob = store.get_state(USER_TIER)

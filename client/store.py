@@ -61,7 +61,7 @@ At rest
 SQLite in WAL mode.  Every record body (document text and timestamp, task
 input and output, attribute key and value, interaction, preference) and every
 ``state`` blob (user tier, optimizer, accountant, profile, choices,
-diagnostics, evaluation results) is sealed with AES-256-GCM, a random 96-bit
+diagnostics, evaluation results, the served model) is sealed with AES-256-GCM, a random 96-bit
 nonce per write and, as associated data, the table and the row's key, so
 rows cannot be swapped between rows or tables.  What stays in clear: keyed
 row ids, a task's split, line numbers, state key names, quarantine reason
@@ -344,6 +344,28 @@ class DeviceStore:
             os.chmod(self.path, 0o600)
         except OSError:
             pass
+
+    @classmethod
+    def open_existing(cls, path: Path, key_file: Path | None = None) -> "DeviceStore":
+        """A store that already exists, opened to read it outside a round.
+
+        Unlike the constructor this never creates anything: a missing file, a
+        file that is not a fedpersona store or a missing key file is a
+        :class:`StoreError` naming the path (the constructor would make a new
+        store, or a new schema in a stranger's SQLite file).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"{path}: no such device store")
+        try:
+            with closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as conn:
+                found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+                found = found is not None and conn.execute("SELECT 1 FROM meta WHERE key = 'key_check'").fetchone()
+        except sqlite3.DatabaseError:
+            found = None
+        if not found:
+            raise StoreError(f"{path}: not a fedpersona device store")
+        return cls(path, key_file)
 
     def _meta(self) -> dict[str, str] | None:
         with closing(sqlite3.connect(self.path)) as conn:

@@ -331,12 +331,17 @@ class PersonalLM(nn.Module):
             if "lora_" in name or name.startswith(PROMPT_KEY):
                 p.requires_grad_(not self._frozen(name))
 
+    @property
+    def prompt_active(self) -> bool:
+        """Whether the soft prompt is in front of the input (it is whenever the user tier is active)."""
+        return self._prompt
+
     def _frozen(self, name: str) -> bool:
         return self.spec.lora_split == "ffa" and ".lora_A." in name
 
     # -- forward -----------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits aligned with ``input_ids`` (soft-prompt positions stripped)."""
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Input embeddings with the soft prompt in front when it is active; (embeds, mask, prompt length)."""
         batch = input_ids.shape[0]
         embeds = self.peft.get_input_embeddings()(input_ids)
         n = 0
@@ -345,15 +350,34 @@ class PersonalLM(nn.Module):
             virtual = torch.arange(n, device=input_ids.device).expand(batch, n)
             embeds = torch.cat([self.user_embedding(virtual), embeds], dim=1)
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        return embeds, attention_mask, n
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits aligned with ``input_ids`` (soft-prompt positions stripped)."""
+        embeds, attention_mask, n = self._embed(input_ids, attention_mask)
         # Explicit per-row position ids: Opacus computes per-sample gradients and
         # broadcast (1, T) positions confuse some of its hooks.
-        positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(batch, -1)
-        if not self._adapters:
-            with self.peft.disable_adapter():
-                out = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
-        else:
+        positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        with self._adapters_on():
             out = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
         return out.logits[:, n:]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The new token ids after ``input_ids`` under the active adapters and soft prompt.
+
+        Hugging Face ``generate`` on the input embeddings (soft prompt first,
+        as in :meth:`forward`); ``kwargs`` are its generation options.
+        """
+        embeds, attention_mask, _ = self._embed(input_ids, attention_mask)
+        with self._adapters_on():
+            return self.peft.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    def _adapters_on(self):
+        """No adapter at all for the bare base model (peft needs at least one active adapter)."""
+        from contextlib import nullcontext
+
+        return self.peft.disable_adapter() if not self._adapters else nullcontext()
 
     # -- state -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -229,6 +229,102 @@ def ingest(
         console.print(f"  quarantined: {where}: {reason}", markup=False)
 
 
+def _served_model(store: Path | None, policy_file: Path | None):
+    """Open a device store as the device does (its key file, no ingestion, nothing written) and load the model it serves.
+
+    Returns (store, model, stack, policy or None). Every failure to find or open
+    them is printed (paths and reason codes only) and exits with code 2.
+    """
+    from client import device
+    from client.policy import DevicePolicy, PolicyError
+    from client.served import NoServedModel, load_served
+    from client.store import StoreError
+    from common.models import ModelNotAvailable
+
+    node = {key: str(value) for key, value in (("policy-file", policy_file), ("store-path", store)) if value}
+    try:
+        if not node:
+            raise typer.BadParameter("give --store STORE (or --policy-file FILE naming its store-path)", param_hint="--store")
+        policy = DevicePolicy.for_node(node)
+        opened = device.read_store(policy)
+        model, stack = load_served(opened)
+    except (StoreError, PolicyError, NoServedModel, ModelNotAvailable, device.DeviceDataMissing) as err:
+        console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    return opened, model, stack, policy if policy_file else None
+
+
+def _stack_name(stack) -> str:
+    return " + ".join(stack.adapters) + (" + soft prompt" if stack.prompt else "")
+
+
+@app.command("export")
+def export_cmd(
+    out: Path = typer.Argument(..., help="A new (or empty) folder for the peft adapters."),
+    store: Path = typer.Option(None, help="The device store (its key file: the policy's key-file, else STORE with the suffix .key)."),
+    policy_file: Path = typer.Option(None, help="The device's policy file (its store-path and key-file)."),
+) -> None:
+    """Write the model this device serves as standard peft adapters: the merged LoRA tiers in OUT, the soft prompt in OUT/prompt.
+
+    Load with PeftModel.from_pretrained(base, OUT); if OUT/prompt exists, then
+    PeftModel.from_pretrained(model.merge_and_unload(), OUT/prompt). OUT holds
+    your private tier unencrypted (owner-only files): keep it on the device.
+    """
+    from client.export import ExportError, export_served
+
+    _, model, stack, _ = _served_model(store, policy_file)
+    try:
+        meta = export_served(model, stack, out)
+    except (ExportError, OSError) as err:
+        console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    console.print(f"exported {_stack_name(stack)} ({meta['routing_group']} stack, round {meta['server_round']}) to {out}: "
+                  f"one LoRA adapter of rank {meta['lora']['rank']} (exact merge)"
+                  + (f", soft prompt in {out / 'prompt'}" if meta["soft_prompt"] else ""), markup=False, soft_wrap=True)
+
+
+@app.command()
+def ask(
+    prompt: str = typer.Argument(..., help="Your prompt, or - to read it from standard input (keeps it out of shell history)."),
+    store: Path = typer.Option(None, help="The device store (its key file: the policy's key-file, else STORE with the suffix .key)."),
+    policy_file: Path = typer.Option(None, help="The device's policy file (its store-path, key-file and scrubber floor)."),
+    max_new_tokens: int = typer.Option(64, min=1, max=2048, help="At most this many new tokens."),
+    sample: bool = typer.Option(False, "--sample/--greedy", help="Sample (with the options below) instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest token set of this probability (0 < p <= 1)."),
+    top_k: int = typer.Option(0, min=0, help="Sample among the k most likely tokens (0 = all)."),
+    seed: int = typer.Option(None, help="Seed for sampling (default: OS entropy)."),
+) -> None:
+    """Generate on the device with the model it serves. The prompt is scrubbed with the device's scrubber first.
+
+    Stores nothing: neither the prompt nor the answer is written to the store
+    or to any log, and errors never repeat them. PROMPT - reads the prompt
+    from standard input, which keeps it out of the shell's history.
+    """
+    import sys
+
+    from client.ask import GenerationOptions, PromptRefused, ask as run_ask
+
+    try:
+        options = GenerationOptions(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    opened, model, stack, policy = _served_model(store, policy_file)
+    try:
+        answer = run_ask(opened, model, stack, policy, prompt, options)
+    except PromptRefused as err:
+        console.print(f"error: {err}", style="red", markup=False)
+        raise typer.Exit(code=1) from None
+    except Exception as err:  # noqa: BLE001 - a third-party message may quote the prompt: its type only
+        console.print(f"error: generation failed ({type(err).__name__})", style="red", markup=False)
+        raise typer.Exit(code=1) from None
+    console.print(f"[{_stack_name(stack)}; prompt scrubbed: {answer.scrubbed_entities} entities; {answer.new_tokens} new tokens]",
+                  style="dim", markup=False, highlight=False, soft_wrap=True)
+    console.print(answer.text, markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command("pii-eval")
 def pii_eval(
     file: Path = typer.Argument(..., help="Presidio-evaluator JSON: full_text + spans."),
