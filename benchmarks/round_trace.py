@@ -2,8 +2,9 @@
 
 Runs a round of the default configuration in-process (the real ServerApp
 strategy, the real ClientApp with its mods, devices with their own policies,
-an in-process grid) and records every project source file whose code runs
-between the server configuring the round and the server applying the sum.
+the in-process grid of ``benchmarks/loopback.py``) and records every project
+source file whose code runs between the server configuring the round and the
+server applying the sum.
 The stores are opened once beforehand, so ingestion and scrubbing (first
 contact only) are not part of the round.
 
@@ -33,46 +34,22 @@ def _project_file(filename: str) -> str | None:
 
 
 def trace_round(secagg: bool = False, user_dp: bool = False) -> list[str]:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.app import ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
 
+    from benchmarks.loopback import LoopbackGrid, device_context, initial_arrays, strategy_for
     from client.app import app
-    from client.policy import write_policy
     from common.config import build_config
-    from common.kslot import KSlotCodec
-    from common.models import AdapterSpec, personal_model
-    from common.privacy import build_pipeline
-    from server.strategy import TieredFedAvg
     from simulations.personas import DatasetSpec, generate_dataset
-    from simulations.run import device_policy
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     cfg = build_config("quick", {"num-supernodes": 3, "scrub-mode": "patterns", "secagg": secagg, "user-dp": user_dp})
     with tempfile.TemporaryDirectory() as tmp:
         manifest = generate_dataset(Path(tmp) / "data", DatasetSpec(num_users=3, num_personas=3, seed=1))
-        contexts = {}
-        for i, user in enumerate(manifest["users"]):
-            policy = Path(tmp) / f"policy-{i}.json"
-            write_policy(policy, device_policy(cfg, Path(tmp) / "data" / user["file"], Path(tmp) / f"dev{i}.sqlite"))
-            contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config={"policy-file": str(policy)}, state=RecordDict(), run_config=cfg.flat())
-
-        class Grid:
-            def get_node_ids(self):
-                return list(contexts)
-
-            def send_and_receive(self, messages, timeout=None):
-                replies = []
-                for msg in messages:
-                    reply = app(msg, contexts[msg.metadata.dst_node_id])
-                    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-                    replies.append(reply)
-                return replies
-
-        model = personal_model(AdapterSpec.from_config(cfg))
-        codec = KSlotCodec({k: tuple(v.shape) for k, v in model.shared_params().items()}, cfg.persona.slots)
-        arrays = ArrayRecord({k: Array(v) for k, v in codec.initial_state(model.initial_shared_state(), cfg.persona.init_std, cfg.seed).items()})
-        strategy = TieredFedAvg(cfg, codec, build_pipeline(cfg, codec), num_rounds=2)
-        grid = Grid()
+        contexts = {100 + i: device_context(Path(tmp), 100 + i, Path(tmp) / "data" / user["file"], cfg) for i, user in enumerate(manifest["users"])}
+        arrays = initial_arrays(cfg)
+        strategy = strategy_for(cfg, num_rounds=2)
+        grid = LoopbackGrid(app, contexts)
         # Round 1 ingests every device's data (first contact); round 2 is the traced one.
         strategy.aggregate_train(1, grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid)))
         seen: set[str] = set()

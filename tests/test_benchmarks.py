@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HELPERS = {"secagg_driver"}  # imported by benchmarks and tests; not a benchmark itself
+HELPERS = {"secagg_driver", "loopback"}  # imported by benchmarks and tests; not benchmarks themselves
 SMOKE_TIMEOUT_S = 600  # a stuck run fails instead of hanging the suite
 
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_") and p.stem not in HELPERS)
