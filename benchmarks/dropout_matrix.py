@@ -33,7 +33,7 @@ devices drop in both modes). Each cell reports:
 
     python -m benchmarks.dropout_matrix            # 10 devices, both modes (the table in docs/results.md)
     python -m benchmarks.dropout_matrix --quick    # 5 devices, 1 local step, every cell (about a minute)
-    python -m benchmarks.dropout_matrix --smoke    # 5 devices, 1 local step: secure 0 % and 50 %, plain 50 %
+    python -m benchmarks.dropout_matrix --smoke    # 5 devices, 1 local step: secure at every fraction, plain 50 % (tests/test_dropout.py)
 
 Last line: ``RESULT dropout_matrix key=value ...``.
 """
@@ -57,7 +57,7 @@ from benchmarks._common import SMOKE_PROFILE, add_size_flags, result_line
 FRACTIONS = (0.0, 0.1, 0.3, 0.5)
 MODES = ("secure", "plain")
 CELLS = tuple((mode, fraction) for mode in MODES for fraction in FRACTIONS)
-SMOKE_CELLS = (("secure", 0.0), ("secure", 0.5), ("plain", 0.5))
+SMOKE_CELLS = tuple(("secure", f) for f in FRACTIONS) + (("plain", 0.5),)  # also tests/test_dropout.py's matrix
 WATCHED_LOGGERS = ("common.privacy.sums", "server.strategy")
 
 
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
     res["raised"] = sum(c["outcome"] == "raised" for c in rows)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(result_line("dropout_matrix", res))
-    return res
+    return {**res, "rows": rows}
 
 
 if __name__ == "__main__":

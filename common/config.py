@@ -207,7 +207,7 @@ class TrainConfig(_Section):
     max_epsilon: float = _opt("max-epsilon", 8.0, _non_negative)
     # record-level epsilon each device calibrates its noise to reach at the last planned round
     # (0 = use noise-multiplier as given); never above the cap
-    target_epsilon: float = _opt("target-epsilon", 0.0, _non_negative)
+    target_epsilon: float = _opt("target-epsilon", 8.0, _non_negative)
     # Opacus' accountant for record-level epsilon: rdp, or prv (tighter, same mechanism)
     accountant: str = _opt("accountant", "rdp", _one_of("rdp", "prv"))
     # which parts of the private tier train: its LoRA adapter and soft prompt, or the soft prompt only

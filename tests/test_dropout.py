@@ -25,16 +25,17 @@ import math
 
 import pytest
 
-from benchmarks.dropout_matrix import FRACTIONS, dropout_matrix
+from benchmarks.dropout_matrix import FRACTIONS, main
 
 N = 5
 
 
 @pytest.fixture(scope="module")
 def matrix():
-    cells = [("secure", f) for f in FRACTIONS] + [("plain", 0.5)]
-    rows = dropout_matrix(N, cells, overrides={"local-steps": 1})
-    return {(r["mode"], r["fraction"]): r for r in rows}
+    # The benchmark's own --smoke run (this is the suite's smoke of benchmarks/dropout_matrix.py).
+    result = main(["--smoke"])
+    assert result["devices"] == N and result["cells"] == len(FRACTIONS) + 1 and result["raised"] == 0
+    return {(r["mode"], r["fraction"]): r for r in result["rows"]}
 
 
 def test_nothing_raises_out_of_the_strategy(matrix):

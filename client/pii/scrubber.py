@@ -43,10 +43,11 @@ from client.store import ScrubOutcome
 logger = logging.getLogger(__name__)
 
 # Presidio's DEBUG records quote the text being analysed ("Context list is:
-# ..."): keep its loggers at INFO or above, whatever level the process logs at.
+# ..."), and its INFO records repeat per engine ("Fetching all recognizers"):
+# keep its loggers at WARNING or above, whatever level the process logs at.
 for _name in ("presidio-analyzer", "presidio-anonymizer"):
-    if logging.getLogger(_name).level < logging.INFO:  # NOTSET (0) would follow the root logger down to DEBUG
-        logging.getLogger(_name).setLevel(logging.INFO)
+    if logging.getLogger(_name).level < logging.WARNING:  # NOTSET (0) would follow the root logger down to DEBUG
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 MODES = ("full", "patterns")
 OPERATORS = ("tag", "pseudonym", "mask")
