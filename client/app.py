@@ -232,7 +232,12 @@ def _device_train_config(dev: device.Device, num_records: int):
     saved = device.get_json(dev.store, device.CALIBRATION, None)
     if saved is None:
         target = min(t.target_epsilon, t.max_epsilon) if t.max_epsilon > 0 else t.target_epsilon
-        z = calibrated_noise(replace(t, target_epsilon=target), num_records, dev.cfg.federation.num_server_rounds)
+        try:
+            z = calibrated_noise(replace(t, target_epsilon=target), num_records, dev.cfg.federation.num_server_rounds)
+        except ValueError:
+            # No noise reaches so small a target (RDP's orders floor epsilon near 0.2 at delta 1e-5):
+            # the device cannot train within its cap at all.
+            raise Refused(Reason.RECORD_BUDGET_SPENT) from None
         saved = {"noise_multiplier": max(z, dev.policy.min_noise_multiplier), "target_epsilon": target, "records": num_records}
         device.put_json(dev.store, device.CALIBRATION, saved)
     return replace(t, noise_multiplier=saved["noise_multiplier"])

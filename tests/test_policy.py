@@ -35,7 +35,8 @@ MATRIX = {
     "scrub-mode=off": ({"scrub-mode": "off"}, "run", Reason.SCRUB_BELOW_FLOOR),
     "scrub-mode=patterns below a full floor": ({"scrub-mode": "patterns"}, "run", Reason.SCRUB_BELOW_FLOOR),
     "dp=false": ({"dp": False}, "run", Reason.DP_REQUIRED),
-    "noise-multiplier=0": ({"noise-multiplier": 0.0}, "run", Reason.NOISE_BELOW_FLOOR),
+    # (With a target epsilon the device calibrates its own noise and ignores noise-multiplier.)
+    "noise-multiplier=0": ({"noise-multiplier": 0.0, "target-epsilon": 0.0}, "run", Reason.NOISE_BELOW_FLOOR),
     "max-grad-norm=100": ({"max-grad-norm": 100.0}, "run", Reason.CLIP_ABOVE_CEILING),
     "delta=0.1": ({"delta": 0.1}, "run", Reason.DELTA_ABOVE_CEILING),
     "secagg=false to a device that requires it": ({"secagg": False}, "run", Reason.SECAGG_REQUIRED),
@@ -52,7 +53,7 @@ MATRIX = {
 
 def _device(tmp_path, tiny_data, **policy):
     cfg = quick(secagg=False, scrub_mode="full")
-    floor = {"min_scrub_mode": "full", "require_secagg": True, "max_rounds": 1, **policy}
+    floor = {"min_scrub_mode": "full", "require_secagg": True, "max_rounds": 1, "min_noise_multiplier": 1.0, **policy}
     ctx = device_context(tmp_path, 7, user_files(tiny_data)[0], cfg, **floor)
     return cfg, ctx
 
@@ -88,8 +89,10 @@ def test_a_round_past_the_participation_budget_is_refused_with_state_unchanged(t
     assert _state(tmp_path / "device-7") == before
 
 
-def test_past_its_record_level_epsilon_cap_the_device_declines_to_train(tmp_path, tiny_data, task_identity):
+@pytest.mark.parametrize("target", [0.0, 8.0])  # noise as given (the round would pass the cap); calibrated (no noise reaches 0.1)
+def test_past_its_record_level_epsilon_cap_the_device_declines_to_train(target, tmp_path, tiny_data, task_identity):
     cfg, ctx = _device(tmp_path, tiny_data, require_secagg=False, max_rounds=0, max_epsilon=0.1)
+    ctx.run_config.update({"target-epsilon": target})
     reply = app(server_message(cfg, "train", 1), ctx)
     assert _reason(reply) == Reason.RECORD_BUDGET_SPENT
 
@@ -104,7 +107,7 @@ def test_the_server_may_tighten_the_floor(tmp_path, tiny_data, task_identity):
     """More noise, a smaller clip, a lower epsilon cap, a stricter scrub mode: all accepted and used."""
     from client import device
 
-    cfg = quick(secagg=False, scrub_mode="patterns")
+    cfg = quick(secagg=False, scrub_mode="patterns", target_epsilon=0.0)  # noise as given (a target would calibrate it)
     ctx = device_context(tmp_path, 8, user_files(tiny_data)[1], cfg)
     ctx.run_config.update({"scrub-mode": "full", "noise-multiplier": 2.0, "max-grad-norm": 0.5, "max-epsilon": 5.0})
     msg = server_message(cfg, "train")
