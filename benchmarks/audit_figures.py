@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     arms = [
         ("eps-inf", {"dp": False}),
         ("eps-inf-noscrub", {"dp": False, "scrub-mode": "off"}),
-        ("eps-8", {"noise-multiplier": sigma8}),
+        ("eps-8", {"noise-multiplier": sigma8, "target-epsilon": 0.0}),  # one sigma for all, as in issue 6
     ]
     if args.smoke:
         # The control arm runs the same code as eps-inf; eps-8 also covers the baseline comparison.

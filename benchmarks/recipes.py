@@ -6,11 +6,13 @@ accuracy and macro-F1 (higher is better); the largest record-level epsilon of
 any device; and the **share of the non-private gain retained**,
 ``(m_DP - m_base) / (m_nonDP - m_base)``.
 
-Recipes (each a set of ``--set`` overrides on top of the private baseline,
-which is DP-SGD with the run's defaults):
+Recipes (each a set of ``--set`` overrides on top of the run's defaults):
 
-* ``calibrated``: every device calibrates its noise to end at epsilon 8
-  (``target-epsilon``), instead of one noise multiplier for all;
+* ``private``: the defaults: DP-SGD, every device calibrating its noise to end
+  at epsilon 8 (``target-epsilon=8``, the default since issue 13);
+* ``sigma1``: the old private baseline, one noise multiplier (1.0) for every
+  device (``target-epsilon=0``), capped at epsilon 8;
+* ``calibrated``: as ``private``, spelled out;
 * ``sgd`` / ``adambc``: DP-SGD with momentum / Adam with DP bias correction;
 * ``batch``: a larger logical batch (fewer, less noisy steps at the same epsilon);
 * ``prompt``: the private tier trains its soft prompt only;
@@ -37,6 +39,7 @@ from pathlib import Path
 RECIPES: dict[str, dict] = {
     "nonprivate": {"dp": False},
     "private": {},
+    "sigma1": {"target-epsilon": 0.0},
     "calibrated": {"target-epsilon": 8.0},
     "sgd": {"target-epsilon": 8.0, "optimizer": "sgd", "lr": 0.5},
     "adambc": {"target-epsilon": 8.0, "optimizer": "adambc"},
