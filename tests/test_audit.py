@@ -119,7 +119,9 @@ def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
         assert row["history_matches"] and row["rounds_trained"] == [1, 2]
         sigma = row["expected"][0]["noise_multiplier"]
         assert row["expected"] == [{"noise_multiplier": sigma, "sample_rate": row["expected"][0]["sample_rate"], "steps": 4}]
-        assert 7.9 <= row["epsilon_rdp"] <= 8.0  # at the target, never above it
+        # At the target, never above it by the device's own (Opacus) accountant; dp-accounting's RDP may
+        # differ from it in the fourth decimal (the line below allows 5 %).
+        assert 7.9 <= row["epsilon_reported"] <= 8.0
         assert 0 < row["epsilon_pld"] <= row["epsilon_rdp"]  # PLD is the tighter accountant
         assert row["epsilon_reported"] == pytest.approx(row["epsilon_rdp"], rel=0.05)
     assert [(r["contributions"], r["devices_trained"]) for r in ledger["rounds"]] == [(3, 3), (3, 3)]
