@@ -90,20 +90,9 @@ def distributed_noise(z: float = 1.0, rounds: int = 3, delta: float = 1e-3, coll
 
 def _old_noise_for_epsilon(target: float, rounds: int, delta: float, population: int) -> float:
     """The calibration as it was before issue 12: the same bisection, rounded to *nearest*."""
-    from common.privacy.accounting import _event, make_user_accountant
+    from common.privacy.accounting import smallest_fitting_noise
 
-    def fits(z: float) -> bool:
-        acc = make_user_accountant(population, delta, None)
-        acc.compose(_event(z, population, population), count=rounds)
-        return acc.get_epsilon(delta) <= target
-
-    lo, hi = 0.05, 1.0
-    while not fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1e-3:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return round(hi, 3)
+    return round(smallest_fitting_noise(target, rounds, delta, population), 3)
 
 
 def calibration(rounds: int = 3, delta: float = 1e-3, population: int = 20) -> dict:

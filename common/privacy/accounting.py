@@ -74,6 +74,15 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, delta: float, populati
     a run configured with this z is never stopped early by its own budget.
     """
 
+    hi = smallest_fitting_noise(target_epsilon, rounds, delta, population)
+    # Round *up* to the grid: rounding to nearest could land just below the
+    # smallest noise that fits and overshoot the target.
+    return math.ceil(hi * 1000 - 1e-9) / 1000
+
+
+def smallest_fitting_noise(target_epsilon: float, rounds: int, delta: float, population: int) -> float:
+    """Bisection to within 1e-3 for the smallest z whose ``rounds`` releases fit ``target_epsilon`` (unrounded: the upper end)."""
+
     def fits(z: float) -> bool:
         acc = make_user_accountant(population, delta, None)
         acc.compose(_event(z, population, population), count=rounds)
@@ -87,9 +96,7 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, delta: float, populati
     while hi - lo > 1e-3:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    # Round *up* to the grid: rounding to nearest could land just below the
-    # smallest noise that fits and overshoot the target.
-    return math.ceil(hi * 1000 - 1e-9) / 1000
+    return hi
 
 
 class Accounting(Step):
