@@ -52,7 +52,7 @@ def _time_steps(step, n: int) -> list[float]:
 def main(argv=None) -> dict:
     from opacus import PrivacyEngine
 
-    from client.train import _grad_sample_module, _trainable, make_optimizer, per_sample_nll
+    from client.train import _grad_sample_module, _trainable, make_optimizer
     from common.config import build_config
     from common.models import AdapterSpec, personal_model
 
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     def make_step(net, opt):
         def step():
             opt.zero_grad(set_to_none=True)
-            s, c = per_sample_nll(net(ids, mask), labels)
+            s, c = net(ids, mask, labels)
             (s / c.clamp(min=1)).mean().backward()
             opt.step()
 

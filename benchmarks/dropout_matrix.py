@@ -104,7 +104,7 @@ def _watch(released: dict, applied: list):
 def _steps_charged(contexts: dict, folder: Path) -> dict[int, int]:
     """DP-SGD steps on each device's own record-level accountant so far."""
     from client import device
-    from client.train import accountant_history
+    from client.accounting import accountant_history
 
     out = {}
     for nid in contexts:

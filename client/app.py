@@ -32,16 +32,8 @@ from client.persona import device_profile, pick_and_load
 from client.policy import PolicyError, Refused
 from client.served import keep_served
 from client.store import IngestError, StoreError
-from client.train import (
-    calibrated_noise,
-    classification_scores,
-    encode_pairs,
-    epsilon_from_history,
-    evaluate_nll,
-    option_predictions,
-    train_local,
-    would_exceed,
-)
+from client.accounting import calibrated_noise, epsilon_from_history, would_exceed
+from client.train import classification_scores, encode_pairs, evaluate_nll, option_predictions, train_local
 from common.config import ConfigError, RunConfig
 from common.kslot import KSlotCodec
 from common.models import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, AdapterSpec, ModelNotAvailable, personal_model, routing_group, tier_of

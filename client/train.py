@@ -10,7 +10,6 @@ across rounds (in the device store), never reset.
 from __future__ import annotations
 
 import io
-import json
 import math
 import secrets
 import warnings
@@ -18,14 +17,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import accounting
 from common.config import TrainConfig
-from common.models import PROMPT_KEY, USER, PersonalLM, tier_of
+from common.models import IGNORE, PROMPT_KEY, USER, PersonalLM, tier_of
 
-IGNORE = -100
 
 
 # --------------------------------------------------------------------------- #
@@ -68,16 +66,6 @@ def trim_batch(input_ids, attention, labels):
     """
     width = max(int(attention.sum(1).max()), 1)
     return input_ids[:, :width], attention[:, :width], labels[:, :width]
-
-
-def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (sum of token NLL, number of target tokens), next-token shifted."""
-    logits = logits[:, :-1]
-    labels = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none")
-    nll = nll.view(labels.shape)
-    mask = labels != IGNORE
-    return (nll * mask).sum(1), mask.sum(1)
 
 
 # --------------------------------------------------------------------------- #
@@ -153,21 +141,6 @@ def make_optimizer(params, cfg: TrainConfig, noise_variance: float = 0.0) -> tor
     if cfg.optimizer == "adambc":
         return DPAdamBC(params, lr=cfg.lr, noise_variance=noise_variance)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-
-
-def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) -> float:
-    """The noise multiplier that ends this device's planned rounds at its target epsilon (never above it).
-
-    Each device calibrates from its own record count, batch and planned
-    rounds, so a data-rich device needs less noise and a cold-start one (whose
-    batch holds every record, q = 1) more, and every one ends at the target.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(
-        target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=sample_rate(cfg, num_records),
-        steps=max(1, planned_rounds) * cfg.local_steps, accountant=cfg.accountant, epsilon_tolerance=0.01,
-    ))
 
 
 class _Instruments:
@@ -293,8 +266,9 @@ def train_local(
     if cfg.dp:
         gsm.enable_hooks()
         engine = PrivacyEngine(accountant=cfg.accountant)
+        engine.accountant = accounting.new_accountant(cfg.accountant)
         if accountant_state:
-            engine.accountant.load_state_dict(_load_accountant_state(accountant_state))
+            engine.accountant.load_state_dict(accounting.load_state(accountant_state))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure RNG; see README threat model
             net, optimizer, loader = engine.make_private(
@@ -314,7 +288,7 @@ def train_local(
         gsm.disable_hooks()
         net = model
 
-    assert engine is None or abs(rate - sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
+    assert engine is None or abs(rate - accounting.sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
     instruments = _Instruments(params, cfg, batch_size) if cfg.dp else None
     # A logical batch larger than memory allows is split into physical batches:
     # under DP by Opacus' BatchMemoryManager (clipping per sample, noise once per
@@ -349,7 +323,7 @@ def train_local(
 
     if cfg.dp:
         gsm.disable_hooks()
-        history = _dump_accountant_state(engine.accountant)
+        history = accounting.dump_state(engine.accountant)
         epsilon = engine.accountant.get_epsilon(delta=cfg.delta)
         raw_opt = optimizer.original_optimizer
     else:
@@ -378,7 +352,7 @@ def _backward(net, input_ids, attention, labels, chunk: int | None) -> float:
     total = 0.0
     for start in range(0, n, chunk or n):
         sl = slice(start, start + (chunk or n))
-        nll_sum, count = per_sample_nll(net(input_ids[sl], attention[sl]), labels[sl])
+        nll_sum, count = net(input_ids[sl], attention[sl], labels[sl])
         loss = (nll_sum / count.clamp(min=1)).sum() / n
         loss.backward()
         total += loss.item()
@@ -387,52 +361,6 @@ def _backward(net, input_ids, attention, labels, chunk: int | None) -> float:
 
 def _os_seeded_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
-
-
-def _dump_accountant_state(accountant) -> str:
-    state = accountant.state_dict()
-    return json.dumps({"history": [list(h) for h in state["history"]], "mechanism": state["mechanism"]})
-
-
-def _load_accountant_state(blob: str) -> dict:
-    state = json.loads(blob)
-    return {"history": [tuple(h) for h in state["history"]], "mechanism": state["mechanism"]}
-
-
-def _accountant(accountant_state: str | None, mechanism: str = "rdp"):
-    """An Opacus accountant of the mechanism the state was kept with (``rdp`` or ``prv``)."""
-    from opacus.accountants import create_accountant
-
-    state = _load_accountant_state(accountant_state) if accountant_state else None
-    acc = create_accountant(mechanism=state["mechanism"] if state else mechanism)
-    if state:
-        acc.load_state_dict(state)
-    return acc
-
-
-def accountant_history(accountant_state: str | None) -> list[tuple[float, float, int]]:
-    """(noise multiplier, sample rate, steps) entries of a persisted accountant state."""
-    return list(_accountant(accountant_state).history)
-
-
-def epsilon_from_history(accountant_state: str | None, delta: float) -> float:
-    """Record-level epsilon of a persisted accountant state (0 before any step)."""
-    acc = _accountant(accountant_state)
-    return acc.get_epsilon(delta=delta) if acc.history else 0.0
-
-
-def sample_rate(cfg: TrainConfig, num_records: int) -> float:
-    """The Poisson sampling rate of one DP-SGD step: batch / records, at most 1 (as Opacus' DPDataLoader)."""
-    return 1 / max(1, math.ceil(num_records / min(cfg.batch_size, num_records))) if num_records else 1.0
-
-
-def would_exceed(accountant_state: str | None, cfg: TrainConfig, num_records: int, cap: float) -> bool:
-    """Would one more round of ``cfg.local_steps`` DP-SGD steps take this device past ``cap`` (0 = none)?"""
-    if not cfg.dp or cap <= 0:
-        return False
-    acc = _accountant(accountant_state, cfg.accountant)
-    acc.history.append((cfg.noise_multiplier, sample_rate(cfg, num_records), cfg.local_steps))
-    return acc.get_epsilon(delta=cfg.delta) > cap
 
 
 @torch.no_grad()
@@ -451,7 +379,7 @@ def option_predictions(model: PersonalLM, examples: list[tuple[str, list[str]]],
     scores = []
     for i in range(0, len(data), batch_size):
         input_ids, attention, labels = trim_batch(*data[i : i + batch_size])
-        nll_sum, _ = per_sample_nll(model(input_ids, attention), labels)
+        nll_sum, _ = model(input_ids, attention, labels)
         scores += nll_sum.tolist()
     model.use(*model.tiers)
     out, at = [], 0
@@ -484,7 +412,7 @@ def evaluate_nll(model: PersonalLM, data: TensorDataset, adapters: tuple[str, ..
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         input_ids, attention, labels = trim_batch(*data[i : i + batch_size])
-        s, c = per_sample_nll(model(input_ids, attention), labels)
+        s, c = model(input_ids, attention, labels)
         total += s.sum().item()
         count += int(c.sum().item())
     model.use(*model.tiers)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 if TYPE_CHECKING:
@@ -47,6 +48,19 @@ USER = "user"
 # users global + persona, frequent users all three.
 COLD_START, OCCASIONAL, FREQUENT = 0, 1, 2
 GROUP_NAMES = {COLD_START: "cold-start", OCCASIONAL: "occasional", FREQUENT: "frequent"}
+
+# The label of a position without a loss (prompt and padding), as in Hugging Face.
+IGNORE = -100
+
+
+def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (sum of token NLL, number of target tokens) from full logits, next-token shifted."""
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none")
+    nll = nll.view(labels.shape)
+    mask = labels != IGNORE
+    return (nll * mask).sum(1), mask.sum(1)
 
 
 def routing_group(num_train_records: int, cold_start_below: int, frequent_from: int) -> int:
@@ -309,6 +323,7 @@ class PersonalLM(nn.Module):
             self.user_embedding = nn.Embedding(spec.prompt_tokens, hidden)
             nn.init.normal_(self.user_embedding.weight, std=0.02)
         self.tiers = (GLOBAL, PERSONA, USER) if spec.persona else (GLOBAL, USER)
+        self._head_at_targets = type(base).__name__ == "LlamaForCausalLM"
         self.use(*self.tiers)
         self._initial_state = {k: v.detach().clone() for k, v in self.trainable_state().items()}
 
@@ -352,15 +367,31 @@ class PersonalLM(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
         return embeds, attention_mask, n
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits aligned with ``input_ids`` (soft-prompt positions stripped)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        """Logits aligned with ``input_ids`` (soft-prompt positions stripped); with ``labels``, per-sample
+        (sum of target-token NLL, number of target tokens) instead, next-token shifted.
+
+        With labels the LM head runs only at the positions that predict a
+        target token: SmolLM2's head (49k tokens x 576) is about a fifth of the
+        model's forward FLOPs, and prompt and padding positions need no
+        logits. Only for Llama-family bases, whose logits are exactly
+        ``lm_head(hidden)``; other bases score full logits.
+        """
         embeds, attention_mask, n = self._embed(input_ids, attention_mask)
         # Explicit per-row position ids: Opacus computes per-sample gradients and
         # broadcast (1, T) positions confuse some of its hooks.
         positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         with self._adapters_on():
-            out = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
-        return out.logits[:, n:]
+            if labels is None or not self._head_at_targets:
+                logits = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits[:, n:]
+                return logits if labels is None else per_sample_nll(logits, labels)
+            base = self.peft.get_base_model()
+            hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state[:, n:]
+        targets = labels[:, 1:]
+        mask = targets != IGNORE
+        nll = F.cross_entropy(base.get_output_embeddings()(hidden[:, :-1][mask]), targets[mask], reduction="none")
+        sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, mask.nonzero()[:, 0], nll)
+        return sums, mask.sum(1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -179,7 +179,7 @@ def _tamper_accountant(run, user_index: int, change) -> None:
     """
     from client import device
     from client.store import DeviceStore
-    from client.train import epsilon_from_history
+    from client.accounting import epsilon_from_history
 
     report = json.loads((run / "report.json").read_text())
     store = DeviceStore(run / "devices" / f"{report['users'][user_index]['user_id']}.sqlite")
@@ -236,6 +236,23 @@ def test_needle_finder_counts_overlapping_and_repeated_occurrences():
     # abcd x3, abcdabcd x1, UTF-16 "Jane" x1
     assert finder.count(blob) == 5
     assert finder.count(b"abc") == 0
+
+
+def test_needle_finder_agrees_with_a_plain_search_on_random_bytes():
+    import random
+
+    from simulations.audits.wire import NeedleFinder
+
+    rng = random.Random(0)
+    needles = [bytes(rng.randrange(256) for _ in range(rng.randrange(4, 12))) for _ in range(300)]
+    needles += [needles[0][:3] + bytes([(needles[0][3] + 1) % 256]) + b"tail"]  # same 3-byte prefix, another 4th byte
+    blob = bytearray(rng.randbytes(200_000))
+    for n in rng.sample(needles, 40):
+        at = rng.randrange(len(blob) - len(n))
+        blob[at : at + len(n)] = n
+    blob = bytes(blob)
+    plain = sum(blob.count(n) for n in needles)  # bytes.count skips overlaps; these random needles do not overlap themselves
+    assert NeedleFinder(needles).count(blob) == plain >= 40
 
 
 def test_every_audit_reports_on_the_clean_run(audited_run, audit_result):

@@ -10,7 +10,8 @@ import torch
 
 from helpers import quick, spec
 
-from client.train import encode_pairs, epsilon_from_history, evaluate_nll, train_local
+from client.accounting import epsilon_from_history
+from client.train import encode_pairs, evaluate_nll, train_local
 from common.models import personal_model, tier_of
 
 PAIRS = [(f"Write a short note about topic {i}.", f"Status: ok. Topic: {i}. Next: ship it. EOM.") for i in range(24)]
@@ -96,7 +97,7 @@ def test_loss_covers_only_output_tokens(model):
 
 
 def test_would_exceed_charges_one_more_round_at_the_device_rate():
-    from client.train import sample_rate, would_exceed
+    from client.accounting import sample_rate, would_exceed
 
     cfg = quick(local_steps=2, batch_size=6).train
     assert sample_rate(cfg, 60) == pytest.approx(0.1) and sample_rate(cfg, 3) == 1.0
@@ -192,7 +193,6 @@ def test_private_tier_prompt_trains_the_soft_prompt_but_not_the_user_adapter(mod
 
 
 def test_prv_accounting_is_tighter_than_rdp_for_the_same_mechanism(model):
-    from client.train import epsilon_from_history
 
     model.reset_to_initial()
     data = encode_pairs(model.tokenizer, PAIRS, 64)
@@ -204,7 +204,7 @@ def test_prv_accounting_is_tighter_than_rdp_for_the_same_mechanism(model):
 
 
 def test_calibrated_noise_ends_the_planned_rounds_at_the_target_not_above():
-    from client.train import calibrated_noise, epsilon_from_history, sample_rate
+    from client.accounting import calibrated_noise, sample_rate
 
     for records in (3, 40, 400):
         cfg = quick(target_epsilon=4.0, local_steps=2, batch_size=6).train
@@ -229,3 +229,34 @@ def test_dp_adambc_moves_signal_coordinates_further_than_adam_under_the_same_noi
     assert (-w_bc[:500]).mean() > 1.2 * (-w_plain[:500]).mean() > 0
     # Coordinates without signal move about as they do under Adam.
     assert w_bc[500:].abs().mean() < 1.5 * w_plain[500:].abs().mean()
+
+
+def test_the_head_at_target_positions_only_gives_the_same_loss_and_per_sample_gradients(model):
+    """The LM head runs only where a target token is predicted; Opacus sees the same per-sample gradients as with full logits."""
+    from client.train import _grad_sample_module, _trainable, trim_batch
+    from common.models import per_sample_nll
+
+    model.reset_to_initial()
+    model.use(*model.tiers)
+    ids, att, labels = trim_batch(*encode_pairs(model.tokenizer, PAIRS[:5] + [("x", "y")], 64)[:])
+    labels[0, :] = -100  # a row without targets
+    gsm = _grad_sample_module(model)
+    gsm.enable_hooks()
+    model.train()  # Opacus records activations only in training mode
+    grads = []
+    try:
+        for at_targets in (True, False):
+            for p in model.parameters():  # a previous step's per-sample gradients would accumulate
+                p.grad, p.grad_sample = None, None
+            model._head_at_targets = at_targets
+            nll, count = gsm(ids, att, labels) if at_targets else per_sample_nll(gsm(ids, att), labels)
+            ((nll / count.clamp(min=1)).sum() / len(ids)).backward()
+            grads.append(({id(p): p.grad_sample.clone() for p in _trainable(model)}, nll.detach(), count))
+    finally:
+        model._head_at_targets = True
+        gsm.disable_hooks()
+        model.eval()
+    (fast, nll_fast, n_fast), (full, nll_full, n_full) = grads
+    assert torch.equal(n_fast, n_full) and n_fast[0] == 0
+    assert torch.allclose(nll_fast, nll_full, atol=1e-4)
+    assert fast.keys() == full.keys() and all(torch.allclose(fast[k], full[k], atol=1e-5) for k in fast)

@@ -5,7 +5,7 @@
   - the **expected** mechanism, from nothing the device reported about its
     privacy: the noise multiplier of the run config (``noise-multiplier``; a
     device may only refuse a lower one), the Poisson rate
-    ``client.train.sample_rate(train config, records)`` with the number of
+    ``client.accounting.sample_rate(train config, records)`` with the number of
     train records in its store, ``local-steps`` steps per round, and the rounds
     it trained, from its own diagnostics (``DIAGNOSTICS``) cross-checked
     against the server's log (``report.json["server"]["rounds"]``): a device
@@ -126,7 +126,7 @@ def _device_state(store_path: Path) -> tuple[list, int, list[int], list[int]]:
     """
     from client import device
     from client.store import DeviceStore
-    from client.train import accountant_history
+    from client.accounting import accountant_history
 
     if not store_path.is_file():
         return [], 0, [], []
@@ -139,7 +139,7 @@ def _device_state(store_path: Path) -> tuple[list, int, list[int], list[int]]:
 
 def expected_noise(train, records: int, planned_rounds: int) -> float:
     """The noise multiplier a device should have trained with: the run's, or its calibration to the target epsilon."""
-    from client.train import calibrated_noise
+    from client.accounting import calibrated_noise
 
     if train.target_epsilon > 0:
         cap = train.max_epsilon
@@ -149,7 +149,7 @@ def expected_noise(train, records: int, planned_rounds: int) -> float:
 
 
 def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]) -> dict:
-    from client.train import sample_rate
+    from client.accounting import sample_rate
 
     train = view.cfg.train
     delta = float(train.delta)
@@ -272,7 +272,7 @@ class EpsilonLedger(Audit):
     method = (
         "Checks the mechanism, not only the arithmetic. For every device the expected DP-SGD mechanism is derived "
         "from nothing the device reported about its privacy: the run config's noise multiplier, the Poisson rate "
-        "client.train.sample_rate(config, number of train records in the device's store), local-steps steps per "
+        "client.accounting.sample_rate(config, number of train records in the device's store), local-steps steps per "
         "round, and the rounds it trained from its own diagnostics, cross-checked against the server's log (no "
         "round the server did not run; in every round, as many devices trained as the server counted "
         "contributions, or more where the round lost updates: an aborted secure sum, a rejected or failed reply). That history must equal the one the device's Opacus accountant kept, entry by entry. "

@@ -202,7 +202,7 @@ class RunView:
     @torch.no_grad()
     def record_nll(self, pairs: list[tuple[str, str]], stack: str, batch_size: int = 32) -> list[float]:
         """Mean NLL per target token of each (input, output) pair under a model stack."""
-        from client.train import encode_pairs, per_sample_nll, trim_batch
+        from client.train import encode_pairs, trim_batch
 
         if not pairs:
             return []
@@ -214,7 +214,7 @@ class RunView:
         out = []
         for i in range(0, len(data), batch_size):
             ids, att, lab = trim_batch(*data[i : i + batch_size])
-            s, c = per_sample_nll(model(ids, att), lab)
+            s, c = model(ids, att, lab)
             out += (s / c.clamp(min=1)).tolist()
         model.use(*model.tiers)
         return out

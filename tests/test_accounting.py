@@ -1,0 +1,43 @@
+"""The device's record-level accounting: the memoised RDP accountant and the noise calibration."""
+
+import json
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client.accounting import EPSILON_TOLERANCE, MemoRDPAccountant, epsilon_from_history, rdp_noise_for_epsilon, restore
+
+HISTORIES = [
+    [(1.0, 0.2, 6)],
+    [(0.7, 6 / 38, 2), (0.7, 6 / 38, 4), (1.3, 1.0, 2)],
+    [(2.5, 0.01, 300)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_memoised_rdp_accountant_gives_opacus_numbers_bit_for_bit(history):
+    ours, theirs = MemoRDPAccountant(), RDPAccountant()
+    for _ in range(2):  # the second time from the cache
+        ours.history, theirs.history = list(history), list(history)
+        assert ours.get_privacy_spent(delta=1e-5) == theirs.get_privacy_spent(delta=1e-5)
+        assert ours.get_epsilon(delta=1e-6, alphas=[2, 8, 32]) == theirs.get_epsilon(delta=1e-6, alphas=[2, 8, 32])
+
+
+def test_a_restored_state_keeps_its_mechanism_and_history():
+    state = json.dumps({"history": [[1.0, 0.2, 6]], "mechanism": "rdp"})
+    acc = restore(state)
+    assert isinstance(acc, MemoRDPAccountant) and acc.history == [(1.0, 0.2, 6)]
+    assert epsilon_from_history(None, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("target,rate,steps", [(8.0, 0.2, 6), (8.0, 1.0, 6), (1.0, 0.15, 6), (3.0, 0.1, 60), (0.5, 1.0, 6), (2.0, 0.5, 12)])
+def test_calibration_ends_within_the_tolerance_below_the_target_never_above(target, rate, steps):
+    z = rdp_noise_for_epsilon(target, 1e-5, rate, steps)
+    acc = RDPAccountant()  # Opacus' own accountant judges the result
+    acc.history = [(z, rate, steps)]
+    assert target - EPSILON_TOLERANCE <= acc.get_epsilon(delta=1e-5) <= target
+
+
+def test_calibration_refuses_a_target_no_noise_reaches():
+    with pytest.raises(ValueError):
+        rdp_noise_for_epsilon(0.05, 1e-5, 0.2, 6)  # RDP's orders floor epsilon near 0.2 at delta 1e-5
