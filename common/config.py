@@ -225,6 +225,11 @@ class UserDPConfig(_Section):
     clip_norm: float = _opt("user-clip-norm", 1.0, _positive)
     delta: float = _opt("user-delta", 1e-5, _open_unit)  # must be well below 1/num-supernodes
     max_epsilon: float = _opt("user-max-epsilon", 0.0, _non_negative)  # 0 = no budget
+    # A pfl-style noise cohort (simulation only, NOT a guarantee for the run): the sum's noise is
+    # scaled as if noise-cohort users of noise-population (0 = num-supernodes) were sampled per
+    # round, and epsilon is that deployment's. 0 = off.
+    noise_cohort: int = _opt("noise-cohort", 0, _at_least(0))
+    noise_population: int = _opt("noise-population", 0, _at_least(0))
 
 
 @dataclass(frozen=True)
@@ -305,8 +310,19 @@ class RunConfig:
             raise ConfigError("frequent-from", "must be >= cold-start-below")
         if self.secagg.enabled and fed.num_supernodes < 3:
             raise ConfigError("num-supernodes", "secure aggregation needs at least 3 clients")
-        if self.user_dp.enabled and self.user_dp.delta >= 0.1 / fed.num_supernodes:
-            raise ConfigError("user-delta", "must be well below 1/num-supernodes (at most a tenth of it)")
+        if self.user_dp.enabled and self.user_dp.delta >= 0.1 / self.user_population:
+            raise ConfigError("user-delta", "must be well below 1/population (num-supernodes, or noise-population under a noise cohort): at most a tenth of it")
+        ud = self.user_dp
+        if ud.noise_cohort:
+            if not ud.enabled:
+                raise ConfigError("noise-cohort", "needs user-dp")
+            if self.noise_placement != "server":
+                # Devices never lower their own noise shares: the simulated cohort's scaling is the server's.
+                raise ConfigError("noise-cohort", "scales server-added noise only; use secagg=false or secagg-noise=server")
+            if ud.noise_cohort > self.user_population:
+                raise ConfigError("noise-cohort", "must not exceed noise-population")
+        elif ud.noise_population:
+            raise ConfigError("noise-population", "only with noise-cohort")
         if p.slots and p.assign != "random" and not (self.user_dp.enabled and self.noise_placement == "distributed"):
             # A choice derived from the device's data, and the profile row k-means sends,
             # must leave the device only inside an accounted DP mechanism the server
@@ -324,6 +340,27 @@ class RunConfig:
         if fed.fraction_train >= 1.0:
             return 1.0
         return max(1, round(fed.fraction_train * fed.num_supernodes)) / fed.num_supernodes
+
+    @property
+    def user_population(self) -> int:
+        """The population user-level DP is accounted over: ``noise-population`` under a noise cohort, else the run's."""
+        return self.user_dp.noise_population or self.federation.num_supernodes if self.user_dp.noise_cohort else self.federation.num_supernodes
+
+    @property
+    def noise_scale(self) -> float:
+        """The factor on the sum's user-level noise: expected cohort / noise cohort under a noise cohort, else 1.
+
+        The average over the simulated cohort then carries the noise the
+        average over the noise cohort would (pfl-research's noise cohort).
+        """
+        if not self.user_dp.noise_cohort:
+            return 1.0
+        return self.client_sample_rate * self.federation.num_supernodes / self.user_dp.noise_cohort
+
+    @property
+    def user_sample_rate(self) -> float:
+        """The client-sampling rate user-level DP is accounted with: noise cohort / population, else the run's."""
+        return self.user_dp.noise_cohort / self.user_population if self.user_dp.noise_cohort else self.client_sample_rate
 
     @property
     def noise_placement(self) -> str:

@@ -43,6 +43,13 @@ def _round_row(row: dict) -> dict:
     return out
 
 
+NOISE_COHORT_WARNING = (
+    "NOT a privacy guarantee for this run: its sum carried {scale:.4g} times the noise of the accounted "
+    "mechanism. The user-level epsilon is that of a deployment sampling {cohort} of {population} users per round "
+    "with this noise multiplier; this run shows the utility such a deployment would get."
+)
+
+
 def build_report(cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -> dict:
     rounds = [_round_row(strategy.rounds[r]) for r in sorted(strategy.rounds)]
     user_level: dict = {"dp": cfg.user_dp.enabled}
@@ -71,6 +78,11 @@ def build_report(cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -
                 "rounds_run": len(per_round),
             }
         )
+        if ud.noise_cohort:
+            user_level["noise_cohort"] = {
+                "cohort": ud.noise_cohort, "population": cfg.user_population, "noise_scale": cfg.noise_scale,
+                "guarantee": NOISE_COHORT_WARNING.format(cohort=ud.noise_cohort, population=cfg.user_population, scale=cfg.noise_scale),
+            }
     return {
         "config": cfg.flat(),
         "wall_time_s": wall_s,
@@ -149,6 +161,8 @@ def render_markdown(report: dict) -> str:
     if not ul["dp"]:
         lines.append("Off: no user-level clipping or noise (user-level epsilon = inf).")
     else:
+        if "noise_cohort" in ul:
+            lines += [f"**Noise cohort (simulation only).** {ul['noise_cohort']['guarantee']}", ""]
         lines += [
             f"Clip norm C = {ul['clip_norm']}, noise multiplier z = {ul['noise_multiplier']} (std z*C on the sum, "
             f"added {'by the devices (distributed)' if ul['noise_placement'] == 'distributed' else 'by the server'}), "

@@ -123,3 +123,48 @@ def test_calibrated_noise_never_overshoots_the_budget(rounds, population):
     z = 0.52, which spends 8.0013: the budget then refused the run its only round."""
     z = noise_for_epsilon(8.0, rounds, 1e-3, population)
     assert rounds_within_budget(make_user_accountant(population, 1e-3, 8.0), z, population, rounds) == rounds
+
+
+def test_a_noise_cohort_scales_the_server_noise_accounts_the_hypothetical_deployment_and_says_so():
+    from common.config import ConfigError, build_config
+    from common.privacy import build_pipeline
+    from common.kslot import KSlotCodec
+
+    base = {"num-supernodes": 10, "user-dp": True, "secagg": False, "user-delta": 1e-7}
+    with pytest.raises(ConfigError) as err:
+        build_config("quick", {**base, "noise-cohort": 1000})  # the population defaults to the run's 10
+    assert err.value.key == "noise-cohort"
+    for bad in ({"user-dp": False, "noise-cohort": 100}, {"secagg": True, "noise-cohort": 100, "noise-population": 1000}, {"noise-population": 1000}):
+        with pytest.raises(ConfigError):
+            build_config("quick", {**base, **bad})
+    cfg = build_config("quick", {**base, "noise-cohort": 1000, "noise-population": 100_000, "fraction-train": 0.5})
+    assert cfg.noise_scale == pytest.approx(5 / 1000) and cfg.user_sample_rate == pytest.approx(0.01)
+    pipeline = build_pipeline(cfg, KSlotCodec({"w": (4,)}, 0))
+    noise, accounting = pipeline.step("noise"), pipeline.step("accounting")
+    assert noise.std == pytest.approx(cfg.user_dp.noise_multiplier * cfg.user_dp.clip_norm * 5 / 1000)
+    assert (accounting.population, accounting.sample_rate, accounting.sample_size) == (100_000, 0.01, 1000)
+    plain = build_config("quick", {**base, "fraction-train": 0.5})
+    assert build_pipeline(plain, KSlotCodec({"w": (4,)}, 0)).step("noise").std == plain.user_dp.noise_multiplier * plain.user_dp.clip_norm
+    with pytest.raises(ValueError):  # devices never lower their own noise shares
+        from common.privacy.noise import GaussianNoise
+
+        GaussianNoise(1.0, 1.0, "distributed", scale=0.1)
+
+
+def test_the_report_says_a_noise_cohort_run_has_no_guarantee(tiny_data, task_identity, tmp_path):
+    from benchmarks.loopback import LoopbackGrid, device_context as loop_context, initial_arrays, strategy_for
+    from client.app import app
+    from common.config import build_config
+    from server.report import build_report, render_markdown
+
+    cfg = build_config("quick", {"num-supernodes": 3, "persona-slots": 0, "user-dp": True, "secagg": False, "user-delta": 1e-7,
+                                 "noise-cohort": 100, "noise-population": 10_000, "scrub-mode": "patterns", "num-server-rounds": 1})
+    files = user_files(tiny_data)[:3]
+    grid = LoopbackGrid(app, {100 + i: loop_context(tmp_path, 100 + i, f, cfg) for i, f in enumerate(files)})
+    strategy = strategy_for(cfg, num_rounds=1)
+    strategy.run(grid, initial_arrays(cfg))
+    report = build_report(cfg, strategy, 0.0, 1)
+    ul = report["user_level"]
+    assert ul["noise_cohort"]["population"] == 10_000 and ul["sample_rate"] == pytest.approx(0.01)
+    assert ul["epsilon_independent"] == pytest.approx(independent_user_epsilon(cfg.user_dp.noise_multiplier, 1, 1e-7, 0.01), rel=1e-9)
+    assert "NOT a privacy guarantee for this run" in render_markdown(report)

@@ -44,17 +44,20 @@ class GaussianNoise(Step):
     name = "noise"
     rank = 20
 
-    def __init__(self, noise_multiplier: float, clip_norm: float, placement: str):
+    def __init__(self, noise_multiplier: float, clip_norm: float, placement: str, scale: float = 1.0):
         if placement not in PLACEMENTS:
             raise ValueError(f"noise placement must be one of {PLACEMENTS}")
+        if scale != 1.0 and placement != "server":
+            raise ValueError("a noise cohort scales server-added noise only; devices never lower their shares")
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.placement = placement
+        self.scale = float(scale)  # < 1 only for a simulated noise cohort (RunConfig.noise_scale)
 
     @property
     def std(self) -> float:
         """Noise std of the released sum, per coordinate."""
-        return self.noise_multiplier * self.clip_norm
+        return self.noise_multiplier * self.clip_norm * self.scale
 
     def share_std(self, min_contributors: int) -> float:
         return self.std / math.sqrt(min_contributors)

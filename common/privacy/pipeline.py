@@ -30,11 +30,11 @@ def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
     steps = []
     noise = None
     if ud.enabled:
-        noise = GaussianNoise(ud.noise_multiplier, ud.clip_norm, cfg.noise_placement)
+        noise = GaussianNoise(ud.noise_multiplier, ud.clip_norm, cfg.noise_placement, scale=cfg.noise_scale)
         steps += [
             Clip(ud.clip_norm, codec),
             noise,
-            Accounting(ud.noise_multiplier, cfg.federation.num_supernodes, cfg.client_sample_rate, ud.delta, ud.max_epsilon or None),
+            Accounting(ud.noise_multiplier, cfg.user_population, cfg.user_sample_rate, ud.delta, ud.max_epsilon or None),
         ]
     if sa.enabled:
         distributed = noise if noise is not None and noise.placement == "distributed" else None

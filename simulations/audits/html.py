@@ -143,6 +143,8 @@ def privacy_section(report: dict, cfg: dict) -> Section:
             ["user-level epsilon (Flower RdpAccountant)", format_epsilon(per_round[max(per_round, key=int)]) if per_round else "0"],
             ["independent recomputation (Opacus RDP)", format_epsilon(ul["epsilon_independent"])],
         ]
+        if "noise_cohort" in ul:
+            user.insert(0, ["noise cohort (simulation only)", ul["noise_cohort"]["guarantee"]])
     else:
         user = [["DP-FedAvg on everything shared", "off (user-level epsilon = inf)"]]
     other = [
