@@ -74,9 +74,31 @@ class LoopbackGrid:
         self.seen: list = []
         self.lost: list = []  # (node id, reply) for every reply that never arrived
         self.gone: set[int] = set()
+        self._waiting: dict[str, object] = {}  # message id -> its reply, until pulled
+        self._next_id = 0
 
     def get_node_ids(self):
         return list(self.contexts)
+
+    def push_messages(self, messages):
+        """Deliver each message now and keep its reply until pulled; returns the ids of the replies to expect.
+
+        A message that is dropped, or whose reply is lost, gets no id back: the
+        caller stops waiting for it at once, as Flower's would at its timeout.
+        """
+        ids = []
+        for msg in messages:
+            self._next_id += 1
+            mid = f"loopback-{self._next_id}"
+            msg.metadata.__dict__["_message_id"] = mid
+            for reply in self.send_and_receive([msg]):
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                self._waiting[mid] = reply
+                ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._waiting.pop(mid) for mid in list(message_ids) if mid in self._waiting]
 
     def send_and_receive(self, messages, timeout=None):
         replies = []

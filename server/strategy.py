@@ -50,6 +50,27 @@ log = logging.getLogger(__name__)
 ROUND_HOOKS: list = []
 
 
+def stream_replies(grid: Grid, messages: Iterable[Message], timeout: float | None = None):
+    """``grid.send_and_receive`` as a generator: each reply is yielded as it is pulled, not collected.
+
+    Flower's ``send_and_receive`` returns a list of the round's replies (1,000
+    K-slot replies at K = 4 would be 3.7 GB); pulling deletes a reply from the
+    link's state, so the server holds only the replies the sum has not yet
+    added. Same push, pull and timeout as Flower's, with its pull interval.
+    """
+    import time
+
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.time() + timeout
+    while pending and (deadline is None or time.time() < deadline):
+        arrived = list(grid.pull_messages(pending))
+        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        while arrived:
+            yield arrived.pop(0)
+        if pending:
+            time.sleep(getattr(grid, "pull_interval", 0.1))
+
+
 class TieredFedAvg(Strategy):
     def __init__(self, cfg: RunConfig, codec: KSlotCodec, pipeline: Pipeline, num_rounds: int):
         self.cfg = cfg
@@ -123,20 +144,9 @@ class TieredFedAvg(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         rnd, arrays = self._round, self._arrays
         row = self.rounds[server_round]
-        valid = []
-        for reply in replies:
-            nid = reply.metadata.src_node_id
-            if reply.has_error() or not reply.has_content():
-                # Flower's error text may carry a device's exception; only the count is kept.
-                row["failed"] += 1
-                continue
-            row["train_bytes"][nid] = reply_nbytes(reply.content)
-            reason = refusal_reason(reply.content)
-            if reason is not None:
-                row["refused"][reason.name] = row["refused"].get(reason.name, 0) + 1
-                continue
-            valid.append(Reply(nid, reply.content))
-        agg = ServerAggregate(self.codec, valid, expected=row["expected"])
+        # One pass, reply by reply: the sum step keeps a running total (plain or masked),
+        # so with streamed replies (``stream_replies``) no round's replies are ever all held.
+        agg = ServerAggregate(self.codec, self._contributions(replies, row), expected=row["expected"])
         row["steps"] = self.pipeline.run_server(agg, rnd)
         row["contributors"], row["rejected"] = agg.contributors, row["rejected"] + agg.rejected
         new = None
@@ -177,6 +187,22 @@ class TieredFedAvg(Strategy):
         self.evaluation = {"round": server_round, "evaluated": done, "refused": dict(refused), "failed": failed}
         return MetricRecord({"evaluated": done, "refused": sum(refused.values()), "failed": failed})
 
+    @staticmethod
+    def _contributions(replies: Iterable[Message], row: dict):
+        """The replies that carry an update, counting failures and refusals as they pass."""
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            if reply.has_error() or not reply.has_content():
+                # Flower's error text may carry a device's exception; only the count is kept.
+                row["failed"] += 1
+                continue
+            row["train_bytes"][nid] = reply_nbytes(reply.content)
+            reason = refusal_reason(reply.content)
+            if reason is not None:
+                row["refused"][reason.name] = row["refused"].get(reason.name, 0) + 1
+                continue
+            yield Reply(nid, reply.content)
+
     # -- rounds, checkpoints and resume ---------------------------------------------------
     def run(self, grid: Grid, arrays: ArrayRecord, start_round: int = 1, checkpoint=None) -> ArrayRecord:
         """Rounds ``start_round`` to ``num_rounds``: train, checkpoint, and evaluate after the last.
@@ -186,7 +212,7 @@ class TieredFedAvg(Strategy):
         """
         for server_round in range(start_round, self.num_rounds + 1):
             log.info("[ROUND %d/%d]", server_round, self.num_rounds)
-            replies = grid.send_and_receive(self.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=self.timeout)
+            replies = stream_replies(grid, self.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=self.timeout)
             new, _ = self.aggregate_train(server_round, replies)
             if new is not None:
                 arrays = new

@@ -157,3 +157,56 @@ def test_a_plain_round_rejects_a_reply_over_the_clip_bound():
     metrics = pipeline.run_server(agg, ServerRound(1, [1, 2, 3]))
     assert agg.contributors == 1 and agg.rejected == 2 and np.allclose(agg.total, 0.25)
     assert list(metrics) == ["guard", "plain-sum", "clip"]  # the server runs the steps in reverse
+
+
+def test_the_server_sums_replies_as_they_arrive_and_never_holds_them_all():
+    import gc
+    import weakref
+
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    codec = KSlotCodec({"global/w": (4,)}, 0)
+    pipeline = Pipeline([Clip(1.0, codec), PlainSum(codec), Guard(train_reply_schema(codec.update_shapes))])
+    alive, most_alive = [], 0
+
+    def arriving():
+        nonlocal most_alive
+        for i in range(50):
+            gc.collect()
+            most_alive = max(most_alive, sum(r() is not None for r in alive))
+            reply = Reply(i, RecordDict({"arrays": ArrayRecord({"global/w": Array(np.full(4, 0.01, np.float32))})}))
+            alive.append(weakref.ref(reply))
+            yield reply
+
+    agg = ServerAggregate(codec, arriving(), expected=50)
+    pipeline.run_server(agg, ServerRound(1, list(range(50))))
+    assert agg.contributors == 50 and np.allclose(agg.total, 0.5)
+    assert most_alive <= 1  # the reply being added, at most: never the round's replies
+
+
+def test_stream_replies_yields_each_reply_when_pulled_and_stops_at_the_timeout():
+    from server.strategy import stream_replies
+
+    class Grid:
+        pull_interval = 0.01
+
+        def __init__(self, never):
+            self.never, self.pulls = never, 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            ready = sorted(i for i in ids if i not in self.never)[:1]  # one reply arrives per pull
+
+            class Reply:
+                class metadata:
+                    reply_to_message_id = ready[0] if ready else None
+
+            return [Reply()] if ready else []
+
+    grid = Grid(never=set())
+    assert len(list(stream_replies(grid, range(5), timeout=10))) == 5 and grid.pulls == 5
+    late = Grid(never={"m2"})
+    assert len(list(stream_replies(late, range(3), timeout=0.2))) == 2  # m2 never replies: the timeout ends the wait

@@ -14,7 +14,7 @@ Server-side metrics describe the aggregate and go into the report.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,7 @@ class ServerAggregate:
     """A round's replies on their way in: validated, summed, noised, decoded."""
 
     codec: KSlotCodec
-    replies: list[Reply]
+    replies: Iterable[Reply]  # consumed once, as they arrive: the sum keeps a running total, never the list
     expected: float  # the fixed denominator: the cohort size, or q*N under Poisson sampling
     total: np.ndarray | None = None  # the sum over contributors (float64, K-slot layout)
     contributors: int = 0

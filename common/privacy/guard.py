@@ -25,14 +25,19 @@ class Guard(Step):
         return {}
 
     def server(self, agg: ServerAggregate, rnd: ServerRound) -> dict[str, float]:
-        kept = []
-        for reply in agg.replies:
+        """Filter the replies as the sum pulls them: the server never holds a round's replies at once.
+
+        The count of malformed replies is in ``agg.rejected`` once the sum has run.
+        """
+        agg.replies = self._checked(agg.replies, agg, rnd)
+        return {}
+
+    def _checked(self, replies, agg: ServerAggregate, rnd: ServerRound):
+        for reply in replies:
             try:
                 self.guard.check(reply.content, "train")
             except EgressViolation as err:
                 agg.rejected += 1
                 log.warning("round %d: dropped a malformed train reply: %s", rnd.server_round, err)
                 continue
-            kept.append(reply)
-        agg.replies = kept
-        return {"rejected": float(agg.rejected)}
+            yield reply
