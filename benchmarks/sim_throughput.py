@@ -224,21 +224,17 @@ def naive_apps(model_name: str, user_files: list[str], rounds: int, steps: int, 
     return server_app, client_app
 
 
-def backend_config() -> dict:
-    """fedpersona's simulation backend: one client at a time, torch on every core."""
-    cpus = os.cpu_count() or 2
-    return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus, "include_dashboard": False}}
-
-
 def run_naive(model_name: str, user_files: list[str], rounds: int, steps: int, batch: int, seq: int, lr: float) -> dict:
     from flwr.simulation import run_simulation
+
+    from simulations.run import simulation_backend
 
     out = {"updates": 0, "failed": 0, "evaluated": 0, "nll": float("nan")}
     server_app, client_app = naive_apps(model_name, user_files, rounds, steps, batch, seq, lr, out)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(user_files), backend_config=backend_config())
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(user_files), backend_config=simulation_backend())
     out["wall_s"] = time.perf_counter() - started
     return out
 

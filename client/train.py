@@ -25,7 +25,6 @@ from common.config import TrainConfig
 from common.models import IGNORE, PROMPT_KEY, USER, PersonalLM, tier_of
 
 
-
 # --------------------------------------------------------------------------- #
 # Data
 # --------------------------------------------------------------------------- #

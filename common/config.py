@@ -344,7 +344,9 @@ class RunConfig:
     @property
     def user_population(self) -> int:
         """The population user-level DP is accounted over: ``noise-population`` under a noise cohort, else the run's."""
-        return self.user_dp.noise_population or self.federation.num_supernodes if self.user_dp.noise_cohort else self.federation.num_supernodes
+        if self.user_dp.noise_cohort and self.user_dp.noise_population:
+            return self.user_dp.noise_population
+        return self.federation.num_supernodes
 
     @property
     def noise_scale(self) -> float:

@@ -203,6 +203,15 @@ def _device_environment(policies_dir: str):
                 os.environ[key] = value
 
 
+def simulation_backend() -> dict:
+    """The Ray backend of a simulation on this machine: one client at a time, torch on every core."""
+    cpus = os.cpu_count() or 2
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
+
+
 def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
     """Run the simulation described by the harness config; returns the full report (server + devices)."""
     from flwr.app import Context, RecordDict
@@ -224,11 +233,6 @@ def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
         (run_dir / HARNESS_CONFIG).write_text(json.dumps(harness, indent=2))
         mods.append(recorder_mod(Path(harness["wire_dir"])))
     strategy_mod.ROUND_HOOKS[:] = [on_round] if on_round else []
-    cpus = os.cpu_count() or 2
-    backend = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},  # one client at a time: torch uses all cores
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
-    }
     ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())
     started = time.time()
     with _device_environment(harness["policies_dir"]):
@@ -238,7 +242,7 @@ def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
             num_supernodes=cfg.federation.num_supernodes,
             client_app=make_app(mods),
             server_app=server_app,
-            backend_config=backend,
+            backend_config=simulation_backend(),
             server_app_context=ctx,
             app_dir=str(_flower_app_dir(run_dir, cfg)),
             is_app=True,
