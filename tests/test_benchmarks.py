@@ -29,7 +29,7 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.
 
 
 def test_benchmarks_are_discovered():
-    assert {"dp_step", "demo", "secagg_round"} <= set(BENCHMARKS)
+    assert {"dp_step", "demo", "secagg_round", "secagg_scale"} <= set(BENCHMARKS)
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
