@@ -29,3 +29,19 @@ def add_size_flags(ap: argparse.ArgumentParser, quick: str) -> None:
 def result_line(name: str, values: Mapping[str, Any]) -> str:
     """``RESULT name key=value ...``: the machine-readable last line of every benchmark."""
     return f"RESULT {name} " + " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` options as run-config overrides (values parsed as JSON where they parse)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

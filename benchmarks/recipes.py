@@ -18,6 +18,8 @@ Recipes (each a set of ``--set`` overrides on top of the run's defaults):
 * ``prompt``: the private tier trains its soft prompt only;
 * ``rank1``: LoRA rank 1 in every tier;
 * ``prv``: Opacus' PRV accountant (a tighter epsilon for the same mechanism);
+* ``top2``: every tier's LoRA in the top two layers only, the soft prompt as a
+  deep prompt there (about 14x fewer trainable dimensions);
 * ``all``: the recipes above that help, together.
 
     python -m benchmarks.recipes --smoke                       # tiny model, 3 users, 1 round, 2 recipes
@@ -36,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._common import parse_sets
+
 RECIPES: dict[str, dict] = {
     "nonprivate": {"dp": False},
     "private": {},
@@ -47,6 +51,7 @@ RECIPES: dict[str, dict] = {
     "prompt": {"target-epsilon": 8.0, "private-tier": "prompt"},
     "rank1": {"target-epsilon": 8.0, "lora-rank": 1, "user-lora-rank": 1},
     "prv": {"target-epsilon": 8.0, "accountant": "prv"},
+    "top2": {"target-epsilon": 8.0, "adapter-layers": 2},
 }
 ALL = ("calibrated", "batch", "prompt", "prv")  # combined in "all" (chosen from the one-at-a-time rows)
 
@@ -111,13 +116,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run folders here")
     args = ap.parse_args(argv)
-    overrides = {"scrub-mode": "patterns"}
-    for item in args.sets:
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = {"scrub-mode": "patterns", **parse_sets(args.sets)}
     if args.smoke:
         profile, names = "quick", ["nonprivate", "calibrated"]
         overrides.update({"num-supernodes": 3, "persona-slots": 2, "num-server-rounds": 1})

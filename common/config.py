@@ -147,6 +147,11 @@ class ModelConfig(_Section):
     lora_targets: str = _opt("lora-targets", "q_proj,v_proj", _modules)
     user_lora_rank: int = _opt("user-lora-rank", 4, _at_least(1))
     prompt_tokens: int = _opt("prompt-tokens", 4, _at_least(1))
+    # 0: LoRA in every layer and the soft prompt at the input. N > 0: every
+    # tier's LoRA only in the top N layers and the soft prompt injected at the
+    # first of them (a deep prompt); the frozen layers below are then computed
+    # once per record and cached (common/models.py, PrefixCache).
+    adapter_layers: int = _opt("adapter-layers", 0, _at_least(0))
     # ffa: FFA-LoRA, every A frozen at its seeded init, only B trained and shared
     lora_split: str = _opt("lora-split", "ffa", _one_of("ffa", "separate"))
 

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,6 +257,10 @@ class AdapterSpec:
     lora_split: str
     # A persona-tier adapter (slots: common/kslot.py); off when persona-slots = 0.
     persona: bool
+    # 0: adapters in every layer, soft prompt at the input. N > 0: adapters in
+    # the top N layers only, the soft prompt injected at the first of them, and
+    # the frozen layers below cached per record (PrefixCache).
+    adapter_layers: int = 0
 
     @classmethod
     def from_config(cls, cfg: "RunConfig") -> "AdapterSpec":
@@ -270,10 +275,51 @@ class AdapterSpec:
             seed=cfg.seed,
             lora_split=m.lora_split,
             persona=cfg.persona.slots > 0,
+            adapter_layers=m.adapter_layers,
         )
 
 
 PROMPT_KEY = "user_embedding"
+
+
+class PrefixCache:
+    """Hidden states entering the first adapted layer, per record, least recently used first out.
+
+    Below the first adapted layer the base is frozen and carries no adapter,
+    so a record's hidden states there never change: they are computed once
+    and reused by every training step, round and evaluated stack. The key is
+    a hash of the record's token ids; the cache lives in the device's process and is bounded in bytes
+    (SmolLM2: 576 floats per token, about 130 kB for a 56-token record).
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(token_ids: torch.Tensor) -> bytes:
+        return hashlib.blake2b(token_ids.to(torch.int64).numpy().tobytes(), digest_size=16).digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        state = self._entries.get(key)
+        if state is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return state
+
+    def put(self, key: bytes, state: torch.Tensor) -> None:
+        size = state.numel() * state.element_size()
+        if key in self._entries or size > self.max_bytes:
+            return
+        self._entries[key] = state
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
 
 
 class PersonalLM(nn.Module):
@@ -298,32 +344,35 @@ class PersonalLM(nn.Module):
         base, tok = load_base_model(spec.base_model)
         self.spec = spec
         self.tokenizer = tok
+        self._head_at_targets = type(base).__name__ == "LlamaForCausalLM"
+        num_layers = base.config.num_hidden_layers
+        if spec.adapter_layers:
+            if not self._head_at_targets:
+                raise ValueError(f"adapter-layers > 0 needs a Llama-family base model, not {type(base).__name__}")
+            if spec.adapter_layers > num_layers:
+                raise ValueError(f"adapter-layers = {spec.adapter_layers}, but {spec.base_model} has {num_layers} layers")
+        # The first layer that carries adapters (and takes the soft prompt); 0 = the input.
+        self.first_adapted = num_layers - spec.adapter_layers if spec.adapter_layers else 0
+        layers = list(range(self.first_adapted, num_layers)) if spec.adapter_layers else None
+
+        def lora(rank: int, alpha: int):
+            return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(spec.target_modules), lora_dropout=0.0, layers_to_transform=layers)
         # Opacus#820: the model must be on its final device before get_peft_model,
         # or LoRA weights silently never change under DP. We train on the CPU and
         # never move it afterwards.
         base.to("cpu")
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
-            self.peft = get_peft_model(
-                base,
-                LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=list(spec.target_modules), lora_dropout=0.0),
-                adapter_name=GLOBAL,
-            )
+            self.peft = get_peft_model(base, lora(spec.lora_rank, spec.lora_alpha), adapter_name=GLOBAL)
             if spec.persona:
-                self.peft.add_adapter(
-                    PERSONA,
-                    LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=list(spec.target_modules), lora_dropout=0.0),
-                )
+                self.peft.add_adapter(PERSONA, lora(spec.lora_rank, spec.lora_alpha))
                 self._copy_lora_a(GLOBAL, PERSONA)
-            self.peft.add_adapter(
-                USER,
-                LoraConfig(r=spec.user_lora_rank, lora_alpha=2 * spec.user_lora_rank, target_modules=list(spec.target_modules), lora_dropout=0.0),
-            )
+            self.peft.add_adapter(USER, lora(spec.user_lora_rank, 2 * spec.user_lora_rank))
             hidden = base.config.hidden_size
             self.user_embedding = nn.Embedding(spec.prompt_tokens, hidden)
             nn.init.normal_(self.user_embedding.weight, std=0.02)
         self.tiers = (GLOBAL, PERSONA, USER) if spec.persona else (GLOBAL, USER)
-        self._head_at_targets = type(base).__name__ == "LlamaForCausalLM"
+        self.prefix_cache = PrefixCache() if spec.adapter_layers else None
         self.use(*self.tiers)
         self._initial_state = {k: v.detach().clone() for k, v in self.trainable_state().items()}
 
@@ -356,16 +405,19 @@ class PersonalLM(nn.Module):
 
     # -- forward -----------------------------------------------------------------
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Input embeddings with the soft prompt in front when it is active; (embeds, mask, prompt length)."""
-        batch = input_ids.shape[0]
+        """Input embeddings with the soft prompt in front when it is active at the input; (embeds, mask, prompt length)."""
         embeds = self.peft.get_input_embeddings()(input_ids)
-        n = 0
-        if self._prompt:
-            n = self.spec.prompt_tokens
-            virtual = torch.arange(n, device=input_ids.device).expand(batch, n)
-            embeds = torch.cat([self.user_embedding(virtual), embeds], dim=1)
+        if not (self._prompt and self.first_adapted == 0):
+            return embeds, attention_mask, 0
+        return self._prepend_prompt(embeds, attention_mask)
+
+    def _prepend_prompt(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The soft prompt in front of the sequence: at the input, or at the first adapted layer (a deep prompt)."""
+        batch, n = hidden.shape[0], self.spec.prompt_tokens
+        prompt = self.user_embedding(torch.arange(n, device=hidden.device).expand(batch, n))
+        if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
-        return embeds, attention_mask, n
+        return torch.cat([prompt, hidden], dim=1), attention_mask, n
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         """Logits aligned with ``input_ids`` (soft-prompt positions stripped); with ``labels``, per-sample
@@ -376,33 +428,143 @@ class PersonalLM(nn.Module):
         model's forward FLOPs, and prompt and padding positions need no
         logits. Only for Llama-family bases, whose logits are exactly
         ``lm_head(hidden)``; other bases score full logits.
+
+        With ``adapter-layers = N`` only the top N layers run here, from the
+        frozen layers' output in the per-record :class:`PrefixCache`; the soft
+        prompt goes in front of the sequence there (a deep prompt, as in
+        P-tuning v2 and USER-LLM), so the layers below never see it and their
+        output is the same for every user and every stack.
         """
-        embeds, attention_mask, n = self._embed(input_ids, attention_mask)
-        # Explicit per-row position ids: Opacus computes per-sample gradients and
-        # broadcast (1, T) positions confuse some of its hooks.
-        positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        with self._adapters_on():
-            if labels is None or not self._head_at_targets:
-                logits = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits[:, n:]
-                return logits if labels is None else per_sample_nll(logits, labels)
-            base = self.peft.get_base_model()
-            hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state[:, n:]
+        base = self.peft.get_base_model()
+        if self.prefix_cache is not None:
+            hidden, n = self._cached_prefix(input_ids, attention_mask), 0
+            if self._prompt:
+                hidden, attention_mask, n = self._prepend_prompt(hidden, attention_mask)
+            with self._adapters_on():
+                hidden = self._run_layers(hidden, attention_mask, self.first_adapted, None)[:, n:]
+            if labels is None:
+                return base.get_output_embeddings()(hidden)
+        else:
+            embeds, attention_mask, n = self._embed(input_ids, attention_mask)
+            # Explicit per-row position ids: Opacus computes per-sample gradients and
+            # broadcast (1, T) positions confuse some of its hooks.
+            positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            with self._adapters_on():
+                if labels is None or not self._head_at_targets:
+                    logits = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits[:, n:]
+                    return logits if labels is None else per_sample_nll(logits, labels)
+                hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state[:, n:]
         targets = labels[:, 1:]
         mask = targets != IGNORE
         nll = F.cross_entropy(base.get_output_embeddings()(hidden[:, :-1][mask]), targets[mask], reduction="none")
         sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, mask.nonzero()[:, 0], nll)
         return sums, mask.sum(1)
 
+    def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, start: int, stop: int | None,
+                    cache=None, offset: int = 0) -> torch.Tensor:
+        """Decoder layers ``[start:stop]`` on hidden states, as ``LlamaModel.forward`` runs them, and the
+        final norm after the last layer (``stop=None``).
+
+        With a KV ``cache`` (decoding, one sequence) the positions start at
+        ``offset``; a single new token attends to everything cached, a longer
+        input is causal and must come first.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        decoder = self.peft.get_base_model().get_decoder()
+        positions = torch.arange(offset, offset + hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        causal = None
+        if hidden.shape[1] > 1:
+            if cache is not None and offset:
+                raise ValueError("with a KV cache, only the first input may be longer than one token")
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            causal = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                        past_key_values=None, position_ids=positions)
+        rotary = decoder.rotary_emb(hidden, position_ids=positions)
+        for layer in decoder.layers[start:stop]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=positions,
+                           past_key_values=cache, use_cache=cache is not None)
+        return decoder.norm(hidden) if stop is None else hidden
+
+    def _cached_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering the first adapted layer, from the cache or computed for the misses.
+
+        Rows must be right-padded. A row's states depend only on its own
+        tokens (causal attention, padding masked); padding positions get zeros.
+        """
+        lengths = attention_mask.sum(1).tolist()
+        if any(not bool(attention_mask[i, :length].all()) for i, length in enumerate(lengths)):
+            raise ValueError("adapter-layers > 0 needs right-padded rows (ones, then zeros, in the attention mask)")
+        keys = [PrefixCache.key(input_ids[i, :length]) for i, length in enumerate(lengths)]
+        states = [self.prefix_cache.get(k) for k in keys]
+        missing = [i for i, st in enumerate(states) if st is None]
+        if missing:
+            with torch.no_grad():
+                embeds = self.peft.get_input_embeddings()(input_ids[missing])
+                hidden = self._run_layers(embeds, attention_mask[missing], 0, self.first_adapted)
+            for j, i in enumerate(missing):
+                states[i] = hidden[j, : lengths[i]].clone()
+                self.prefix_cache.put(keys[i], states[i])
+        out = states[0].new_zeros(len(states), input_ids.shape[1], states[0].shape[-1])
+        for i, st in enumerate(states):
+            out[i, : st.shape[0]] = st
+        return out
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
         """The new token ids after ``input_ids`` under the active adapters and soft prompt.
 
         Hugging Face ``generate`` on the input embeddings (soft prompt first,
-        as in :meth:`forward`); ``kwargs`` are its generation options.
+        as in :meth:`forward`); ``kwargs`` are its generation options. A deep
+        prompt enters below the input, which ``generate`` cannot express, so
+        with ``adapter-layers > 0`` the model decodes itself (:meth:`decode`)
+        and takes the sampling options ``generate`` would.
         """
-        embeds, attention_mask, _ = self._embed(input_ids, attention_mask)
+        if self.prefix_cache is None:
+            embeds, attention_mask, _ = self._embed(input_ids, attention_mask)
+            with self._adapters_on():
+                return self.peft.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
+            raise ValueError("adapter-layers > 0 decodes one unpadded sequence at a time")
+        kwargs.pop("pad_token_id", None)
+        new = self.decode(input_ids, kwargs.pop("max_new_tokens"), kwargs.pop("eos_token_id"), _sampler(**kwargs))
+        return torch.tensor([new], dtype=torch.long)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, pick=None) -> list[int]:
+        """New token ids after one sequence ``input_ids`` (1, T), with a KV cache; greedy unless ``pick``
+        (logits -> token id) is given. Stops before ``eos_token_id``.
+
+        The layers below the first adapted one and the layers from it on keep
+        their own positions: the soft prompt exists only from that layer on.
+        Llama-family bases only.
+        """
+        from transformers import DynamicCache
+
+        if not self._head_at_targets:
+            raise ValueError("decode needs a Llama-family base model")
+        base = self.peft.get_base_model()
+        embed, head, k = base.get_input_embeddings(), base.get_output_embeddings(), self.first_adapted
+        cache = DynamicCache(config=base.config)
+        below, n = input_ids.shape[1], 0
+        new: list[int] = []
         with self._adapters_on():
-            return self.peft.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+            hidden = self._run_layers(embed(input_ids), None, 0, k, cache)
+            if self._prompt:
+                hidden, _, n = self._prepend_prompt(hidden, None)
+            hidden = self._run_layers(hidden, None, k, None, cache)
+            for step in range(max_new_tokens):
+                logits = head(hidden[:, -1])[0]
+                token = int(logits.argmax()) if pick is None else int(pick(logits))
+                if token == eos_token_id:
+                    break
+                new.append(token)
+                if step + 1 == max_new_tokens:
+                    break
+                hidden = self._run_layers(embed(torch.tensor([[token]])), None, 0, k, cache, offset=below + step)
+                hidden = self._run_layers(hidden, None, k, None, cache, offset=n + below + step)
+        return new
 
     def _adapters_on(self):
         """No adapter at all for the bare base model (peft needs at least one active adapter)."""
@@ -466,3 +628,29 @@ def tier_of(key: str) -> str:
     if key == PROMPT_KEY:
         return USER
     return key.split("/", 1)[0]
+
+
+def _sampler(do_sample: bool = False, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None):
+    """Greedy (None) or a sampler of one token from logits, with Hugging Face's own warpers."""
+    if not do_sample:
+        return None
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+
+    def pick(logits: torch.Tensor) -> int:
+        scores = warpers(None, logits[None].float())
+        return int(torch.multinomial(F.softmax(scores, dim=-1), 1)[0, 0])
+
+    return pick

@@ -68,11 +68,13 @@ def test_routing_by_data_volume(n, group):
     assert routing_group(n, cold_start_below=5, frequent_from=20) == group
 
 
-def test_cached_generation_matches_step_by_step_greedy_decoding():
-    """The audits' KV-cached generator must produce what the plain model forward would."""
+@pytest.mark.parametrize("adapter_layers", [0, 1])
+def test_cached_generation_matches_step_by_step_greedy_decoding(adapter_layers):
+    """The audits' KV-cached generator must produce what the plain model forward would (with the soft
+    prompt at the input, and as a deep prompt at the top layer)."""
     from simulations.audits.view import STACKS, RunView
 
-    model = personal_model(spec())
+    model = personal_model(spec(**{"adapter-layers": adapter_layers}))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.trainable_state().values():

@@ -58,6 +58,19 @@ def test_quick_simulation_writes_the_server_report_and_the_device_results(tmp_pa
     assert planted and not any(value in text or value in server_text for value in planted)
 
 
+def test_adapters_on_the_top_layer_run_a_whole_simulation_with_the_frozen_layer_cached(tmp_path):
+    """adapter-layers = 1: every device trains and is evaluated on the top layer and the deep prompt;
+    the server aggregates the smaller update (its layout comes from the same spec)."""
+    from simulations.run import prepare, simulate
+
+    overrides = {"num-supernodes": 3, "num-server-rounds": 1, "scrub-mode": "patterns", "adapter-layers": 1}
+    report = simulate(prepare("quick", overrides, tmp_path / "run"))
+    (only,) = report["server"]["rounds"]
+    assert only["contributors"] == 3 and only["failed"] == 0
+    assert report["server"]["evaluation"]["evaluated"] == 3
+    assert all(u["nll_personal"] > 0 and u["epsilon_record_level"] <= 8.0 for u in report["users"])
+
+
 def test_user_level_dp_simulation_accounts_each_round_and_stops_at_budget(tmp_path):
     from simulations.run import prepare, simulate
 

@@ -223,38 +223,13 @@ class RunView:
     def generate(self, prompt: str, stack: str, max_new_tokens: int = 24) -> str:
         """Greedy continuation of ``prompt`` (the task format: ``input\\n``) under a stack.
 
-        Runs the peft model directly with a KV cache: the soft prompt (when the
-        stack includes the user tier) is prepended once, then one token per step.
+        The model's own KV-cached decoding (:meth:`PersonalLM.decode`): the
+        soft prompt, when the stack includes the user tier, goes in once.
         """
-        from contextlib import nullcontext
-
         model = self.model
-        adapters = self._adapters(stack)
-        model.use(*adapters)
+        model.use(*self._adapters(stack))
         model.eval()
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        embed = model.peft.get_input_embeddings()
-        embeds = embed(ids)
-        if model._prompt:
-            n = model.spec.prompt_tokens
-            embeds = torch.cat([model.user_embedding(torch.arange(n)).unsqueeze(0), embeds], dim=1)
-        eos = self.tokenizer.eos_token_id
-        new, past = [], None
-        with model.peft.disable_adapter() if not adapters else nullcontext():
-            for _ in range(max_new_tokens):
-                length = embeds.shape[1] if past is None else past.get_seq_length() + 1
-                out = model.peft(
-                    inputs_embeds=embeds,
-                    attention_mask=torch.ones(1, length, dtype=torch.long),
-                    position_ids=torch.arange(length - embeds.shape[1], length).unsqueeze(0),
-                    past_key_values=past,
-                    use_cache=True,
-                )
-                nxt = int(out.logits[0, -1].argmax())
-                if nxt == eos:
-                    break
-                new.append(nxt)
-                past = out.past_key_values
-                embeds = embed(torch.tensor([[nxt]]))
+        new = model.decode(ids, max_new_tokens, self.tokenizer.eos_token_id)
         model.use(*model.tiers)
         return self.tokenizer.decode(new, skip_special_tokens=True)
