@@ -26,13 +26,13 @@ def _cli(*args: str, **kwargs):
     return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
 
 
-def _model_with_trained_tiers():
+def _model_with_trained_tiers(adapter_layers: int = 0):
     """The process-wide tiny model with every tier moved off its initial values."""
     from helpers import spec
 
     from common.models import personal_model
 
-    model = personal_model(spec())
+    model = personal_model(spec(**{"adapter-layers": adapter_layers}))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         model.reset_to_initial()
@@ -77,10 +77,29 @@ def test_export_merges_the_tiers_exactly_into_one_lora(tmp_path, stack):
     model.use(*model.tiers)
 
 
-def test_greedy_ask_is_the_served_model_decoding(tmp_path):
+def test_with_adapters_on_the_top_layer_the_lora_stacks_export_exactly_and_a_deep_prompt_is_refused(tmp_path):
+    from client.export import ExportError, export_stack
+
+    model = _model_with_trained_tiers(adapter_layers=1)
+    ids = torch.tensor([[5, 17, 42, 9, 88, 3, 120]])
+    try:
+        export_stack(model, ("global", "persona"), tmp_path / "out")
+        model.use("global", "persona")
+        with torch.no_grad():
+            served = model(ids, torch.ones_like(ids))
+        assert (_peft_logits(tmp_path / "out", ids, with_prompt=False) - served).abs().max() < 1e-5
+        with pytest.raises(ExportError, match="adapter-layers = 1"):
+            export_stack(model, ("global", "persona", "user"), tmp_path / "with-prompt")
+        assert not (tmp_path / "with-prompt").exists()
+    finally:
+        model.use(*model.tiers)
+
+
+@pytest.mark.parametrize("adapter_layers", [0, 1])
+def test_greedy_ask_is_the_served_model_decoding(tmp_path, adapter_layers):
     from client.ask import GenerationOptions, generate
 
-    model = _model_with_trained_tiers()
+    model = _model_with_trained_tiers(adapter_layers)
     model.use(*model.tiers)
     answer, n = generate(model, "plan my week", GenerationOptions(max_new_tokens=6))
     seq = torch.tensor([model.tokenizer("plan my week\n", add_special_tokens=False)["input_ids"]])
