@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -171,18 +172,57 @@ def shamir_split(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, 
     return out
 
 
-def _interpolate_at_zero(points: Mapping[int, int]) -> int:
+def _differences_products(xs: tuple[int, ...]) -> list[int]:
+    """``[prod_{j != i} (x_j - x_i) for each x_i]`` as exact integers.
+
+    Share points are secure ids (small integers), so the differences fit in a
+    few bits: numpy multiplies them in int64 groups that cannot overflow and
+    Python multiplies the ~t/6 partial products per row, instead of t**2
+    big-int steps. Points too large for that take the plain Python product.
+    """
+    t = len(xs)
+    width = (max(xs) - min(xs)).bit_length() + 1  # bits of |x_j - x_i|, sign included
+    group = 62 // width if t > 1 else 0
+    if group < 2:
+        return [math.prod(xj - xi for xj in xs if xj != xi) for xi in xs]
+    x = np.array([v - xs[0] for v in xs], dtype=np.int64)  # shifted: only differences matter
+    diff = x[None, :] - x[:, None]  # row i: x_j - x_i
+    np.fill_diagonal(diff, 1)
+    pad = -t % group
+    if pad:
+        diff = np.concatenate([diff, np.ones((t, pad), dtype=np.int64)], axis=1)
+    partial = diff.reshape(t, -1, group).prod(axis=2)  # |product| < 2**(group * (width - 1)) <= 2**62
+    return [math.prod(row) for row in partial.tolist()]
+
+
+@functools.lru_cache(maxsize=256)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """Lagrange coefficients ``L_i(0) = prod_{j != i} x_j / (x_j - x_i)`` mod p for sorted points ``xs``.
+
+    Cached: every secret shared among the same holders (the complete graph's
+    survivors, say) reuses them, and a secret costs ``t`` multiplications.
+    The t denominators are inverted together (Montgomery's trick: one modular
+    inverse and 3(t - 1) multiplications).
+    """
     p = SHAMIR_PRIME
-    xs = list(points)
-    total = 0
-    for xi in xs:
-        num, den = 1, 1
-        for xj in xs:
-            if xj != xi:
-                num = num * (-xj) % p
-                den = den * (xi - xj) % p
-        total = (total + points[xi] * num * pow(den, -1, p)) % p
-    return total
+    # L_i(0) = (prod_j x_j) / (x_i prod_{j != i} (x_j - x_i)): one product, t inverses.
+    dens = [xi * d % p for xi, d in zip(xs, _differences_products(xs))]  # non-zero: distinct points in (0, p)
+    prefix = [1] * (len(xs) + 1)
+    for i, d in enumerate(dens):
+        prefix[i + 1] = prefix[i] * d % p
+    inv = pow(prefix[-1], -1, p)
+    total = math.prod(xs) % p
+    coeffs = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        coeffs[i] = inv * prefix[i] % p * total % p
+        inv = inv * dens[i] % p
+    return tuple(coeffs)
+
+
+def _interpolate_at_zero(points: Mapping[int, int]) -> int:
+    """The value at 0 of the polynomial of degree < len(points) through ``points`` (x -> y), mod p."""
+    xs = tuple(sorted(points))
+    return sum(points[x] * c for x, c in zip(xs, _lagrange_at_zero(xs))) % SHAMIR_PRIME
 
 
 def shamir_combine(shares: Mapping[int, bytes], threshold: int, secret_len: int) -> bytes:
@@ -273,19 +313,28 @@ class _SeededInts:
         key = hashlib.sha256(domain + seed).digest()
         self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
+    def _block(self, count: int) -> np.ndarray:
+        return np.frombuffer(self._enc.update(bytes(8 * count)), dtype=">u8")
+
     def words(self, count: int) -> list[int]:
         """``count`` uniform 64-bit integers (big-endian words of the keystream)."""
-        return np.frombuffer(self._enc.update(bytes(8 * count)), dtype=">u8").tolist()
+        return self._block(count).tolist()
 
-    def below(self, m: int, count: int) -> list[int]:
-        """``count`` uniform draws from ``[0, m)``, ``m < 2**64``: rejection
-        sampling on 64-bit words, so no modulo bias."""
+    def below(self, m: int, count: int) -> np.ndarray:
+        """``count`` uniform draws from ``[0, m)``, ``m < 2**64`` (as int64): rejection
+        sampling on 64-bit words, so no modulo bias. Vectorised; it reads the
+        keystream in the same chunks and keeps the same words as the
+        word-by-word loop it replaces, so the draws are unchanged."""
         limit = (1 << 64) - (1 << 64) % m
-        out: list[int] = []
-        while len(out) < count:
-            need = count - len(out)
-            out.extend(w % m for w in self.words(need + need // 8 + 8) if w < limit)
-        return out[:count]
+        parts, have = [], 0
+        while have < count:
+            need = count - have
+            w = self._block(need + need // 8 + 8)
+            if limit < 1 << 64:
+                w = w[w < np.uint64(limit)]
+            parts.append((w % np.uint64(m)).astype(np.int64))
+            have += len(parts[-1])
+        return np.concatenate(parts)[:count]
 
 
 def is_connected(adj: Mapping[int, Set[int]]) -> bool:
@@ -346,32 +395,41 @@ def _draw_graph(num_nodes: int, k: int | None, seed: bytes) -> tuple[frozenset[i
     if k < 2 or k % 2:
         raise ValueError("a sparse graph needs an even number of neighbours k >= 2")
     rng = _SeededInts(seed, GRAPH_DOMAIN)
-    order = [i for _, i in sorted(zip(rng.words(num_nodes), ids))]  # a random permutation
-    adj: dict[int, set[int]] = {i: set() for i in ids}
-    edges: list[tuple[int, int]] = []
-    for p in range(num_nodes):
-        for o in range(1, k // 2 + 1):
-            a, b = order[p], order[(p + o) % num_nodes]
-            adj[a].add(b)
-            adj[b].add(a)
-            edges.append((a, b))
-    m = len(edges)
+    order = np.array([i for _, i in sorted(zip(rng.words(num_nodes), ids))])  # a random permutation
+    # The ring's edges (order[p], order[p + o]) for p, then o = 1..k/2, as a
+    # flat list of endpoints: slot e holds edge (ends[2e], ends[2e + 1]).
+    pos = np.repeat(np.arange(num_nodes), k // 2)
+    ring = np.stack([order[pos], order[(pos + np.tile(np.arange(1, k // 2 + 1), num_nodes)) % num_nodes]], axis=1)
+    ends = ring.ravel().tolist()
+    m = len(ring)
+    # adj[i][j] == 1 iff {i, j} is an edge or i == j: one byte test replaces
+    # both the "would make a loop" and the "would make a double edge" checks
+    # (a == c, b == d hit the diagonal; a == d or b == c make the new edge
+    # {a, c} resp. {b, d} equal to the existing edge {c, d}). N**2 bytes.
+    mat = np.zeros((num_nodes + 1, num_nodes + 1), dtype=np.uint8)
+    mat[ring[:, 0], ring[:, 1]] = mat[ring[:, 1], ring[:, 0]] = 1
+    np.fill_diagonal(mat, 1)
+    adj = [bytearray(row.tobytes()) for row in mat]
     for _ in range(100):
         tries = SWITCHES_PER_EDGE * m
-        for e, f, flip in zip(rng.below(m, tries), rng.below(m, tries), rng.below(2, tries)):
-            a, b = edges[e]
-            d, c = edges[f] if flip else edges[f][::-1]
-            if a == c or b == d or a == d or b == c or c in adj[a] or d in adj[b]:
+        e, f, flip = rng.below(m, tries), rng.below(m, tries), rng.below(2, tries)
+        # Edge f read as (d, c) when flip is 1, as (c, d) otherwise: c at
+        # 2f + flip, d at 2f + 1 - flip.
+        for ia, ic, id_ in zip((2 * e).tolist(), (2 * f + flip).tolist(), (2 * f + 1 - flip).tolist()):
+            a, c = ends[ia], ends[ic]
+            ra = adj[a]
+            if ra[c]:
                 continue
-            adj[a].remove(b)
-            adj[b].remove(a)
-            adj[c].remove(d)
-            adj[d].remove(c)
-            adj[a].add(c)
-            adj[c].add(a)
-            adj[b].add(d)
-            adj[d].add(b)
-            edges[e], edges[f] = (a, c), (b, d)
-        if is_connected(adj):
-            return tuple(frozenset(adj[i]) for i in ids)
+            b, d = ends[ia + 1], ends[id_]
+            rb = adj[b]
+            if rb[d]:
+                continue
+            rc, rd = adj[c], adj[d]
+            ra[b] = rb[a] = rc[d] = rd[c] = 0
+            ra[c] = rc[a] = rb[d] = rd[b] = 1
+            # {a, b}, {c, d} -> {a, c}, {b, d}, stored as (a, c) and (b, d).
+            ends[ia + 1], ends[ic & id_], ends[ic | id_] = c, b, d
+        graph = {i: frozenset(np.flatnonzero(np.frombuffer(adj[i], dtype=np.uint8)).tolist()) - {i} for i in ids}
+        if is_connected(graph):
+            return tuple(graph.values())
     raise RuntimeError("could not draw a connected neighbour graph")  # pragma: no cover  (practically never)

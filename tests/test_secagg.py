@@ -20,7 +20,14 @@ from common.secagg import (
     VectorPacker,
     default_neighbours,
 )
-from common.secagg_crypto import MaskExpander, neighbour_graph, shamir_combine, shamir_split
+from common.secagg_crypto import (
+    SHAMIR_PRIME,
+    MaskExpander,
+    _interpolate_at_zero,
+    neighbour_graph,
+    shamir_combine,
+    shamir_split,
+)
 
 
 def _vectors(n: int, d: int, seed: int = 0, scale: float = 1.0) -> dict[int, np.ndarray]:
@@ -469,6 +476,39 @@ def test_shamir_exactly_t_shares_reconstruct_and_t_minus_1_fail():
     # the secret-space check reports instead of returning a wrong secret.
     with pytest.raises(ValueError, match="inconsistent"):
         shamir_combine(few, t - 1, 32)
+
+
+def _reference_interpolation(points: dict[int, int]) -> int:
+    """Lagrange interpolation at 0 as first written: t**2 field steps and t inverses."""
+    p, total = SHAMIR_PRIME, 0
+    for xi, yi in points.items():
+        num = den = 1
+        for xj in points:
+            if xj != xi:
+                num, den = num * -xj % p, den * (xi - xj) % p
+        total = (total + yi * num * pow(den, -1, p)) % p
+    return total
+
+
+@pytest.mark.parametrize("spread", [100, 1000, 2**40, SHAMIR_PRIME - 1])
+def test_batched_lagrange_matches_the_reference(spread):
+    """The cached, batch-inverted coefficients interpolate exactly what the
+    plain formula does: small secure ids (the int64 product path), points too
+    far apart for it, and any field element."""
+    rng = np.random.default_rng(spread % 1000)
+    for t in (1, 2, 5, 31, 88):
+        xs: set[int] = set()
+        while len(xs) < t:
+            xs.add(1 + int.from_bytes(rng.bytes(70), "big") % spread)
+        points = {x: int.from_bytes(rng.bytes(66), "big") % SHAMIR_PRIME for x in sorted(xs, key=lambda _: rng.random())}
+        assert _interpolate_at_zero(points) == _reference_interpolation(points), (spread, t)
+    # Recovery through the cached coefficients: every t-subset of one holder
+    # set, then the same subsets again for a second secret.
+    holders = list(range(3, 3 + 12))
+    for secret in (os.urandom(32), os.urandom(32)):
+        shares = shamir_split(secret, 5, holders)
+        for subset in itertools.islice(itertools.combinations(holders, 5), 40):
+            assert shamir_combine({x: shares[x] for x in subset}, 5, 32) == secret
 
 
 def test_shamir_uses_fresh_randomness():
