@@ -122,3 +122,59 @@ def test_choose_neighbours_from_the_bounds():
     assert (p.neighbours, p.threshold) == choose_neighbours(200, 0.1, 0.3)
     p = SecAggParams.create(range(1, 201), 4, colluder_fraction=0.05, dropout_fraction=0.1)
     assert (p.neighbours, p.threshold) == choose_neighbours(200, 0.05, 0.1)
+
+
+def _reference_draw(n: int, k: int, seed: bytes) -> tuple[frozenset[int], ...]:
+    """The switch chain as first written (word-by-word rejection sampling, sets
+    of neighbours, one Python step per switch): the optimised ``_draw_graph``
+    must give exactly this graph for every seed."""
+    from common.secagg_crypto import GRAPH_DOMAIN, SWITCHES_PER_EDGE, _SeededInts, is_connected
+
+    rng = _SeededInts(seed, GRAPH_DOMAIN)
+
+    def below(m: int, count: int) -> list[int]:
+        limit, out = (1 << 64) - (1 << 64) % m, []
+        while len(out) < count:
+            need = count - len(out)
+            out.extend(w % m for w in rng.words(need + need // 8 + 8) if w < limit)
+        return out[:count]
+
+    ids = range(1, n + 1)
+    order = [i for _, i in sorted(zip(rng.words(n), ids))]
+    adj: dict[int, set[int]] = {i: set() for i in ids}
+    edges = []
+    for p in range(n):
+        for o in range(1, k // 2 + 1):
+            a, b = order[p], order[(p + o) % n]
+            adj[a].add(b)
+            adj[b].add(a)
+            edges.append((a, b))
+    while True:
+        tries = SWITCHES_PER_EDGE * len(edges)
+        for e, f, flip in zip(below(len(edges), tries), below(len(edges), tries), below(2, tries)):
+            (a, b), (d, c) = edges[e], (edges[f] if flip else edges[f][::-1])
+            if len({a, b, c, d}) < 4 or c in adj[a] or d in adj[b]:
+                continue
+            adj[a] -= {b}
+            adj[b] -= {a}
+            adj[c] -= {d}
+            adj[d] -= {c}
+            adj[a].add(c)
+            adj[c].add(a)
+            adj[b].add(d)
+            adj[d].add(b)
+            edges[e], edges[f] = (a, c), (b, d)
+        if is_connected(adj):
+            return tuple(frozenset(adj[i]) for i in ids)
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 2), (30, 2), (20, 6), (40, 10), (120, 60)])
+def test_optimised_draw_gives_the_reference_graph(n, k):
+    """Same seed, same graph as the original implementation: parties running
+    either version agree. k = 2 disconnects often, so the extra rounds of
+    switches (and their reads of the keystream) are covered too."""
+    from common.secagg_crypto import _draw_graph
+
+    for trial in range(4):
+        seed = hashlib.sha256(b"reference-%d-%d-%d" % (n, k, trial)).digest()
+        assert _draw_graph.__wrapped__(n, k, seed) == _reference_draw(n, k, seed), (n, k, trial)
