@@ -20,6 +20,7 @@ Recipes (each a set of ``--set`` overrides on top of the run's defaults):
 * ``prv``: Opacus' PRV accountant (a tighter epsilon for the same mechanism);
 * ``top2``: every tier's LoRA in the top two layers only, the soft prompt as a
   deep prompt there (about 14x fewer trainable dimensions);
+* ``top2rank1``: ``top2`` with LoRA rank 1 in every tier (about 80x fewer);
 * ``all``: the recipes above that help, together.
 
     python -m benchmarks.recipes --smoke                       # tiny model, 3 users, 1 round, 2 recipes
@@ -52,6 +53,7 @@ RECIPES: dict[str, dict] = {
     "rank1": {"target-epsilon": 8.0, "lora-rank": 1, "user-lora-rank": 1},
     "prv": {"target-epsilon": 8.0, "accountant": "prv"},
     "top2": {"target-epsilon": 8.0, "adapter-layers": 2},
+    "top2rank1": {"target-epsilon": 8.0, "adapter-layers": 2, "lora-rank": 1, "user-lora-rank": 1},
 }
 ALL = ("calibrated", "batch", "prompt", "prv")  # combined in "all" (chosen from the one-at-a-time rows)
 
