@@ -60,7 +60,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks._common import add_size_flags, result_line
+from benchmarks._common import add_size_flags, parse_sets, result_line
 from benchmarks.secagg_overhead import client_vector
 
 STAGES = ("setup", "share_keys", "masked_input", "unmask")
@@ -69,14 +69,14 @@ STAGES = ("setup", "share_keys", "masked_input", "unmask")
 # --------------------------------------------------------------- deployed setup
 
 
-def deployed(model_name: str):
-    """The default run's config, model, K-slot codec and secure-sum step (as ``client.app._wire`` builds them)."""
+def deployed(model_name: str, overrides: dict | None = None):
+    """The default run's config (with ``overrides``), model, K-slot codec and secure-sum step (as ``client.app._wire`` builds them)."""
     from common.config import build_config
     from common.kslot import KSlotCodec
     from common.models import AdapterSpec, personal_model
     from common.privacy.pipeline import build_pipeline
 
-    cfg = build_config("default", {"model": model_name})
+    cfg = build_config("default", {"model": model_name, **(overrides or {})})
     model = personal_model(AdapterSpec.from_config(cfg))
     codec = KSlotCodec({k: tuple(v.shape) for k, v in model.shared_params().items()}, cfg.persona.slots)
     return cfg, model, codec, build_pipeline(cfg, codec).step("secure-sum")
@@ -331,13 +331,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=str, default=None, help="comma-separated N values (default 100,1000)")
     ap.add_argument("--length", type=int, default=None, help="masked vector length (default: the real K-slot reply's)")
     ap.add_argument("--train-reps", type=int, default=None, help="timed training calls after a warm-up (default 5; 1 with --quick or --smoke)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config override (e.g. adapter-layers=2: its reply length and its training); repeatable")
     add_size_flags(ap, quick="N = 100 at 1/10 of the real length, 1 training call (< 1 min)")
     args = ap.parse_args(argv)
     model_name = "tiny-random" if args.smoke else "smollm2-135m"
     sizes = [int(s) for s in (args.clients or ("12" if args.smoke else "100" if args.quick else "100,1000")).split(",")]
     reps = args.train_reps or (1 if args.smoke or args.quick else 5)
 
-    cfg, model, codec, secure_sum = deployed(model_name)
+    cfg, model, codec, secure_sum = deployed(model_name, parse_sets(args.sets))
     length = args.length or (codec.length // 10 if args.quick else codec.length)
     wire = _Wire()
     plain_reply = wire.arrays(codec.unflatten(client_vector(0, codec.length)))
