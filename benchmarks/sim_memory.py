@@ -1,7 +1,8 @@
 """Peak memory of a whole simulation at 10, 100 and 1,000 users (issue #15, figure b).
 
-For each population size N the benchmark prepares the embedded persona data
-for N users and runs one round of fedpersona's real simulation (the ServerApp
+For each population size N the benchmark writes N users' files from the
+embedded persona generator (several generated datasets side by side beyond
+its 400 users) and runs one round of fedpersona's real simulation (the ServerApp
 and the ClientApp on Flower's simulation engine), every setting at its
 default except those given. A sampler thread reads the resident set size
 (RSS) of the driver process and of every process below it (the Ray head,
@@ -78,11 +79,39 @@ class TreeRSS:
         self._sample()
 
 
+def population(n: int, root: Path) -> Path:
+    """A folder of ``n`` per-user files from the embedded persona generator.
+
+    One generated dataset holds at most ``MAX_USERS`` (400) users, each with a
+    unique signature; a larger population is several datasets (seeds 0, 1, ...)
+    side by side, so signatures repeat across them, which a memory figure does
+    not care about. Every size goes through the same ``--data`` path.
+    """
+    import shutil
+
+    from simulations.personas import MAX_USERS, MIN_PERSONAS, DatasetSpec, generate_dataset
+
+    folder = root / f"users-{n}"
+    folder.mkdir(parents=True)
+    made = seed = 0
+    while made < n:
+        take = min(MAX_USERS, n - made)
+        generated = root / f"generated-{n}-{seed}"
+        spec = DatasetSpec(num_users=max(take, MIN_PERSONAS), num_personas=MIN_PERSONAS if take < 4 else 4, seed=seed)
+        users = [u for u in generate_dataset(generated, spec)["users"] if not u.get("holdout")][:take]
+        for user in users:
+            shutil.copy(generated / user["file"], folder / f"user_{made:04d}.jsonl")
+            made += 1
+        shutil.rmtree(generated)
+        seed += 1
+    return folder
+
+
 def measure(n: int, overrides: dict, root: Path) -> dict:
     """One round at ``n`` users: peak RSS (total and driver) in MB, wall time, and whether every device contributed."""
     from simulations.run import prepare, simulate
 
-    harness = prepare("default", {**overrides, "num-supernodes": n}, root / f"n{n}")
+    harness = prepare("default", overrides, root / f"n{n}", data=population(n, root))
     started = time.perf_counter()
     with TreeRSS() as rss:
         report = simulate(harness)
