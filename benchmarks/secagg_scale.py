@@ -212,6 +212,27 @@ def run_round(params, wire: _Wire) -> dict:
     def resume(nid: int) -> SecAggClient:
         return SecAggClient.from_state(states[nid])
 
+    def config_stage(stage: str, server_method: str, msgs: dict, client_call) -> None:
+        """A stage whose messages and replies are config records: each reply reaches the server as it comes."""
+        for nid in list(msgs):
+            m = msgs.pop(nid)
+            reply = on_client(stage, nid, lambda nid=nid, m=m: client_call(nid, m))
+            received[stage].append(wire.config(m))
+            sent[stage].append(wire.config(reply))
+            serve(stage, server_method, nid, reply)
+        retained[stage] = deep_nbytes(server)
+
+    def share(nid: int, m: dict) -> dict:
+        c = resume(nid)
+        reply = c.share_keys(m)
+        states[nid] = c.to_state()
+        return reply
+
+    def unmask(nid: int, m: dict) -> dict:
+        reply = resume(nid).unmask(m)
+        del states[nid]  # the round is over for this client
+        return reply
+
     # stage 0: setup and key advertisement
     peaks["setup"] = traced_peak(server, "setup_message")
     setup = serve("setup", "setup_message")
@@ -231,21 +252,7 @@ def run_round(params, wire: _Wire) -> dict:
 
     # stage 1: key sharing
     peaks["share_keys"] = traced_peak(server, "share_keys_messages")
-    msgs = serve("share_keys", "share_keys_messages")
-    for nid in list(msgs):
-        m = msgs.pop(nid)
-
-        def share(nid=nid, m=m):
-            c = resume(nid)
-            reply = c.share_keys(m)
-            states[nid] = c.to_state()
-            return reply
-
-        reply = on_client("share_keys", nid, share)
-        received["share_keys"].append(wire.config(m))
-        sent["share_keys"].append(wire.config(reply))
-        serve("share_keys", "receive_shares", nid, reply)
-    retained["share_keys"] = deep_nbytes(server)
+    config_stage("share_keys", "receive_shares", serve("share_keys", "share_keys_messages"), share)
 
     # stage 2: masked input (rides on the train message and its reply); the plain sum is the reference
     peaks["masked_input"] = traced_peak(server, "masked_input_messages")
@@ -274,15 +281,7 @@ def run_round(params, wire: _Wire) -> dict:
 
     # stage 3: unmasking
     peaks["unmask"] = traced_peak(server, "unmask_messages")
-    msgs = serve("unmask", "unmask_messages")
-    for nid in list(msgs):
-        m = msgs.pop(nid)
-        reply = on_client("unmask", nid, lambda nid=nid, m=m: resume(nid).unmask(m))
-        del states[nid]
-        received["unmask"].append(wire.config(m))
-        sent["unmask"].append(wire.config(reply))
-        serve("unmask", "receive_unmask", nid, reply)
-    retained["unmask"] = deep_nbytes(server)
+    config_stage("unmask", "receive_unmask", serve("unmask", "unmask_messages"), unmask)
     peaks["finalize"] = traced_peak(server, "finalize")
     result = serve("finalize", "finalize")
 
