@@ -223,13 +223,15 @@ class RunView:
     def generate(self, prompt: str, stack: str, max_new_tokens: int = 24) -> str:
         """Greedy continuation of ``prompt`` (the task format: ``input\\n``) under a stack.
 
-        The model's own KV-cached decoding (:meth:`PersonalLM.decode`): the
-        soft prompt, when the stack includes the user tier, goes in once.
+        :meth:`PersonalLM.generate`, KV-cached: the soft prompt, when the stack
+        includes the user tier, goes in once; decoding stops at the end-of-text token.
         """
         model = self.model
         model.use(*self._adapters(stack))
         model.eval()
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        new = model.decode(ids, max_new_tokens, self.tokenizer.eos_token_id)
+        eos = self.tokenizer.eos_token_id
+        new = model.generate(ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)[0].tolist()
         model.use(*model.tiers)
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+        return self.tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
