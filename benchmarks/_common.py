@@ -31,6 +31,11 @@ def result_line(name: str, values: Mapping[str, Any]) -> str:
     return f"RESULT {name} " + " ".join(f"{k}={v}" for k, v in values.items())
 
 
+def add_set_flag(ap: argparse.ArgumentParser, what: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): run-config overrides, read with :func:`parse_sets`; ``what`` says which runs they reach."""
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=f"a run-config override for {what}; repeatable")
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``--set key=value`` options as run-config overrides (values parsed as JSON where they parse)."""
     import json

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import parse_sets
+from benchmarks._common import add_set_flag, parse_sets
 
 RECIPES: dict[str, dict] = {
     "nonprivate": {"dp": False},
@@ -114,7 +114,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="SmolLM2, 6 users, 2 rounds")
     ap.add_argument("--data", type=Path, default=None, help="a per-user folder (e.g. from fedpersona import-annotators)")
     ap.add_argument("--recipes", default=None, help="comma-separated names (default: all of them, then 'all')")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra key=value on every run")
+    add_set_flag(ap, "every recipe's run")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run folders here")
     args = ap.parse_args(argv)

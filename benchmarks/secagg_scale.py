@@ -60,7 +60,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks._common import add_size_flags, parse_sets, result_line
+from benchmarks._common import add_set_flag, add_size_flags, parse_sets, result_line
 from benchmarks.secagg_overhead import client_vector
 
 STAGES = ("setup", "share_keys", "masked_input", "unmask")
@@ -71,14 +71,14 @@ STAGES = ("setup", "share_keys", "masked_input", "unmask")
 
 def deployed(model_name: str, overrides: dict | None = None):
     """The default run's config (with ``overrides``), model, K-slot codec and secure-sum step (as ``client.app._wire`` builds them)."""
+    from benchmarks.loopback import codec_for
     from common.config import build_config
-    from common.kslot import KSlotCodec
     from common.models import AdapterSpec, personal_model
     from common.privacy.pipeline import build_pipeline
 
     cfg = build_config("default", {"model": model_name, **(overrides or {})})
     model = personal_model(AdapterSpec.from_config(cfg))
-    codec = KSlotCodec({k: tuple(v.shape) for k, v in model.shared_params().items()}, cfg.persona.slots)
+    codec = codec_for(cfg)
     return cfg, model, codec, build_pipeline(cfg, codec).step("secure-sum")
 
 
@@ -330,8 +330,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=str, default=None, help="comma-separated N values (default 100,1000)")
     ap.add_argument("--length", type=int, default=None, help="masked vector length (default: the real K-slot reply's)")
     ap.add_argument("--train-reps", type=int, default=None, help="timed training calls after a warm-up (default 5; 1 with --quick or --smoke)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="a run-config override (e.g. adapter-layers=2: its reply length and its training); repeatable")
+    add_set_flag(ap, "the deployed run (e.g. adapter-layers=2: its reply length and its training)")
     add_size_flags(ap, quick="N = 100 at 1/10 of the real length, 1 training call (< 1 min)")
     args = ap.parse_args(argv)
     model_name = "tiny-random" if args.smoke else "smollm2-135m"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from benchmarks._common import add_size_flags, parse_sets, result_line  # noqa: E402
+from benchmarks._common import add_set_flag, add_size_flags, parse_sets, result_line  # noqa: E402
 
 MB = 2**20
 
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", default=None, help="comma-separated population sizes (default 10,100,1000)")
     ap.add_argument("--model", default="tiny-random", help="base model (default tiny-random)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="a run-config override; repeatable")
+    add_set_flag(ap, "every size's run")
     add_size_flags(ap, quick="tiny-random model, N = 10 and 40")
     args = ap.parse_args(argv)
     sizes = [10, 100, 1000]

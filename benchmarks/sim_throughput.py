@@ -62,7 +62,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_D
                      "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}.items():
     os.environ.setdefault(_key, _value)
 
-from benchmarks._common import add_size_flags, parse_sets, result_line  # noqa: E402
+from benchmarks._common import add_set_flag, add_size_flags, parse_sets, result_line  # noqa: E402
 
 # The naive client's LoRA and DP-SGD settings (the FlowerTune / Flower Opacus examples' pattern).
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q_proj", "v_proj")
@@ -258,8 +258,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="S, DP-SGD steps per client update (default 2; 1 with --smoke)")
     ap.add_argument("--batch", type=int, default=6, help="B (default 6)")
     ap.add_argument("--seq", type=int, default=56, help="L, max tokens per example (default 56)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="a run-config override for fedpersona's arm (e.g. adapter-layers=2); repeatable")
+    add_set_flag(ap, "fedpersona's arm (e.g. adapter-layers=2)")
     add_size_flags(ap, quick="SmolLM2, N 4, R 1 (minutes per arm on two cores)")
     args = ap.parse_args(argv)
     model, n, rounds, steps = "smollm2-135m", 20, 2, 2

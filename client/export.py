@@ -114,8 +114,6 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
         raise ExportError(f"the served stack's soft prompt enters at layer {model.first_adapted} (adapter-layers = "
                           f"{spec.adapter_layers}), which no standard peft adapter expresses; export a stack without "
                           "the user tier, or train with adapter-layers = 0")
-    # Only the layers that carry adapters (all of them when adapter-layers = 0).
-    layers = list(range(model.first_adapted, model.peft.get_base_model().config.num_hidden_layers)) if spec.adapter_layers else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -123,7 +121,7 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
         base, _ = load_base_model(spec.base_model)
         lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(spec.target_modules),
                                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                                               layers_to_transform=layers))
+                                               layers_to_transform=model.adapted_layers))
         live = dict(lora.named_modules())
         with torch.no_grad():
             for name, (a, b) in merged.items():

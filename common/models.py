@@ -353,10 +353,12 @@ class PersonalLM(nn.Module):
                 raise ValueError(f"adapter-layers = {spec.adapter_layers}, but {spec.base_model} has {num_layers} layers")
         # The first layer that carries adapters (and takes the soft prompt); 0 = the input.
         self.first_adapted = num_layers - spec.adapter_layers if spec.adapter_layers else 0
-        layers = list(range(self.first_adapted, num_layers)) if spec.adapter_layers else None
+        # peft's layers_to_transform for every adapter (None: every layer).
+        self.adapted_layers = list(range(self.first_adapted, num_layers)) if spec.adapter_layers else None
 
         def lora(rank: int, alpha: int):
-            return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(spec.target_modules), lora_dropout=0.0, layers_to_transform=layers)
+            return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(spec.target_modules), lora_dropout=0.0,
+                              layers_to_transform=self.adapted_layers)
         # Opacus#820: the model must be on its final device before get_peft_model,
         # or LoRA weights silently never change under DP. We train on the CPU and
         # never move it afterwards.

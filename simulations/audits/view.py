@@ -234,4 +234,4 @@ class RunView:
         new = model.generate(ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)[0].tolist()
         model.use(*model.tiers)
-        return self.tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
+        return self.tokenizer.decode(new, skip_special_tokens=True)
