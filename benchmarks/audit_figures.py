@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -39,12 +38,13 @@ from common.config import RunConfig, build_config
 
 
 def noise_for_record_epsilon(target: float, cfg: RunConfig, records: int = 40) -> float:
-    """DP-SGD noise multiplier giving a ``records``-record user ``target`` epsilon over the run."""
-    from opacus.accountants.utils import get_noise_multiplier
+    """DP-SGD noise multiplier giving a ``records``-record user ``target`` epsilon over the run (the device's own calibration)."""
+    import dataclasses
 
-    batches = math.ceil(records / cfg.train.batch_size)
-    steps = cfg.train.local_steps * cfg.federation.num_server_rounds
-    return round(get_noise_multiplier(target_epsilon=target, target_delta=cfg.train.delta, sample_rate=1 / batches, steps=steps, accountant="rdp"), 3)
+    from client.accounting import calibrated_noise
+
+    train = dataclasses.replace(cfg.train, target_epsilon=target)
+    return round(calibrated_noise(train, records, cfg.federation.num_server_rounds), 3)
 
 
 def _measured(result) -> dict:

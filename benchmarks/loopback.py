@@ -27,7 +27,7 @@ from common.models import AdapterSpec, personal_model
 
 def codec_for(cfg: RunConfig) -> KSlotCodec:
     shared = personal_model(AdapterSpec.from_config(cfg)).shared_params()
-    return KSlotCodec({k: tuple(v.shape) for k, v in shared.items()}, cfg.persona.slots)
+    return KSlotCodec.from_tensors(shared, cfg.persona.slots)
 
 
 def initial_arrays(cfg: RunConfig) -> ArrayRecord:

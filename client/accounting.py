@@ -51,7 +51,26 @@ def new_accountant(mechanism: str = "rdp"):
     """A fresh record-level accountant of ``mechanism`` (``rdp`` or ``prv``)."""
     from opacus.accountants import create_accountant
 
+    if mechanism == "prv":
+        return _quiet_prv()
     return MemoRDPAccountant() if mechanism == "rdp" else create_accountant(mechanism=mechanism)
+
+
+def _quiet_prv():
+    """Opacus' PRV accountant, without numpy's divide-by-zero warnings at sampling rate 1.
+
+    At q = 1 (``batch-size = 0``) Opacus' PRV evaluates log(1 - q) = -inf inside
+    an ``np.where`` that discards it: the result is right, the warning is noise
+    in every device's log.
+    """
+    from opacus.accountants import PRVAccountant
+
+    class QuietPRVAccountant(PRVAccountant):
+        def get_epsilon(self, *args, **kwargs):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return super().get_epsilon(*args, **kwargs)
+
+    return QuietPRVAccountant()
 
 
 def dump_state(accountant) -> str:
@@ -87,7 +106,7 @@ def epsilon_from_history(accountant_state: str | None, delta: float) -> float:
 
 def sample_rate(cfg: TrainConfig, num_records: int) -> float:
     """The Poisson sampling rate of one DP-SGD step: batch / records, at most 1 (as Opacus' DPDataLoader)."""
-    return 1 / max(1, math.ceil(num_records / min(cfg.batch_size, num_records))) if num_records else 1.0
+    return 1 / max(1, math.ceil(num_records / cfg.batch_for(num_records))) if num_records else 1.0
 
 
 def would_exceed(accountant_state: str | None, cfg: TrainConfig, num_records: int, cap: float) -> bool:
@@ -114,11 +133,19 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
     """
     rate, steps = sample_rate(cfg, num_records), max(1, planned_rounds) * cfg.local_steps
     if cfg.accountant != "rdp":
-        from opacus.accountants.utils import get_noise_multiplier
-
-        return float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=rate,
-                                          steps=steps, accountant=cfg.accountant, epsilon_tolerance=EPSILON_TOLERANCE))
+        return _opacus_noise_for_epsilon(cfg.target_epsilon, cfg.delta, rate, steps, cfg.accountant)
     return rdp_noise_for_epsilon(cfg.target_epsilon, cfg.delta, rate, steps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _opacus_noise_for_epsilon(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    """Opacus' own calibration, once per process and mechanism: with ``batch-size = 0`` every device
+    has rate 1, so devices with the same planned steps share one answer (0.3-4 s each with PRV)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # PRV at q = 1, see _quiet_prv
+        return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=EPSILON_TOLERANCE))
 
 
 def rdp_noise_for_epsilon(target: float, delta: float, rate: float, steps: int, tolerance: float = EPSILON_TOLERANCE) -> float:

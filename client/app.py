@@ -102,7 +102,7 @@ def _where(err: BaseException) -> str:
 def _wire(cfg: RunConfig) -> tuple[KSlotCodec, Pipeline]:
     """This run's K-slot codec and privacy pipeline (built from the model's live shapes, never from the message)."""
     shared = personal_model(AdapterSpec.from_config(cfg)).shared_params()
-    codec = KSlotCodec({k: tuple(v.shape) for k, v in shared.items()}, cfg.persona.slots)
+    codec = KSlotCodec.from_tensors(shared, cfg.persona.slots)
     return codec, build_pipeline(cfg, codec)
 
 

@@ -1,4 +1,4 @@
-"""Export the model this device serves as standard peft adapters (``fedpersona export``).
+"""Export the model this device serves (``fedpersona export``): peft adapters, and a deep prompt beside them.
 
 The folder ``OUT`` holds:
 
@@ -8,7 +8,14 @@ The folder ``OUT`` holds:
   ``PeftModel.from_pretrained(base, OUT)`` loads it like any LoRA folder;
 * ``prompt/``: the soft prompt (the user embedding) as a peft prompt-tuning
   adapter (PROMPT_TUNING, CAUSAL_LM), only when the served stack has one
-  (the frequent routing group);
+  (the frequent routing group) and it enters at the input;
+* ``deep_prompt.safetensors``: instead of ``prompt/``, the soft prompt when it
+  enters at a later layer (``adapter-layers = N``, a deep prompt). No peft
+  adapter type expresses that: prompt tuning puts virtual tokens at the input
+  and prefix tuning gives every layer a prefix, while here the layers below
+  never see the prompt. :func:`load_exported` loads the folder exactly;
+  ``PeftModel.from_pretrained(base, OUT)`` alone gives the LoRA tiers without
+  the user embedding (``fedpersona-export.json`` says which case a folder is);
 * ``fedpersona-export.json``: what the folder is (base model, tiers, ranks,
   how to load it). No user text, no persona slot number.
 
@@ -53,12 +60,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from common.models import USER, PersonalLM, load_base_model
+from common.models import GLOBAL, USER, AdapterSpec, PersonalLM, load_base_model
 from client.served import ServedStack
 
 METADATA = "fedpersona-export.json"
 PROMPT_DIR = "prompt"
+DEEP_PROMPT = "deep_prompt.safetensors"
 FORMAT = "fedpersona-export/1"
 
 _BASE_NOTES = {
@@ -107,13 +116,10 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
     merged, rank = merged_lora(model, adapters)
     prompt = USER in adapters
     spec = model.spec
-    if prompt and model.first_adapted:
-        # peft's prompt tuning puts virtual tokens at the input; a deep prompt enters at a
-        # later layer, and no peft adapter type expresses that exactly. Refuse rather than
-        # write an adapter that loads and silently computes something else.
-        raise ExportError(f"the served stack's soft prompt enters at layer {model.first_adapted} (adapter-layers = "
-                          f"{spec.adapter_layers}), which no standard peft adapter expresses; export a stack without "
-                          "the user tier, or train with adapter-layers = 0")
+    # peft's prompt tuning puts virtual tokens at the input; a deep prompt enters at a
+    # later layer, which no peft adapter type expresses, so it is written in this
+    # format's own file and only load_exported() applies it.
+    deep = prompt and model.first_adapted > 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -129,7 +135,9 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
                 module.lora_A["default"].weight.copy_(a)
                 module.lora_B["default"].weight.copy_(b)
         lora.save_pretrained(tmp)
-        if prompt:
+        if deep:
+            save_file({"prompt": model.user_embedding.weight.detach().clone().contiguous()}, str(tmp / DEEP_PROMPT))
+        elif prompt:
             base = lora.unload()
             tuned = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.prompt_tokens,
                                                             token_dim=model.user_embedding.weight.shape[1]))
@@ -149,9 +157,15 @@ def export_stack(model: PersonalLM, adapters: tuple[str, ...], out: Path, extra:
                          "scaling (alpha/r) folded in; scaling of the merged adapter = 1",
             },
             "prompt_tokens": spec.prompt_tokens if prompt else 0,
+            "adapter_layers": spec.adapter_layers,
+            "deep_prompt": {"file": DEEP_PROMPT, "layer": model.first_adapted,
+                            "positions": "the layers below the prompt's layer keep the input's positions 0..T-1; "
+                                         "from that layer on the prompt takes 0..n-1 and the input n..n+T-1"} if deep else None,
             "input_format": "plain text: the prompt followed by a newline, no chat template",
-            "load": "PeftModel.from_pretrained(base, OUT); then, if OUT/prompt exists: "
-                    "PeftModel.from_pretrained(model.merge_and_unload(), OUT/prompt)",
+            "load": ("client.export.load_exported(OUT) (exact); PeftModel.from_pretrained(base, OUT) alone is the LoRA "
+                     "tiers without the deep prompt") if deep else
+                    ("PeftModel.from_pretrained(base, OUT); then, if OUT/prompt exists: "
+                     "PeftModel.from_pretrained(model.merge_and_unload(), OUT/prompt); or client.export.load_exported(OUT)"),
             "contains_user_text": False,
             "contains_private_tier": USER in adapters,
             **(extra or {}),
@@ -178,20 +192,73 @@ def _readme(meta: dict) -> str:
         "",
         f"The model a fedpersona device serves its owner: the {tiers} LoRA tiers merged exactly into one peft LoRA "
         f"adapter of rank {meta['lora']['rank']} (this folder)"
-        + (f", and the soft prompt ({meta['prompt_tokens']} virtual tokens) as a peft prompt-tuning adapter in `prompt/`." if meta["soft_prompt"] else "."),
+        + (f", and the soft prompt ({meta['prompt_tokens']} virtual tokens) as a deep prompt entering at layer "
+           f"{meta['deep_prompt']['layer']} in `{DEEP_PROMPT}`, which no peft adapter type expresses: load the whole "
+           "folder with fedpersona's `client.export.load_exported(OUT)`. The LoRA folder alone is the stack without "
+           "the user embedding." if meta["deep_prompt"] else
+           f", and the soft prompt ({meta['prompt_tokens']} virtual tokens) as a peft prompt-tuning adapter in `prompt/`."
+           if meta["soft_prompt"] else "."),
         "",
         f"Base model: `{meta['base_model']}`: {meta['base_model_note']}.",
         "",
         "```python",
-        "from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base, OUT)",
     ]
-    if meta["soft_prompt"]:
+    if meta["deep_prompt"]:
+        lines += ["from client.export import load_exported",
+                  "model = load_exported(OUT)  # model(input_ids, attention_mask) -> logits; model.generate(...)"]
+    else:
+        lines += ["from peft import PeftModel", "model = PeftModel.from_pretrained(base, OUT)"]
+    if meta["soft_prompt"] and not meta["deep_prompt"]:
         lines.append('model = PeftModel.from_pretrained(model.merge_and_unload(), OUT / "prompt")')
     lines += ["```", "", "Inputs are plain text: the prompt followed by a newline (no chat template).",
               "See `fedpersona-export.json` for the details. No user text is in this folder"
               + ("; the user tier is, unencrypted: keep it on the device." if meta["contains_private_tier"] else "."), ""]
     return "\n".join(lines)
+
+
+def load_exported(out: Path) -> PersonalLM:
+    """An export folder as the model the device served, exactly: merged LoRA and soft prompt, deep or not.
+
+    The merged LoRA goes into a :class:`PersonalLM` whose global adapter has
+    the merged rank and scaling 1; the soft prompt into its user embedding,
+    which then enters where the device's did (the input, or the layer in
+    ``deep_prompt``). Inactive parts (a rank-1 user adapter, zero) never act.
+    """
+    from peft import set_peft_model_state_dict
+
+    out = Path(out)
+    try:
+        meta = json.loads((out / METADATA).read_text())
+        if meta.get("format") != FORMAT:
+            raise ExportError(f"{out / METADATA}: not a {FORMAT} folder")
+        lora = meta["lora"]
+        spec = AdapterSpec(base_model=meta["base_model"], lora_rank=lora["rank"], lora_alpha=lora["lora_alpha"],
+                           target_modules=tuple(lora["target_modules"]), user_lora_rank=1,
+                           prompt_tokens=max(1, meta["prompt_tokens"]), seed=0, lora_split="separate", persona=False,
+                           adapter_layers=meta.get("adapter_layers", 0))
+        weights = load_file(str(out / "adapter_model.safetensors"))
+        if meta.get("deep_prompt"):
+            prompt = load_file(str(out / meta["deep_prompt"]["file"]))["prompt"]
+        elif meta["soft_prompt"]:
+            prompt = load_file(str(out / PROMPT_DIR / "adapter_model.safetensors"))["prompt_embeddings"]
+        else:
+            prompt = None
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"{out}: not a readable fedpersona export ({type(exc).__name__})") from None
+    model = PersonalLM(spec)
+    if model.first_adapted != (meta["deep_prompt"]["layer"] if meta.get("deep_prompt") else model.first_adapted):
+        raise ExportError(f"{out / METADATA}: the deep prompt's layer does not match {spec.base_model}'s depth")
+    result = set_peft_model_state_dict(model.peft, weights, adapter_name=GLOBAL)
+    if [k for k in result.unexpected_keys if "lora_" in k]:
+        raise ExportError(f"{out / 'adapter_model.safetensors'}: LoRA tensors that {spec.base_model} has no place for")
+    with torch.no_grad():
+        if prompt is not None:
+            model.user_embedding.weight.copy_(prompt)
+    model.use(GLOBAL, prompt=prompt is not None)
+    model.eval()
+    return model
 
 
 def export_served(model: PersonalLM, stack: ServedStack, out: Path) -> dict:

@@ -246,7 +246,7 @@ def train_local(
     model.use(*model.tiers)
     model.train()
     params = _trainable(model, cfg)
-    batch_size = min(cfg.batch_size, len(data))
+    batch_size = cfg.batch_for(len(data))
     # The per-coordinate variance of the noise in the averaged gradient (DP-AdamBC needs it).
     noise_variance = (cfg.noise_multiplier * cfg.max_grad_norm / batch_size) ** 2 if cfg.dp else 0.0
     optimizer = make_optimizer(params, cfg, noise_variance)

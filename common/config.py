@@ -151,7 +151,7 @@ class ModelConfig(_Section):
     # tier's LoRA only in the top N layers and the soft prompt injected at the
     # first of them (a deep prompt); the frozen layers below are then computed
     # once per record and cached (common/models.py, PrefixCache).
-    adapter_layers: int = _opt("adapter-layers", 0, _at_least(0))
+    adapter_layers: int = _opt("adapter-layers", 2, _at_least(0))
     # ffa: FFA-LoRA, every A frozen at its seeded init, only B trained and shared
     lora_split: str = _opt("lora-split", "ffa", _one_of("ffa", "separate"))
 
@@ -198,8 +198,13 @@ class FederationConfig(_Section):
 class TrainConfig(_Section):
     """Local training and record-level DP-SGD (Opacus) on the device."""
 
-    local_steps: int = _opt("local-steps", 2, _at_least(1))
-    batch_size: int = _opt("batch-size", 6, _at_least(1))
+    local_steps: int = _opt("local-steps", 3, _at_least(1))
+    # Records per DP-SGD step (the Poisson sampling rate is batch / records, at most 1);
+    # 0 = every record in every step. At a record-level epsilon near 8 over a few steps,
+    # amplification by subsampling buys little, so a whole local set (tens of records)
+    # gets several times less noise on the averaged gradient than a batch of 6
+    # (docs/results.md, issue 13).
+    batch_size: int = _opt("batch-size", 0, _non_negative)
     lr: float = _opt("lr", 0.02, _positive)
     # adam; sgd (momentum 0.9); adambc (Adam with DP bias correction, Tang et al. 2024)
     optimizer: str = _opt("optimizer", "adam", _one_of("adam", "sgd", "adambc"))
@@ -214,11 +219,15 @@ class TrainConfig(_Section):
     # (0 = use noise-multiplier as given); never above the cap
     target_epsilon: float = _opt("target-epsilon", 8.0, _non_negative)
     # Opacus' accountant for record-level epsilon: rdp, or prv (tighter, same mechanism)
-    accountant: str = _opt("accountant", "rdp", _one_of("rdp", "prv"))
+    accountant: str = _opt("accountant", "prv", _one_of("rdp", "prv"))
     # which parts of the private tier train: its LoRA adapter and soft prompt, or the soft prompt only
     private_tier: str = _opt("private-tier", "lora+prompt", _one_of("lora+prompt", "prompt"))
     # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
     physical_batch: int = _opt("physical-batch", 16, _at_least(1))
+
+    def batch_for(self, num_records: int) -> int:
+        """The logical batch for a device holding ``num_records`` records (``batch-size = 0``: all of them)."""
+        return max(1, num_records if self.batch_size == 0 else min(self.batch_size, num_records))
 
 
 @dataclass(frozen=True)
@@ -405,7 +414,7 @@ DEFAULTS: dict[str, Any] = RunConfig().flat()
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"model": "tiny-random", "num-supernodes": 6, "num-personas": 3, "persona-slots": 3, "persona-min-size": 1, "num-server-rounds": 2, "local-steps": 2},
     "default": {},
-    "full": {"num-supernodes": 32, "num-server-rounds": 5, "local-steps": 4, "batch-size": 16},
+    "full": {"num-supernodes": 32, "num-server-rounds": 5, "local-steps": 4},
 }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,11 @@ class KSlotCodec:
             self.offsets[seg.name] = slice(start, start + seg.size)
             start += seg.size
         self.length = start
+
+    @classmethod
+    def from_tensors(cls, shared: Mapping[str, Any], num_slots: int) -> "KSlotCodec":
+        """The codec for a model's shared tensors (anything with a ``.shape``), as both sides build it."""
+        return cls({k: tuple(v.shape) for k, v in shared.items()}, num_slots)
 
     # -- layout -----------------------------------------------------------------
     @property

@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     started = time.time()
     shared = personal_model(AdapterSpec.from_config(cfg)).initial_shared_state()
-    codec = KSlotCodec({k: tuple(v.shape) for k, v in shared.items()}, cfg.persona.slots)
+    codec = KSlotCodec.from_tensors(shared, cfg.persona.slots)
     initial = ArrayRecord({k: Array(v) for k, v in codec.initial_state(shared, cfg.persona.init_std, cfg.seed).items()})
     pipeline = build_pipeline(cfg, codec)
     planned = cfg.federation.num_server_rounds

@@ -264,11 +264,14 @@ def export_cmd(
     store: Path = typer.Option(None, help="The device store (its key file: the policy's key-file, else STORE with the suffix .key)."),
     policy_file: Path = typer.Option(None, help="The device's policy file (its store-path and key-file)."),
 ) -> None:
-    """Write the model this device serves as standard peft adapters: the merged LoRA tiers in OUT, the soft prompt in OUT/prompt.
+    """Write the model this device serves: the merged LoRA tiers in OUT as a peft adapter, the soft prompt in OUT/prompt
+    (or, entering at a later layer, OUT/deep_prompt.safetensors).
 
     Load with PeftModel.from_pretrained(base, OUT); if OUT/prompt exists, then
-    PeftModel.from_pretrained(model.merge_and_unload(), OUT/prompt). OUT holds
-    your private tier unencrypted (owner-only files): keep it on the device.
+    PeftModel.from_pretrained(model.merge_and_unload(), OUT/prompt). A deep
+    prompt only fedpersona's client.export.load_exported(OUT) applies (it loads
+    every export exactly). OUT holds your private tier unencrypted (owner-only
+    files): keep it on the device.
     """
     from client.export import ExportError, export_served
 

@@ -41,3 +41,12 @@ def test_calibration_ends_within_the_tolerance_below_the_target_never_above(targ
 def test_calibration_refuses_a_target_no_noise_reaches():
     with pytest.raises(ValueError):
         rdp_noise_for_epsilon(0.05, 1e-5, 0.2, 6)  # RDP's orders floor epsilon near 0.2 at delta 1e-5
+
+
+def test_the_ledgers_written_out_rdp_orders_are_opacus_own():
+    """The ledger keeps its own copy (it must not read the accountant it checks); it must not drift from Opacus'."""
+    from opacus.accountants import RDPAccountant
+
+    from simulations.audits.ledger import OPACUS_ORDERS
+
+    assert OPACUS_ORDERS == RDPAccountant.DEFAULT_ALPHAS

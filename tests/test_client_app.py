@@ -98,7 +98,7 @@ def test_user_tier_stays_on_device_and_the_accountant_persists(setup):
     assert 0 < eps1 < eps2  # the accountant is not reset between rounds
     # Persisted through Opacus' state_dict, not a bare history list.
     state = json.loads(store.get_state(device.ACCOUNTANT))
-    assert state["mechanism"] == "rdp" and len(state["history"]) >= 1
+    assert state["mechanism"] == cfg.train.accountant == "prv" and len(state["history"]) >= 1
 
 
 def test_evaluate_reply_carries_no_metrics_and_the_results_stay_on_the_device(setup):

@@ -81,6 +81,8 @@ def test_real_dp_step_changes_lora_weights(fresh_cache, no_network):
     assert result.steps == 1 and 0 < result.epsilon < float("inf")
     assert len(changed) == len(before), "some LoRA tensors did not change under DP-SGD"
     shared = model.shared_state()
-    # LoRA r=8 on q and v of 30 layers, for the global and the (live) persona adapter.
-    assert sum(v.numel() for k, v in shared.items() if k.startswith("global/")) == 460_800
-    assert sum(v.numel() for k, v in shared.items() if k.startswith("persona/")) == 460_800
+    # LoRA r=8 on q (576 -> 576) and v (576 -> 192) of the top two of 30 layers (adapter-layers = 2, the
+    # default), for the global and the (live) persona adapter: 2 x 8 x (1152 + 768).
+    assert model.adapted_layers == [28, 29]
+    assert sum(v.numel() for k, v in shared.items() if k.startswith("global/")) == 30_720
+    assert sum(v.numel() for k, v in shared.items() if k.startswith("persona/")) == 30_720

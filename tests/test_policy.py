@@ -89,12 +89,27 @@ def test_a_round_past_the_participation_budget_is_refused_with_state_unchanged(t
     assert _state(tmp_path / "device-7") == before
 
 
-@pytest.mark.parametrize("target", [0.0, 8.0])  # noise as given (the round would pass the cap); calibrated (no noise reaches 0.1)
-def test_past_its_record_level_epsilon_cap_the_device_declines_to_train(target, tmp_path, tiny_data, task_identity):
+# noise as given (the round would pass the cap); calibrated under RDP, whose conversion to (epsilon, delta)
+# reaches no epsilon as small as 0.1 at any noise over Opacus' orders
+@pytest.mark.parametrize("target, accountant", [(0.0, "prv"), (8.0, "rdp")])
+def test_past_its_record_level_epsilon_cap_the_device_declines_to_train(target, accountant, tmp_path, tiny_data, task_identity):
     cfg, ctx = _device(tmp_path, tiny_data, require_secagg=False, max_rounds=0, max_epsilon=0.1)
-    ctx.run_config.update({"target-epsilon": target})
+    ctx.run_config.update({"target-epsilon": target, "accountant": accountant})
     reply = app(server_message(cfg, "train", 1), ctx)
     assert _reason(reply) == Reason.RECORD_BUDGET_SPENT
+
+
+def test_under_a_cap_it_can_reach_the_device_calibrates_down_to_it(tmp_path, tiny_data, task_identity):
+    """PRV reaches epsilon 0.1 with enough noise: the device trains, and ends at its cap, not above."""
+    from client import device
+    from client.accounting import epsilon_from_history
+
+    cfg, ctx = _device(tmp_path, tiny_data, require_secagg=False, max_rounds=0, max_epsilon=0.1)
+    ctx.run_config.update({"target-epsilon": 8.0, "accountant": "prv", "num-server-rounds": 1})
+    reply = app(server_message(cfg, "train", 1), ctx)
+    assert "arrays" in reply.content.keys()
+    state = device.DeviceStore(tmp_path / "device-7" / "store.sqlite").get_state(device.ACCOUNTANT).decode()
+    assert 0.09 <= epsilon_from_history(state, 1e-5) <= 0.1
 
 
 def test_a_plain_round_in_a_secure_run_is_refused(tmp_path, tiny_data, task_identity):

@@ -166,6 +166,21 @@ def test_a_logical_batch_larger_than_memory_is_split_and_charged_once_per_step(m
     assert result.instruments and 0 <= result.instruments["clip_fraction"] <= 1 and result.instruments["snr"] is not None
 
 
+def test_batch_size_zero_takes_every_record_in_every_step_at_rate_one(model):
+    """``batch-size = 0``: the whole local set per step; the accountant sees q = 1 (no amplification claimed)."""
+    from client.accounting import sample_rate
+
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    cfg = quick(local_steps=2, batch_size=0, physical_batch=5).train
+    assert cfg.batch_for(24) == 24 and cfg.batch_for(3) == 3 and sample_rate(cfg, 24) == 1.0
+    result, history, _ = train_local(model, data, cfg, None, None)
+    entries = json.loads(history)["history"]
+    assert result.steps == 2 and entries == [[cfg.noise_multiplier, 1.0, 2]]
+    with pytest.raises(ValueError, match="batch-size"):
+        quick(batch_size=-1)
+
+
 def test_without_dp_chunked_gradients_equal_the_whole_batch(model):
     from client.train import _backward
 
@@ -206,11 +221,13 @@ def test_prv_accounting_is_tighter_than_rdp_for_the_same_mechanism(model):
 def test_calibrated_noise_ends_the_planned_rounds_at_the_target_not_above():
     from client.accounting import calibrated_noise, sample_rate
 
-    for records in (3, 40, 400):
-        cfg = quick(target_epsilon=4.0, local_steps=2, batch_size=6).train
-        z = calibrated_noise(cfg, records, planned_rounds=3)
-        history = json.dumps({"history": [[z, sample_rate(cfg, records), 6]], "mechanism": "rdp"})
-        assert 3.8 <= epsilon_from_history(history, cfg.delta) <= 4.0
+    for accountant in ("rdp", "prv"):
+        for batch in (6, 0):
+            for records in (3, 40, 400):
+                cfg = quick(target_epsilon=4.0, local_steps=2, batch_size=batch, accountant=accountant).train
+                z = calibrated_noise(cfg, records, planned_rounds=3)
+                history = json.dumps({"history": [[z, sample_rate(cfg, records), 6]], "mechanism": accountant})
+                assert 3.8 <= epsilon_from_history(history, cfg.delta) <= 4.0
 
 
 def test_dp_adambc_moves_signal_coordinates_further_than_adam_under_the_same_noise():

@@ -57,11 +57,12 @@ def rounds_within_budget(accountant, noise_multiplier: float, sample_size: int, 
 
 def independent_user_epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
     """User-level epsilon of ``rounds`` Gaussian releases (Poisson-sampled at ``sample_rate``), via Opacus' RDP code."""
+    from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     if rounds == 0:
         return 0.0
-    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    orders = RDPAccountant.DEFAULT_ALPHAS  # Opacus' own orders, as its accountant uses them
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps) if math.isfinite(eps) else math.inf

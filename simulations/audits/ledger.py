@@ -45,6 +45,8 @@ from simulations.audits.report_html import Plot, Section, bar_chart, format_epsi
 LEDGER_TOLERANCE = 0.05  # relative; the two RDP implementations use the same orders
 PLD_SLACK = 0.02  # relative: PLD (pessimistic, discretised) may exceed RDP by this much at most
 PLD_DISCRETISATION = 1e-3  # dp-accounting's value_discretization_interval (1e-4: ~10x slower, same to 3 decimals here)
+# Opacus' default RDP orders (RDPAccountant.DEFAULT_ALPHAS), written out: the ledger recomputes
+# with dp-accounting and must not take them from the accountant it checks.
 OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps)
 

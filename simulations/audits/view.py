@@ -176,7 +176,7 @@ class RunView:
 
         model = self.model
         store = self._open_store(user)
-        codec = KSlotCodec({k: tuple(v.shape) for k, v in model.shared_params().items()}, self.num_slots)
+        codec = KSlotCodec.from_tensors(model.shared_params(), self.num_slots)
         direct, slots, centroids = codec.split_received(self._shared)
         model.load_trainable(direct)
         device.swap_in_user(model, store)
