@@ -16,6 +16,7 @@ Opacus does: the same numbers, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -56,18 +57,28 @@ def new_accountant(mechanism: str = "rdp"):
     return MemoRDPAccountant() if mechanism == "rdp" else create_accountant(mechanism=mechanism)
 
 
-def _quiet_prv():
-    """Opacus' PRV accountant, without numpy's divide-by-zero warnings at sampling rate 1.
+@contextlib.contextmanager
+def _prv_quiet():
+    """Silence what Opacus' PRV analysis warns about when nothing is wrong.
 
-    At q = 1 (``batch-size = 0``) Opacus' PRV evaluates log(1 - q) = -inf inside
-    an ``np.where`` that discards it: the result is right, the warning is noise
-    in every device's log.
+    At q = 1 (``batch-size = 0``) it evaluates log(1 - q) = -inf inside an
+    ``np.where`` that discards it; and it sizes its domain from an RDP bound,
+    which warns that the best order is the largest (a looser domain, not a
+    looser epsilon). The results are right; the warnings are noise in every
+    device's log.
     """
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
+def _quiet_prv():
+    """Opacus' PRV accountant, quiet where nothing is wrong (:func:`_prv_quiet`)."""
     from opacus.accountants import PRVAccountant
 
     class QuietPRVAccountant(PRVAccountant):
         def get_epsilon(self, *args, **kwargs):
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with _prv_quiet():
                 return super().get_epsilon(*args, **kwargs)
 
     return QuietPRVAccountant()
@@ -143,7 +154,7 @@ def _opacus_noise_for_epsilon(target: float, delta: float, rate: float, steps: i
     has rate 1, so devices with the same planned steps share one answer (0.3-4 s each with PRV)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    with np.errstate(divide="ignore", invalid="ignore"):  # PRV at q = 1, see _quiet_prv
+    with _prv_quiet():
         return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate,
                                           steps=steps, accountant=accountant, epsilon_tolerance=EPSILON_TOLERANCE))
 
