@@ -23,7 +23,7 @@ import math
 import warnings
 
 import numpy as np
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from common.config import TrainConfig
@@ -53,7 +53,7 @@ def new_accountant(mechanism: str = "rdp"):
     from opacus.accountants import create_accountant
 
     if mechanism == "prv":
-        return _quiet_prv()
+        return QuietPRVAccountant()
     return MemoRDPAccountant() if mechanism == "rdp" else create_accountant(mechanism=mechanism)
 
 
@@ -72,16 +72,12 @@ def _prv_quiet():
         yield
 
 
-def _quiet_prv():
+class QuietPRVAccountant(PRVAccountant):
     """Opacus' PRV accountant, quiet where nothing is wrong (:func:`_prv_quiet`)."""
-    from opacus.accountants import PRVAccountant
 
-    class QuietPRVAccountant(PRVAccountant):
-        def get_epsilon(self, *args, **kwargs):
-            with _prv_quiet():
-                return super().get_epsilon(*args, **kwargs)
-
-    return QuietPRVAccountant()
+    def get_epsilon(self, *args, **kwargs):
+        with _prv_quiet():
+            return super().get_epsilon(*args, **kwargs)
 
 
 def dump_state(accountant) -> str:

@@ -229,26 +229,28 @@ def load_exported(out: Path) -> PersonalLM:
     out = Path(out)
     try:
         meta = json.loads((out / METADATA).read_text())
-        if meta.get("format") != FORMAT:
-            raise ExportError(f"{out / METADATA}: not a {FORMAT} folder")
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{out}: not a readable fedpersona export ({type(exc).__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{out / METADATA}: not a {FORMAT} folder")
+    deep = meta.get("deep_prompt")
+    try:
         lora = meta["lora"]
         spec = AdapterSpec(base_model=meta["base_model"], lora_rank=lora["rank"], lora_alpha=lora["lora_alpha"],
                            target_modules=tuple(lora["target_modules"]), user_lora_rank=1,
                            prompt_tokens=max(1, meta["prompt_tokens"]), seed=0, lora_split="separate", persona=False,
                            adapter_layers=meta.get("adapter_layers", 0))
         weights = load_file(str(out / "adapter_model.safetensors"))
-        if meta.get("deep_prompt"):
-            prompt = load_file(str(out / meta["deep_prompt"]["file"]))["prompt"]
+        if deep:
+            prompt = load_file(str(out / deep["file"]))["prompt"]
         elif meta["soft_prompt"]:
             prompt = load_file(str(out / PROMPT_DIR / "adapter_model.safetensors"))["prompt_embeddings"]
         else:
             prompt = None
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        if isinstance(exc, ExportError):
-            raise
         raise ExportError(f"{out}: not a readable fedpersona export ({type(exc).__name__})") from None
     model = PersonalLM(spec)
-    if model.first_adapted != (meta["deep_prompt"]["layer"] if meta.get("deep_prompt") else model.first_adapted):
+    if deep and model.first_adapted != deep["layer"]:
         raise ExportError(f"{out / METADATA}: the deep prompt's layer does not match {spec.base_model}'s depth")
     result = set_peft_model_state_dict(model.peft, weights, adapter_name=GLOBAL)
     if [k for k in result.unexpected_keys if "lora_" in k]:
