@@ -192,6 +192,10 @@ class FederationConfig(_Section):
     # share of clients per round; < 1 is Poisson client sampling
     fraction_train: float = _opt("fraction-train", 1.0, _fraction)
     round_timeout: float = _opt("round-timeout", 3600.0, _positive)
+    # The server's step on the averaged update of the shared tiers (FedAvgM's server learning rate; 1 = plain
+    # FedAvg). Post-processing of what is already private, so no epsilon changes: under DP the average's noise
+    # falls as 1/sqrt(contributors), and a larger step moves the shared signal further at that lower noise.
+    server_lr: float = _opt("server-lr", 1.0, _positive)
 
 
 @dataclass(frozen=True)

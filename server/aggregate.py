@@ -2,16 +2,19 @@
 
 From the (noised) sum of the contributors' updates (``common.kslot``):
 
-* the global tier moves by ``sum / expected``, DP-FedAvg's fixed denominator
-  (the cohort size, or ``q*N`` under Poisson client sampling), so a dropout
-  cannot change the sensitivity;
+* the global tier moves by ``server_lr * sum / expected``, DP-FedAvg's fixed
+  denominator (the cohort size, or ``q*N`` under Poisson client sampling), so a
+  dropout cannot change the sensitivity;
 * centroid k becomes the mean profile of the devices that chose k (federated
   k-means); a slot nobody (noisily) chose keeps its centroid;
-* slot k moves by ``sum_k / count_k`` when ``count_k`` reaches the minimum
+* slot k moves by ``server_lr * sum_k / count_k`` when ``count_k`` reaches the minimum
   persona size; otherwise the slot keeps its values and its sum is folded into
   the global tier's. Persona adapters share the global adapter's LoRA
   subspace, so the sums are compatible, and per-persona noise divided by a
   tiny count would swamp the slot.
+
+``server_lr`` (run config ``server-lr``, 1 = FedAvg) scales both moves, as
+FedAvgM's server learning rate does; the centroids are means and never scaled.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def apply_sum(
     expected: float,
     min_size: float,
     exact_counts: bool,
+    server_lr: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], SlotRound]:
     """New server tensors (float32, keyed like ``arrays``) from the sum of updates."""
     s = codec.decode(total)
@@ -55,11 +59,11 @@ def apply_sum(
     for k, slot in enumerate(s.slots):
         if counts[k] >= min_size:
             for key, value in slot.items():
-                new[slot_key(key, k)] += value / counts[k]
+                new[slot_key(key, k)] += server_lr * value / counts[k]
         else:
             folded.append(k)
             for key, value in slot.items():
                 global_sum[f"{GLOBAL}/" + key.split("/", 1)[1]] += value
     for key, value in global_sum.items():
-        new[key] += value / expected
+        new[key] += server_lr * value / expected
     return {k: v.astype(np.float32) for k, v in new.items()}, SlotRound(counts=[float(c) for c in counts], folded=folded)

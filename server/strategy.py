@@ -153,7 +153,7 @@ class TieredFedAvg(Strategy):
         if agg.total is not None and agg.contributors:
             tensors, slots = apply_sum(
                 {k: v.numpy() for k, v in arrays.items()}, self.codec, agg.total, row["expected"],
-                self.cfg.persona.min_size, exact_counts=not self.cfg.user_dp.enabled,
+                self.cfg.persona.min_size, exact_counts=not self.cfg.user_dp.enabled, server_lr=self.cfg.federation.server_lr,
             )
             new = ArrayRecord({k: Array(v) for k, v in tensors.items()})
             if self.codec.num_slots:

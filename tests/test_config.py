@@ -38,6 +38,7 @@ def test_profiles_validate_and_round_trip():
         ("persona-slots", 7),  # more slots than the quick profile's 6 users
         ("secagg", "maybe"),
         ("fraction-train", 0.0),
+        ("server-lr", 0.0),
         ("delta", 1.0),
         ("scrub-mode", "none"),
         ("num-supernodes", 2.5),

@@ -60,6 +60,13 @@ def test_slot_arithmetic_and_fold():
     assert np.allclose(new["global/w"], [(4 + 0.5) / 4, (8 + 0.5) / 4])  # ...its sum folded into global
     with pytest.raises(ValueError, match="layout"):
         apply_sum(arrays, codec, codec.flatten(parts)[:-1], 4, 2, True)
+    # The server's learning rate scales every move of a shared tier; the centroids stay means.
+    parts[CENTROID_KEY][0, 0] = 3.0
+    fast, _ = apply_sum(arrays, codec, codec.flatten(parts), expected=4, min_size=2, exact_counts=True, server_lr=2.5)
+    assert np.allclose(fast["persona0/w"], [2.5, 5.0])
+    assert np.allclose(fast["persona1/w"], [1.0, 1.0])
+    assert np.allclose(fast["global/w"], [2.5 * 4.5 / 4, 2.5 * 8.5 / 4])
+    assert fast[CENTROID_KEY][0, 0] == 1.0
 
 
 def test_centroids_are_the_mean_profile_of_each_slot():
