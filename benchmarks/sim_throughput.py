@@ -13,7 +13,7 @@ held-out test tasks (token-weighted over clients).
   fedpersona does (``client.train.encode_pairs``), makes the model private
   with Opacus ``PrivacyEngine.make_private`` (RDP accountant, Poisson
   sampling, noise multiplier 1.0, max grad norm 1.0), trains S steps with Adam
-  (fedpersona's default lr) and returns the LoRA weights and its epsilon, as
+  (fedpersona's default lr for Adam) and returns the LoRA weights and its epsilon, as
   Flower's Opacus example does; evaluation rebuilds the model the same way. A
   minimal ``ServerApp`` loop averages with Flower's ``FedAvg``
   (``configure_train`` / ``aggregate_train``) and evaluates once after the
@@ -247,7 +247,7 @@ def _per_min(updates: int, wall_s: float) -> float:
 
 
 def main(argv=None) -> dict:
-    from common.config import DEFAULTS
+    from common.config import DEFAULTS, LEARNING_RATES
     from common.models import load_base_model
     from simulations.run import prepare, simulate
 
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         overrides["scrub-mode"] = "patterns"
     overrides.update(parse_sets(args.sets))
-    lr = DEFAULTS["lr"]
+    lr = DEFAULTS["lr"] or LEARNING_RATES["adam"]  # the naive arm trains with Adam, as Flower's Opacus example does
 
     with tempfile.TemporaryDirectory(prefix="sim-throughput-") as tmp:
         harness = prepare("default", overrides, Path(tmp) / "fedpersona")

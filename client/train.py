@@ -133,13 +133,14 @@ def make_optimizer(params, cfg: TrainConfig, noise_variance: float = 0.0) -> tor
     noise at its true (small, per-coordinate) scale; DP-AdamBC removes the
     known noise variance from Adam's second moment. See docs/results.md.
     """
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-    if cfg.optimizer == "adambc":
-        return DPAdamBC(params, lr=cfg.lr, noise_variance=noise_variance)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    name, lr = cfg.local_optimizer, cfg.learning_rate
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adambc":
+        return DPAdamBC(params, lr=lr, noise_variance=noise_variance)
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 class _Instruments:

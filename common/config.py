@@ -198,6 +198,10 @@ class FederationConfig(_Section):
     server_lr: float = _opt("server-lr", 1.0, _positive)
 
 
+# Each local optimizer's learning rate when ``lr = 0`` (TrainConfig.learning_rate).
+LEARNING_RATES = {"adam": 0.02, "adambc": 0.02, "sgd": 0.5}
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """Local training and record-level DP-SGD (Opacus) on the device."""
@@ -209,9 +213,14 @@ class TrainConfig(_Section):
     # gets several times less noise on the averaged gradient than a batch of 6
     # (docs/results.md, issue 13).
     batch_size: int = _opt("batch-size", 0, _non_negative)
-    lr: float = _opt("lr", 0.02, _positive)
-    # adam; sgd (momentum 0.9); adambc (Adam with DP bias correction, Tang et al. 2024)
-    optimizer: str = _opt("optimizer", "adam", _one_of("adam", "sgd", "adambc"))
+    # 0 = the optimizer's own: 0.02 for adam and adambc, 0.5 for sgd (under DP-SGD a step of lr x the noisy
+    # clipped mean; 0.5 matches the norm of Adam's step at these sizes, docs/results.md issue 13)
+    lr: float = _opt("lr", 0.0, _non_negative)
+    # auto: sgd under DP, adam without. adam; sgd (momentum 0.9); adambc (Adam with DP bias correction,
+    # Tang et al. 2024). Under DP, Adam divides every coordinate by its noise level, so coordinates with
+    # no signal random-walk by about lr a step; SGD keeps the noise at its true per-coordinate scale
+    # and measured better at epsilon 8 (docs/results.md, issue 13). Without DP, Adam measured best.
+    optimizer: str = _opt("optimizer", "auto", _one_of("auto", "adam", "sgd", "adambc"))
     max_len: int = _opt("max-len", 56, _at_least(8))  # prompt + answer tokens
     dp: bool = _opt("dp", True)
     noise_multiplier: float = _opt("noise-multiplier", 1.0, _non_negative)  # 0 = clipping only
@@ -228,6 +237,18 @@ class TrainConfig(_Section):
     private_tier: str = _opt("private-tier", "lora+prompt", _one_of("lora+prompt", "prompt"))
     # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
     physical_batch: int = _opt("physical-batch", 16, _at_least(1))
+
+    @property
+    def local_optimizer(self) -> str:
+        """The optimizer this run's devices use (``optimizer = auto`` resolved by ``dp``)."""
+        if self.optimizer == "auto":
+            return "sgd" if self.dp else "adam"
+        return self.optimizer
+
+    @property
+    def learning_rate(self) -> float:
+        """The local learning rate (``lr = 0``: the optimizer's own default)."""
+        return self.lr or LEARNING_RATES[self.local_optimizer]
 
     def batch_for(self, num_records: int) -> int:
         """The logical batch for a device holding ``num_records`` records (``batch-size = 0``: all of them)."""

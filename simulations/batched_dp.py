@@ -51,7 +51,7 @@ from torch import nn
 from client import accounting
 from client.train import trim_batch
 from common.config import TrainConfig
-from common.models import PROMPT_KEY, PersonalLM
+from common.models import IGNORE, PROMPT_KEY, PersonalLM, canonical_lora_name
 
 
 class RowwiseLinear(nn.Module):
@@ -87,8 +87,6 @@ def _module_slots(model: PersonalLM) -> dict[str, tuple[nn.Module, str]]:
     """Each trainable tensor's canonical name -> (the container that holds its module, the key in it)."""
     names = set(model.trainable_state())
     slots: dict[str, tuple[nn.Module, str]] = {}
-    from common.models import canonical_lora_name
-
     for name, _ in model.named_parameters():
         if "lora_" not in name:
             continue
@@ -138,8 +136,6 @@ class DeviceData:
 
 def _same_width(data: Sequence[DeviceData], pad_id: int) -> list[DeviceData]:
     """Right-pad every device's rows to the widest device's width, so that rows of several devices stack."""
-    from common.models import IGNORE
-
     width = max(d.input_ids.shape[1] for d in data)
 
     def pad(t: torch.Tensor, value: int) -> torch.Tensor:
@@ -161,9 +157,9 @@ class BatchedDPSGD:
                  device: torch.device | str = "cpu"):
         if not model.spec.adapter_layers:
             raise ValueError("the batched path needs adapter-layers > 0 (a frozen prefix shared by every device)")
-        if cfg.optimizer not in ("adam", "sgd"):
+        if cfg.local_optimizer not in ("adam", "sgd"):
             # DP-AdamBC subtracts one noise variance per optimizer; here each device has its own.
-            raise ValueError(f"the batched path runs optimizer = adam or sgd, not {cfg.optimizer!r}")
+            raise ValueError(f"the batched path runs optimizer = adam or sgd, not {cfg.local_optimizer!r}")
         if not (len(data) == len(states) == len(noise_multipliers)):
             raise ValueError("data, states and noise_multipliers need one entry per device")
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
@@ -177,8 +173,8 @@ class BatchedDPSGD:
         self.expected = torch.tensor([max(1, int(len(d) * q)) for d, q in zip(self.data, self.rates)],
                                      dtype=torch.float32, device=self.device)
         self.devices_per_pass = max(1, int(devices_per_pass))
-        opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-        kwargs = {"lr": cfg.lr} if cfg.optimizer == "adam" else {"lr": cfg.lr, "momentum": 0.9}
+        opt = torch.optim.Adam if cfg.local_optimizer == "adam" else torch.optim.SGD
+        kwargs = {"lr": cfg.learning_rate} if cfg.local_optimizer == "adam" else {"lr": cfg.learning_rate, "momentum": 0.9}
         self.optimizer = opt(list(self.params.values()), **kwargs)
         self.accountants = [accounting.new_accountant(cfg.accountant) for _ in self.data]
         self.steps = 0

@@ -66,6 +66,22 @@ def test_booleans_from_a_command_line_parse_as_booleans():
     assert build_config("quick", {"lr": "0.5", "local-steps": "3"}).train.lr == 0.5
 
 
+def test_the_default_optimizer_is_sgd_under_dp_and_adam_without_each_at_its_own_rate():
+    import torch
+
+    from client.train import make_optimizer
+
+    private, plain = build_config("quick").train, build_config("quick", {"dp": False}).train
+    assert (private.local_optimizer, private.learning_rate) == ("sgd", 0.5)
+    assert (plain.local_optimizer, plain.learning_rate) == ("adam", 0.02)
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], private)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.5 and opt.defaults["momentum"] == 0.9
+    assert isinstance(make_optimizer([torch.nn.Parameter(torch.zeros(2))], plain), torch.optim.Adam)
+    chosen = build_config("quick", {"optimizer": "adam", "lr": 0.003}).train  # an explicit choice is kept
+    assert (chosen.local_optimizer, chosen.learning_rate) == ("adam", 0.003)
+    assert build_config("quick", {"optimizer": "adambc"}).train.learning_rate == 0.02
+
+
 def test_cross_key_rules():
     with pytest.raises(ConfigError, match="frequent-from"):
         build_config("quick", {"cold-start-below": 10, "frequent-from": 5})
