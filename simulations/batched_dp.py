@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from client import accounting
-from client.train import trim_batch
+from client.train import make_optimizer, trim_batch
 from common.config import TrainConfig
 from common.models import IGNORE, PROMPT_KEY, PersonalLM, canonical_lora_name
 
@@ -173,9 +173,8 @@ class BatchedDPSGD:
         self.expected = torch.tensor([max(1, int(len(d) * q)) for d, q in zip(self.data, self.rates)],
                                      dtype=torch.float32, device=self.device)
         self.devices_per_pass = max(1, int(devices_per_pass))
-        opt = torch.optim.Adam if cfg.local_optimizer == "adam" else torch.optim.SGD
-        kwargs = {"lr": cfg.learning_rate} if cfg.local_optimizer == "adam" else {"lr": cfg.learning_rate, "momentum": 0.9}
-        self.optimizer = opt(list(self.params.values()), **kwargs)
+        # The device's own optimizer (client.train.make_optimizer), over the stacked tensors.
+        self.optimizer = make_optimizer(list(self.params.values()), cfg)
         self.accountants = [accounting.new_accountant(cfg.accountant) for _ in self.data]
         self.steps = 0
         # Which records a Poisson batch holds, and the noise, come from the OS: never from a seed the server knows.
