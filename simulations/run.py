@@ -222,6 +222,7 @@ def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
     from server import strategy as strategy_mod
     from server.app import app as server_app
     from server.report import SERVER_REPORT
+    from simulations.link_state import indexed_link_state
     from simulations.results import write_full_report
     from simulations.wire_recorder import recorder_mod
 
@@ -235,7 +236,9 @@ def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
     strategy_mod.ROUND_HOOKS[:] = [on_round] if on_round else []
     ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())
     started = time.time()
-    with _device_environment(harness["policies_dir"]):
+    # The indexed link state: Flower's engine otherwise walks every waiting message for every
+    # node on each 0.1 s poll, N^2 per poll (simulations/link_state.py).
+    with _device_environment(harness["policies_dir"]), indexed_link_state():
         # run_simulation()'s public wrapper drops the run config; _run_simulation
         # is the same engine with a ServerApp context we can fill (flwr is pinned).
         _run_simulation(
