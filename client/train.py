@@ -13,6 +13,7 @@ import io
 import math
 import secrets
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -143,6 +144,16 @@ def make_optimizer(params, cfg: TrainConfig, noise_variance: float = 0.0) -> tor
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def clip_factors(samples: Sequence[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opacus' flat clipping of per-sample gradients (one tensor per parameter, samples first).
+
+    Each sample's norm is taken over all its tensors together; its factor is
+    ``min(1, C / (norm + 1e-6))``, as in Opacus' ``DPOptimizer.clip_and_accumulate``.
+    """
+    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+    return norms, (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 class _Instruments:
     """Per-step DP-SGD diagnostics from Opacus' per-sample gradients, before clipping.
 
@@ -165,8 +176,7 @@ class _Instruments:
         samples = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in self.params if getattr(p, "grad_sample", None) is not None]
         if not samples or samples[0].shape[0] == 0:
             return
-        norms = torch.stack([g.norm(dim=1) for g in samples], dim=1).norm(dim=1)
-        factor = (self.cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        norms, factor = clip_factors(samples, self.cfg.max_grad_norm)
         sums = [(g * factor[:, None]).sum(0) for g in samples]
         self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
         self.norms += norms.tolist()

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from client import accounting
-from client.train import make_optimizer, trim_batch
+from client.train import clip_factors, make_optimizer, trim_batch
 from common.config import TrainConfig
 from common.models import IGNORE, PROMPT_KEY, PersonalLM, canonical_lora_name
 
@@ -235,8 +235,7 @@ class BatchedDPSGD:
             if not devices:
                 continue
             grads, owner = self.per_sample_grads(devices, [picks[i] for i in devices])
-            norm = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
-            factor = (self.cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            norm, factor = clip_factors(list(grads.values()), self.cfg.max_grad_norm)
             for n, g in grads.items():
                 sums[n].index_add_(0, owner, g * factor.view(-1, *[1] * (g.dim() - 1)))
             norms.append(norm.detach())

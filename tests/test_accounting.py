@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.accounting import EPSILON_TOLERANCE, MemoRDPAccountant, epsilon_from_history, rdp_noise_for_epsilon, restore
+from client.accounting import EPSILON_TOLERANCE, MemoRDPAccountant, QuietPRVAccountant, _prv_epsilon, epsilon_from_history, rdp_noise_for_epsilon, restore
 
 HISTORIES = [
     [(1.0, 0.2, 6)],
@@ -21,6 +21,22 @@ def test_memoised_rdp_accountant_gives_opacus_numbers_bit_for_bit(history):
         ours.history, theirs.history = list(history), list(history)
         assert ours.get_privacy_spent(delta=1e-5) == theirs.get_privacy_spent(delta=1e-5)
         assert ours.get_epsilon(delta=1e-6, alphas=[2, 8, 32]) == theirs.get_epsilon(delta=1e-6, alphas=[2, 8, 32])
+
+
+@pytest.mark.parametrize("history", HISTORIES[:2])
+def test_memoised_prv_accountant_gives_opacus_numbers_and_computes_each_history_once(history):
+    theirs = PRVAccountant()
+    theirs.history = list(history)
+    expected = theirs.get_epsilon(delta=1e-5)
+    _prv_epsilon.cache_clear()
+    for _ in range(2):  # the second time from the cache
+        ours = QuietPRVAccountant()
+        ours.history = list(history)
+        assert ours.get_epsilon(delta=1e-5) == expected
+    assert (_prv_epsilon.cache_info().misses, _prv_epsilon.cache_info().hits) == (1, 1)
+    ours.step(noise_multiplier=history[-1][0], sample_rate=history[-1][1])  # a new history is a new entry
+    theirs.step(noise_multiplier=history[-1][0], sample_rate=history[-1][1])
+    assert ours.get_epsilon(delta=1e-5) == theirs.get_epsilon(delta=1e-5) > expected
 
 
 def test_a_restored_state_keeps_its_mechanism_and_history():
