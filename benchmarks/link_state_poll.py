@@ -25,50 +25,13 @@ import time
 from benchmarks._common import add_size_flags, result_line
 
 
-def _federation(num_nodes: int, indexed: bool):
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
-
-    from simulations.link_state import indexed_link_state
-
-    def factory():
-        return LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-
-    if indexed:
-        with indexed_link_state():
-            states = factory()
-            state = states.state()
-    else:
-        states = factory()
-        state = states.state()
-    # The run and the task identity, as flwr.simulation's own launcher sets them up.
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
-    nodes = list(_register_nodes(num_nodes, states))
-    grid = InMemoryGrid(state_factory=states)
-    grid.set_run(run)
-    return state, grid, nodes
-
-
 def poll_ms(num_nodes: int, indexed: bool, polls: int) -> float:
     """Median milliseconds of one engine poll while every node's message waits for its reply."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    state, grid, nodes = _federation(num_nodes, indexed)
+    from simulations.link_state import bare_federation
+
+    state, grid, nodes = bare_federation(num_nodes, indexed)
     grid.push_messages([Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=n, message_type="train") for i, n in enumerate(nodes)])
     taken = sum(len(state.get_message_ins(node_id=n, limit=1)) for n in nodes)  # the first poll hands them out
     assert taken == num_nodes, f"{taken} of {num_nodes} messages delivered"

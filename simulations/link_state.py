@@ -18,7 +18,7 @@ here each is swept when its own node looks, or when the server pulls replies
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from flwr.app import Message
 from flwr.server.superlink.linkstate import linkstate_factory
@@ -63,6 +63,40 @@ class IndexedLinkState(InMemoryLinkState):
                 message.metadata.delivered_at = delivered_at
                 del waiting[message.metadata.message_id]
         return found
+
+
+def bare_federation(num_nodes: int, indexed: bool):
+    """A link state with one run and ``num_nodes`` registered nodes, set up as ``flwr.simulation`` sets up its own.
+
+    For the link-state benchmark and tests: ``(state, grid, node_ids)``, Flower's state or the
+    indexed one. Like Flower's launcher it sets the process-wide ``TaskIdentity`` to the run.
+    """
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    with indexed_link_state() if indexed else nullcontext():
+        state = factory.state()
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+    nodes = sorted(_register_nodes(num_nodes, factory))
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, grid, nodes
 
 
 @contextmanager

@@ -4,20 +4,15 @@ import time
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
-from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
 from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState, RunRecord
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from simulations.link_state import IndexedLinkState, indexed_link_state
+from simulations.link_state import IndexedLinkState, bare_federation, indexed_link_state
 
 
 @pytest.fixture(autouse=True)
@@ -29,27 +24,6 @@ def _server_identity(monkeypatch):
 
 def _factory() -> LinkStateFactory:
     return LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-
-
-def _federation(num_nodes: int, indexed: bool):
-    """A run with ``num_nodes`` registered nodes, set up as ``flwr.simulation`` sets up its own."""
-    if indexed:
-        with indexed_link_state():
-            factory = _factory()
-            state = factory.state()
-    else:
-        factory = _factory()
-        state = factory.state()
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
-    nodes = sorted(_register_nodes(num_nodes, factory))
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
-    return state, grid, nodes
 
 
 def _message(grid: InMemoryGrid, tag: int, node: int, ttl: float | None = None) -> Message:
@@ -69,7 +43,7 @@ def _poll_until_empty(state, nodes) -> list[list[tuple[int, int]]]:
 
 
 def _scenario(indexed: bool):
-    state, grid, nodes = _federation(4, indexed)
+    state, grid, nodes = bare_federation(4, indexed)
     a, b, c, _ = nodes
     plan = [(0, a), (1, b), (2, a), (3, c), (4, a), (5, b)]
     ids = list(grid.push_messages([_message(grid, tag, node) for tag, node in plan]))
@@ -91,7 +65,7 @@ def test_every_node_gets_the_same_messages_in_the_same_order_as_from_flowers_sta
 
 
 def test_limit_run_id_and_redelivery_follow_flower():
-    state, grid, nodes = _federation(2, indexed=True)
+    state, grid, nodes = bare_federation(2, indexed=True)
     a, b = nodes
     grid.push_messages([_message(grid, t, a) for t in range(3)])
     assert [m.content["c"]["tag"] for m in state.get_message_ins(node_id=a, limit=None)] == [0, 1, 2]
@@ -107,7 +81,7 @@ def test_a_poll_over_n_nodes_validates_n_messages_not_n_squared(monkeypatch):
     """The reason the class exists, counted rather than timed: Flower's lookup checks every stored message."""
     counts = {}
     for indexed in (False, True):
-        state, grid, nodes = _federation(40, indexed)
+        state, grid, nodes = bare_federation(40, indexed)
         grid.push_messages([_message(grid, i, n) for i, n in enumerate(nodes)])
         calls = []
         original = type(state)._check_stored_messages
