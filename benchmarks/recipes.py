@@ -75,6 +75,17 @@ RECIPES: dict[str, dict] = {
     # while its noise is back at one device's level, which the user tier already carries.
     "serverlr2": {"target-epsilon": 8.0, "server-lr": 2.0},
     "serverlr4": {"target-epsilon": 8.0, "server-lr": 4.0},
+    # SGD's rate under noise. 0.5 was set to match Adam's step norm, never swept. The training
+    # loss still falls every round at 0.5 (the steps are short of the curvature's limit), and the
+    # noise a step adds costs loss only along the few directions of high curvature, so a longer
+    # step should move the signal further than it hurts: doubled, then doubled again.
+    "sgd1": {"target-epsilon": 8.0, "optimizer": "sgd", "lr": 1.0},
+    "sgd2": {"target-epsilon": 8.0, "optimizer": "sgd", "lr": 2.0},
+    # ... and halved. With nearly every per-sample gradient clipped (0.94-0.98), the clipped sum and
+    # its noise both scale with C, so SGD's step is lr * C * (sum of unit gradients + sigma z) / B:
+    # lr and C are one knob. A smaller step is also what adaptive clipping to a lower quantile
+    # (C below 1) would do; a larger one what clipping at the median (C about 2-3) would do.
+    "sgd025": {"target-epsilon": 8.0, "optimizer": "sgd", "lr": 0.25},
 }
 ALL = ("calibrated", "batch", "prompt", "prv")  # combined in "all" (chosen from the one-at-a-time rows)
 
