@@ -306,6 +306,12 @@ class AdapterSpec:
 PROMPT_KEY = "user_embedding"
 
 
+# Rows of one pass through the frozen layers when the prefix cache misses (length bucketing in
+# PersonalLM._cached_prefix; 0 = every miss in one pass). Eight rows of ~50 tokens keep the
+# matrix products large enough for the CPU while the rows of a chunk have similar lengths.
+PREFIX_CHUNK_ROWS = 8
+
+
 class PrefixCache:
     """Hidden states entering the first adapted layer, per record, least recently used first out.
 
@@ -541,11 +547,18 @@ class PersonalLM(nn.Module):
         keys = [PrefixCache.key(input_ids[i, :length]) for i, length in enumerate(lengths)]
         states = [self.prefix_cache.get(k) for k in keys]
         missing = [i for i, st in enumerate(states) if st is None]
-        if missing:
+        # Length bucketing: the misses run shortest first in chunks of PREFIX_CHUNK_ROWS, each chunk
+        # cut to its own longest row, so a short record does not pay for the batch's longest one's
+        # padding (0 = one pass at the batch's width). A row's states do not depend on its chunk.
+        missing.sort(key=lambda i: lengths[i])
+        step = PREFIX_CHUNK_ROWS or max(1, len(missing))
+        for start in range(0, len(missing), step):
+            rows = missing[start : start + step]
+            width = max(lengths[i] for i in rows)
             with torch.no_grad():
-                embeds = self.peft.get_input_embeddings()(input_ids[missing])
-                hidden = self._run_layers(embeds, attention_mask[missing], 0, self.first_adapted)
-            for j, i in enumerate(missing):
+                embeds = self.peft.get_input_embeddings()(input_ids[rows, :width])
+                hidden = self._run_layers(embeds, attention_mask[rows, :width], 0, self.first_adapted)
+            for j, i in enumerate(rows):
                 states[i] = hidden[j, : lengths[i]].clone()
                 self.prefix_cache.put(keys[i], states[i])
         out = states[0].new_zeros(len(states), input_ids.shape[1], states[0].shape[-1])

@@ -123,6 +123,27 @@ def test_a_record_scores_the_same_alone_in_a_padded_batch_and_from_the_cache():
     assert torch.allclose(batched, alone, atol=1e-4)
 
 
+def test_cache_misses_run_in_length_buckets_with_the_states_of_one_padded_pass(monkeypatch):
+    import common.models as models
+
+    model = PersonalLM(spec(**{"adapter-layers": 1}))
+    ids, att, _ = _batch(model)
+    lengths = att.sum(1).tolist()
+    assert len(set(lengths)) == len(lengths)  # the fixture's rows differ in length
+    monkeypatch.setattr(models, "PREFIX_CHUNK_ROWS", 0)
+    one_pass = model._cached_prefix(ids, att)
+    widths = []
+    run_layers = model._run_layers
+    monkeypatch.setattr(model, "_run_layers", lambda x, mask, a, b: (widths.append(x.shape[:2]), run_layers(x, mask, a, b))[1])
+    monkeypatch.setattr(models, "PREFIX_CHUNK_ROWS", 2)
+    model.prefix_cache = PrefixCache()
+    bucketed = model._cached_prefix(ids, att)
+    by_length = sorted(lengths)
+    assert widths == [(2, by_length[1]), (2, by_length[3])]  # shortest first, each chunk cut to its longest
+    assert torch.allclose(bucketed, one_pass, atol=1e-5)
+    assert torch.equal(bucketed[att == 0], torch.zeros_like(bucketed[att == 0]))  # padding stays zero
+
+
 def test_left_padded_rows_are_refused():
     model = personal_model(spec(**{"adapter-layers": 1}))
     ids = torch.tensor([[5, 6, 7]])
