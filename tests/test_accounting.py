@@ -5,7 +5,16 @@ import json
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.accounting import EPSILON_TOLERANCE, MemoRDPAccountant, QuietPRVAccountant, _prv_epsilon, epsilon_from_history, rdp_noise_for_epsilon, restore
+from client.accounting import (
+    EPSILON_TOLERANCE,
+    MemoRDPAccountant,
+    QuietPRVAccountant,
+    _prv_epsilon,
+    epsilon_from_history,
+    prv_noise_for_epsilon,
+    rdp_noise_for_epsilon,
+    restore,
+)
 
 HISTORIES = [
     [(1.0, 0.2, 6)],
@@ -66,3 +75,12 @@ def test_the_ledgers_written_out_rdp_orders_are_opacus_own():
     from simulations.audits.ledger import OPACUS_ORDERS
 
     assert OPACUS_ORDERS == RDPAccountant.DEFAULT_ALPHAS
+
+
+@pytest.mark.parametrize("target,rate,steps", [(8.0, 0.2, 6), (8.0, 1.0, 9), (1.0, 0.15, 6), (3.0, 0.5, 12)])
+def test_prv_calibration_ends_within_the_tolerance_below_the_target_never_above(target, rate, steps):
+    z = prv_noise_for_epsilon(target, 1e-5, rate, steps)
+    acc = PRVAccountant()  # Opacus' own accountant judges the result
+    acc.history = [(z, rate, steps)]
+    assert target - EPSILON_TOLERANCE <= acc.get_epsilon(delta=1e-5) <= target
+    assert z <= rdp_noise_for_epsilon(target, 1e-5, rate, steps)  # the tighter analysis needs no more noise
