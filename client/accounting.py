@@ -231,9 +231,14 @@ def prv_noise_for_epsilon(target: float, delta: float, rate: float, steps: int, 
         acc.history = [(z, rate, steps)]
         return acc.get_epsilon(delta=delta)
 
-    hi = rdp_noise_for_epsilon(target, delta, rate, steps, tolerance)
-    while eps(hi) > target:  # not expected; an upper end must hold on PRV's own curve
-        hi *= 1.1
+    try:
+        hi = rdp_noise_for_epsilon(target, delta, rate, steps, tolerance)
+    except ValueError:
+        # RDP's orders cannot reach a small target (near 0.2 at delta 1e-5) that PRV can:
+        # find an upper end on PRV's curve alone.
+        hi = 1.0
+    while eps(hi) > target:  # from RDP not expected; an upper end must hold on PRV's own curve
+        hi *= 2
         if hi > MAX_NOISE:
             raise ValueError(f"no noise multiplier reaches epsilon {target}")
     return _close_from_above(eps, target, hi, tolerance)

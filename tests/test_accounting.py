@@ -77,10 +77,11 @@ def test_the_ledgers_written_out_rdp_orders_are_opacus_own():
     assert OPACUS_ORDERS == RDPAccountant.DEFAULT_ALPHAS
 
 
-@pytest.mark.parametrize("target,rate,steps", [(8.0, 0.2, 6), (8.0, 1.0, 9), (1.0, 0.15, 6), (3.0, 0.5, 12)])
+@pytest.mark.parametrize("target,rate,steps", [(8.0, 0.2, 6), (8.0, 1.0, 9), (1.0, 0.15, 6), (3.0, 0.5, 12), (0.1, 1.0, 2)])
 def test_prv_calibration_ends_within_the_tolerance_below_the_target_never_above(target, rate, steps):
     z = prv_noise_for_epsilon(target, 1e-5, rate, steps)
     acc = PRVAccountant()  # Opacus' own accountant judges the result
     acc.history = [(z, rate, steps)]
     assert target - EPSILON_TOLERANCE <= acc.get_epsilon(delta=1e-5) <= target
-    assert z <= rdp_noise_for_epsilon(target, 1e-5, rate, steps)  # the tighter analysis needs no more noise
+    if target >= 1:  # RDP's orders cannot reach 0.1 at delta 1e-5; PRV can
+        assert z <= rdp_noise_for_epsilon(target, 1e-5, rate, steps)  # the tighter analysis needs no more noise
