@@ -75,6 +75,10 @@ def _prv_quiet():
 @functools.lru_cache(maxsize=1024)
 def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, eps_error: float, delta_error: float | None) -> float:
     """Opacus' PRV epsilon of a history, once per process for each (history, delta, errors)."""
+    if any(z == 0 and q > 0 and n > 0 for z, q, n in history):
+        # A step without noise (``noise-multiplier = 0``: clipping only) has no finite epsilon;
+        # Opacus' PRV would try to build an infinite domain and raise instead of saying so.
+        return math.inf
     acc = PRVAccountant()
     acc.history = [tuple(h) for h in history]
     with _prv_quiet():

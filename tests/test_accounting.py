@@ -1,6 +1,7 @@
 """The device's record-level accounting: the memoised RDP accountant and the noise calibration."""
 
 import json
+import math
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -85,3 +86,15 @@ def test_prv_calibration_ends_within_the_tolerance_below_the_target_never_above(
     assert target - EPSILON_TOLERANCE <= acc.get_epsilon(delta=1e-5) <= target
     if target >= 1:  # RDP's orders cannot reach 0.1 at delta 1e-5; PRV can
         assert z <= rdp_noise_for_epsilon(target, 1e-5, rate, steps)  # the tighter analysis needs no more noise
+
+
+@pytest.mark.parametrize("mechanism", ["prv", "rdp"])
+def test_a_step_without_noise_has_no_finite_epsilon(mechanism):
+    """``noise-multiplier = 0`` (clipping only) must read as epsilon = inf, not crash the accountant."""
+    from client.accounting import new_accountant
+
+    acc = new_accountant(mechanism)
+    acc.history = [(1.0, 1.0, 3), (0.0, 1.0, 1)]
+    assert acc.get_epsilon(delta=1e-5) == math.inf
+    acc.history = [(1.0, 1.0, 3)]
+    assert math.isfinite(acc.get_epsilon(delta=1e-5))
