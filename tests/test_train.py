@@ -181,6 +181,35 @@ def test_batch_size_zero_takes_every_record_in_every_step_at_rate_one(model):
         quick(batch_size=-1)
 
 
+def test_length_sorted_physical_batches_pad_less_and_train_the_same(model, monkeypatch):
+    """Under DP a logical batch is cut into physical batches of similar length: less padding, the same clipped sum."""
+    from client import train as train_mod
+
+    # Rows of very different lengths, interleaved so that index order mixes them.
+    pairs = [(f"Note {i}.", ("word " * (2 + (i % 4) * 9)).strip()) for i in range(16)]
+    data = encode_pairs(model.tokenizer, pairs, 64)
+    cfg = quick(local_steps=1, batch_size=0, physical_batch=4, noise_multiplier=0.0, target_epsilon=0.0).train
+    cells = []  # rows x trimmed width of every physical batch
+
+    def spy(input_ids, attention, labels):
+        cells.append(input_ids.shape[0] * int(attention.sum(1).max()))
+        return _REAL_TRIM_BATCH(input_ids, attention, labels)
+
+    monkeypatch.setattr(train_mod, "trim_batch", spy)
+    results = {}
+    for arm, sort in (("sorted", train_mod.length_sorted), ("index order", lambda d: d)):
+        monkeypatch.setattr(train_mod, "length_sorted", sort)
+        cells.clear()
+        model.reset_to_initial()
+        train_local(model, data, cfg, None, None)
+        results[arm] = (len(cells), sum(cells), _snapshot(model))
+    tokens = int(data.tensors[1].sum())
+    assert results["sorted"][0] == results["index order"][0] == 4  # four physical batches of 4 at q = 1
+    assert results["sorted"][1] < results["index order"][1] and results["sorted"][1] - tokens < (results["index order"][1] - tokens) / 2
+    after_sorted, after_index = results["sorted"][2], results["index order"][2]
+    assert all(torch.allclose(after_sorted[k], after_index[k], atol=1e-6) for k in after_sorted)
+
+
 def test_without_dp_chunked_gradients_equal_the_whole_batch(model):
     from client.train import _backward
 
