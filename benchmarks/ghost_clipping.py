@@ -59,7 +59,7 @@ weights per layer, about T^2, so the memory is a wash and ghost pays a second
 backward pass.
 
     python -m benchmarks.ghost_clipping            # SmolLM2-135M, batch 16, seq 64, 3 steps
-    python -m benchmarks.ghost_clipping --quick    # SmolLM2-135M, batch 8, seq 32, 2 steps (< 1 min)
+    python -m benchmarks.ghost_clipping --quick    # SmolLM2-135M, batch 8, seq 32, 2 steps (about a minute)
     python -m benchmarks.ghost_clipping --smoke    # tiny random model, batch 4, seq 16, 1 step (seconds)
     python -m benchmarks.ghost_clipping --quick --set adapter-layers=0   # adapters in every layer
 
@@ -308,7 +308,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
-    add_size_flags(ap, quick="batch 8, seq 32, 2 steps (< 1 min)")
+    add_size_flags(ap, quick="batch 8, seq 32, 2 steps (about a minute)")
     add_set_flag(ap, "the model and the DP step (e.g. adapter-layers=0, lora-split=separate)")
     args = ap.parse_args(argv)
     if args.quick:
