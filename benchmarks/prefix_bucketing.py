@@ -30,9 +30,9 @@ import torch
 from benchmarks._common import add_size_flags, result_line
 
 
-def _device_batches(model, users: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each generated user's training tasks, encoded and trimmed as a device does (one batch a device)."""
-    from client.train import encode_pairs, trim_batch
+def device_sets(tokenizer, users: int, max_len: int) -> list:
+    """Each generated persona user's training tasks, encoded as a device encodes them (one TensorDataset a device)."""
+    from client.train import encode_pairs
     from simulations.personas import DatasetSpec, generate_dataset
 
     out = []
@@ -42,9 +42,15 @@ def _device_batches(model, users: int, max_len: int) -> list[tuple[torch.Tensor,
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             pairs = [(r["input"], r["output"]) for r in rows if r.get("type") == "task" and r.get("split") == "train"]
             if pairs:
-                ids, att, _ = trim_batch(*encode_pairs(model.tokenizer, pairs, max_len)[:])
-                out.append((ids, att))
+                out.append(encode_pairs(tokenizer, pairs, max_len))
     return out
+
+
+def _device_batches(model, users: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each generated user's training tasks, trimmed as a device does (one batch a device)."""
+    from client.train import trim_batch
+
+    return [trim_batch(*data.tensors)[:2] for data in device_sets(model.tokenizer, users, max_len)]
 
 
 def _fill(model, batches, chunk_rows: int) -> tuple[float, list[torch.Tensor]]:
@@ -58,12 +64,13 @@ def _fill(model, batches, chunk_rows: int) -> tuple[float, list[torch.Tensor]]:
     return time.perf_counter() - t, states
 
 
-def _padded_share(batches, chunk_rows: int) -> float:
-    """Padded positions over all positions the frozen pass computes."""
+def padded_share(lengths_per_device: list[list[int]], rows: int, sort: bool = True) -> float:
+    """Padded positions over all positions computed when each device's rows run ``rows`` at a time
+    (0: all at once), each chunk padded to its longest row; ``sort``: shortest first, else as given."""
     real = total = 0
-    for _, att in batches:
-        lengths = sorted(att.sum(1).tolist())
-        step = chunk_rows or len(lengths)
+    for lengths in lengths_per_device:
+        lengths = sorted(lengths) if sort else list(lengths)
+        step = rows or len(lengths)
         for start in range(0, len(lengths), step):
             chunk = lengths[start : start + step]
             real += sum(chunk)
@@ -91,6 +98,7 @@ def main(argv=None) -> dict:
     model = personal_model(AdapterSpec.from_config(cfg))
     model.eval()
     batches = _device_batches(model, args.users, cfg.train.max_len)
+    lengths = [att.sum(1).tolist() for _, att in batches]
     default_rows = models.PREFIX_CHUNK_ROWS
     bucket_rows = args.chunk_rows or default_rows
     one, bucketed = [], []
@@ -105,7 +113,7 @@ def main(argv=None) -> dict:
     out = {
         "model": model_name, "devices": len(batches), "records": sum(len(ids) for ids, _ in batches), "chunk_rows": bucket_rows,
         "one_pass_s": round(t_one, 3), "bucketed_s": round(t_bucket, 3), "speedup": round(t_one / t_bucket, 3),
-        "padded_share_one_pass": round(_padded_share(batches, 0), 4), "padded_share_bucketed": round(_padded_share(batches, bucket_rows), 4),
+        "padded_share_one_pass": round(padded_share(lengths, 0), 4), "padded_share_bucketed": round(padded_share(lengths, bucket_rows), 4),
         "max_abs_diff": f"{diff:.2e}",
     }
     print(f"{out['devices']} devices, {out['records']} records: one padded pass {t_one:.2f} s "

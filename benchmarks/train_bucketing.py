@@ -21,44 +21,11 @@ Last line: ``RESULT train_bucketing key=value ...``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
-
-import torch
 
 from benchmarks._common import add_set_flag, add_size_flags, parse_sets, result_line
-
-
-def _device_sets(model, users: int, max_len: int) -> list:
-    """Each generated user's training tasks, encoded as a device encodes them (one TensorDataset a device)."""
-    from client.train import encode_pairs
-    from simulations.personas import DatasetSpec, generate_dataset
-
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_dataset(Path(tmp), DatasetSpec(num_users=users))
-        for path in sorted(Path(tmp).glob("users/*.jsonl")):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            pairs = [(r["input"], r["output"]) for r in rows if r.get("type") == "task" and r.get("split") == "train"]
-            if pairs:
-                out.append(encode_pairs(model.tokenizer, pairs, max_len))
-    return out
-
-
-def _padded_share(sets, physical: int, sort: bool) -> float:
-    """Padded positions over all positions the physical batches compute (every record in every step)."""
-    real = total = 0
-    for data in sets:
-        lengths = data.tensors[1].sum(1).tolist()
-        lengths = sorted(lengths) if sort else lengths
-        for start in range(0, len(lengths), physical):
-            chunk = lengths[start : start + physical]
-            real += sum(chunk)
-            total += max(chunk) * len(chunk)
-    return 1 - real / total
+from benchmarks.prefix_bucketing import device_sets, padded_share
 
 
 def _train_all(model, sets, cfg) -> tuple[float, list[dict]]:
@@ -92,7 +59,7 @@ def main(argv=None) -> dict:
     overrides = {"model": model_name, **parse_sets(args.sets), "noise-multiplier": 0.0, "target-epsilon": 0.0}
     cfg = build_config("default", overrides)
     model = personal_model(AdapterSpec.from_config(cfg))
-    sets = _device_sets(model, args.users, cfg.train.max_len)
+    sets = device_sets(model.tokenizer, args.users, cfg.train.max_len)
     sorted_fn = train_mod.length_sorted
     _train_all(model, sets, cfg.train)  # warm-up, untimed: Opacus hooks, the allocator, every record's frozen prefix
     index_order, bucketed = [], []
@@ -109,12 +76,13 @@ def main(argv=None) -> dict:
     diff = max(float((a[k] - b[k]).abs().max()) for a, b in zip(ref, got) for k in a)
     t_index, t_sorted = statistics.median(index_order), statistics.median(bucketed)
     physical = cfg.train.physical_batch
+    lengths = [data.tensors[1].sum(1).tolist() for data in sets]
     out = {
         "model": model_name, "devices": len(sets), "records": sum(len(d) for d in sets), "physical_batch": physical,
         "steps": cfg.train.local_steps, "index_order_s": round(t_index, 3), "length_sorted_s": round(t_sorted, 3),
         "speedup": round(t_index / t_sorted, 3),
-        "padded_share_index_order": round(_padded_share(sets, physical, False), 4),
-        "padded_share_length_sorted": round(_padded_share(sets, physical, True), 4),
+        "padded_share_index_order": round(padded_share(lengths, physical, sort=False), 4),
+        "padded_share_length_sorted": round(padded_share(lengths, physical), 4),
         "max_abs_diff": f"{diff:.2e}",
     }
     print(f"{out['devices']} devices, {out['records']} records, {out['steps']} DP steps each: index order {t_index:.2f} s "
