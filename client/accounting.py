@@ -156,14 +156,12 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
     rounds, so a data-rich device needs less noise and a cold-start one (whose
     batch holds every record, q = 1) more, and every one ends at the target:
     ``target - EPSILON_TOLERANCE <= epsilon <= target``, the contract of
-    Opacus' ``get_noise_multiplier`` (which other Opacus accountants use as is).
+    Opacus' ``get_noise_multiplier``.
     """
     rate, steps = sample_rate(cfg, num_records), max(1, planned_rounds) * cfg.local_steps
     if cfg.accountant == "prv":
         return _prv_noise_memo(cfg.target_epsilon, cfg.delta, rate, steps)
-    if cfg.accountant != "rdp":
-        return _opacus_noise_for_epsilon(cfg.target_epsilon, cfg.delta, rate, steps, cfg.accountant)
-    return rdp_noise_for_epsilon(cfg.target_epsilon, cfg.delta, rate, steps)
+    return rdp_noise_for_epsilon(cfg.target_epsilon, cfg.delta, rate, steps)  # the config allows rdp and prv only
 
 
 @functools.lru_cache(maxsize=1024)
@@ -171,17 +169,6 @@ def _prv_noise_memo(target: float, delta: float, rate: float, steps: int) -> flo
     """:func:`prv_noise_for_epsilon` once per process: with ``batch-size = 0`` every device has rate 1,
     so devices with the same planned steps share one answer."""
     return prv_noise_for_epsilon(target, delta, rate, steps)
-
-
-@functools.lru_cache(maxsize=1024)
-def _opacus_noise_for_epsilon(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
-    """Opacus' own calibration, once per process and mechanism: with ``batch-size = 0`` every device
-    has rate 1, so devices with the same planned steps share one answer (0.3-4 s each with PRV)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    with _prv_quiet():
-        return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=EPSILON_TOLERANCE))
 
 
 def rdp_noise_for_epsilon(target: float, delta: float, rate: float, steps: int, tolerance: float = EPSILON_TOLERANCE) -> float:
