@@ -5,19 +5,19 @@ by stage, with what a default run deploys: the session parameters of the
 ``secure-sum`` privacy step (``SecAggParams.create`` with the default colluder
 and dropout fractions, so the neighbour graph of ``choose_neighbours``: k = 60
 at N = 100, k = 174 at N = 1,000) and the masked vector's real length, the
-K-slot train reply of the default config on SmolLM2-135M (global FFA-LoRA B
-matrices, 4 persona slots, the 4 x 384 centroid block and the count:
-923,140 values).
+K-slot train reply of the default config on SmolLM2-135M (the global tier,
+the persona slots, the centroid block and the counts; the length is taken
+from the codec on the live model and printed).
 
 * Clients are stateless between stages, as the Message-API ClientApp is: each
   stage rebuilds the client from its ``to_state()`` dict and saves it again
   (timed as part of the stage). Each client's float vector is drawn from its
   seed when it masks and dropped afterwards, so at most one full vector (plus
   the server's running sum and the plain reference sum) is alive at a time.
-* Simulated clients share one draw of the neighbour graph (``_draw_graph`` is
-  cached per process); every real device and the server draw it themselves,
-  so one cold draw, measured, is added to each device's and to the server's
-  time.
+* Simulated clients share one derivation of the neighbour graph
+  (``_draw_graph`` is cached per process); every real device and the server
+  derive it themselves, so one cold derivation, measured, is added to each
+  device's and to the server's time.
 * Server memory: the bytes the server object holds after each stage (a deep
   size of its fields, numpy buffers included) plus, for each call that builds
   something (``*_messages``, ``finalize``), the peak of the Python allocations
@@ -29,8 +29,8 @@ matrices, 4 persona slots, the 4 x 384 centroid block and the count:
   without gRPC framing or message metadata.
 * The plain round is measured in the same run: the per-client training time is
   the median of real record-level DP-SGD updates (``client.train.train_local``
-  with the default config: 2 local steps, expected batch 6, at most 56 tokens)
-  after a warm-up call, and the plain server sum is a float64 running sum of
+  with the default config's steps, batch and length, on 30 records) after a
+  warm-up call, and the plain server sum is a float64 running sum of
   the same N vectors. Ratios (the composition is stated, it is not a Flower
   round): ``round = (N (train + client secagg) + server secagg) / (N train +
   plain sum)`` (all the work on one machine), ``device = (train + client
@@ -88,7 +88,7 @@ def train_seconds(cfg, model, reps: int) -> list[float]:
 
     words = "status ok next deploy the cache team notes soup harbour meeting draft".split()
     rng = np.random.default_rng(0)
-    # 30 records of ~max-len tokens: Poisson batches of expected size 6, as a user's store gives.
+    # 30 records of ~max-len tokens, sampled as the default config samples a user's store.
     pairs = [(f"Write note {i} about {words[i % len(words)]}.", " ".join(rng.choice(words, 40))) for i in range(30)]
     data = encode_pairs(model.tokenizer, pairs, cfg.train.max_len)
     times = []

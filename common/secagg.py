@@ -60,14 +60,14 @@ random graph, for a colluder fraction and a dropout rate):
 * Parameters. N sampled clients, of which at most a fraction gamma collude
   with the server (fixed before the graph seed is drawn) and at most a
   fraction delta drop out (independently of the graph). The neighbour graph
-  is a uniformly random k-regular graph derived from ``graph_seed``
+  is SecAgg+'s ring over a uniformly random order derived from ``graph_seed``
   (:func:`common.secagg_crypto.neighbour_graph`); ``k`` and the threshold
   ``t`` come from :func:`choose_neighbours`, which sizes them so that, except
   with probability ``2**-40`` over the graph, no honest client has ``t``
   colluding neighbours and the honest survivors stay connected, and, except
   with probability ``2**-20``, every client keeps ``t`` live neighbours.
-  Defaults: gamma = 0.1, delta = 0.3, which give the complete graph (original
-  SecAgg, deterministic guarantee) up to about N = 40. ``t > k/2`` always
+  Defaults: gamma = 0.1, delta = 0.3 (k = 14 of 19 at N = 20, 60 at 100,
+  174 at 1,000; the complete graph, original SecAgg, up to N = 9). ``t > k/2`` always
   (enforced by :class:`SecAggParams`, also on the client): otherwise the server
   could collect t shares of a client's seed from one half of its neighbours
   and t of its mask key from the other half.
@@ -199,33 +199,26 @@ def _hypergeom_tail(population: int, marked: int, draws: int, at_least: int) -> 
     return min(1.0, total)
 
 
-def _cut_off_bound(n: int, k: int, removed: int, honest: int) -> float:
-    """Union bound on P(the honest survivors' subgraph is disconnected).
+def _cut_off_bound(n: int, k: int, removed: int) -> float:
+    """Upper bound on P(the honest survivors' subgraph of the ring is disconnected).
 
-    Disconnected means some set S of s <= honest/2 honest survivors has no
-    edge to the other honest survivors: every edge leaving S ends in S or in
-    the ``removed`` colluders and dropouts. s = 1 is exact for a uniformly
-    random k-regular graph (a node's neighbourhood is a uniform k-subset):
-    ``C(removed, k) / C(n-1, k)``. For s >= 2: at most ``n (e k)**(s-1)``
-    connected sets of size s (the standard count in a max-degree-k graph),
-    whose k*s neighbour slots must all point into ``S + removed``, each with
-    probability <= (removed + s - 1)/(n - 1); an edge inside S fills two
-    slots, so only ks/2 are counted, as if independent. That independence is
-    a heuristic for regular graphs (the s = 1 term and the count are exact),
-    so the bound sizes k rather than proves it; tests/test_secagg_graph.py
-    checks the outcome by sampling at the sizes it picks.
+    The graph is a ring over a uniformly random cyclic order
+    (:func:`common.secagg_crypto.neighbour_graph`): two nodes are neighbours
+    when at most k/2 positions apart. Walk the survivors in ring order: two
+    consecutive ones with g removed nodes (colluders and dropouts) between them
+    are neighbours iff g < k/2. So the survivors stay connected unless at
+    least two of these gaps are k/2 or longer; one long gap still leaves a path
+    the other way round. Two such gaps contain two disjoint windows of k/2
+    consecutive positions, all removed. There are at most C(n, 2) pairs of
+    window starts, and ``removed`` nodes placed uniformly fill k given
+    positions with probability ``(removed)_k / (n)_k`` (falling factorials).
+    The union bound over the pairs is rigorous, with no independence
+    assumption; it is 0 when fewer than k nodes are removed.
     """
-    total = 0.0
-    for s in range(1, honest // 2 + 1):
-        if s == 1:
-            log_term = math.log(n) + _log_comb(removed, k) - _log_comb(n - 1, k) if removed >= k else -math.inf
-        else:
-            q = (removed + s - 1) / (n - 1)
-            log_term = math.log(n) + (s - 1) * math.log(math.e * k) + math.ceil(k * s / 2) * math.log(q)
-        if log_term > 0:
-            return 1.0
-        total += math.exp(log_term)
-    return min(1.0, total)
+    if removed < k:
+        return 0.0
+    log_fill = math.lgamma(removed + 1) - math.lgamma(removed - k + 1) - math.lgamma(n + 1) + math.lgamma(n - k + 1)
+    return min(1.0, math.comb(n, 2) * math.exp(log_fill))
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,9 +238,10 @@ def choose_neighbours(
     component cut off by colluders and dropouts would have its own sum
     revealed), both except with probability 2**-sigma; and (3) every client
     keeps t live neighbours, except with probability 2**-eta (else the round
-    aborts). We recompute these bounds for our graph, a uniformly random
-    k-regular one drawn after the colluders are fixed and independently of
-    the dropouts, with ceil(gamma N) colluders and ceil(delta N) dropouts:
+    aborts). We recompute these bounds for our graph, a ring over a uniformly
+    random order (each node's neighbours a uniform k-subset) drawn after the
+    colluders are fixed and independently of the dropouts, with
+    ceil(gamma N) colluders and ceil(delta N) dropouts:
 
     * (1) ``N * P(Hypergeom(N-1, colluders, k) >= t) <= 2**-sigma``;
     * (2) ``_cut_off_bound(...) <= 2**-sigma``;
@@ -258,8 +252,9 @@ def choose_neighbours(
     SecAgg: (2) holds trivially) with the smallest ``t > max(k/2, colluders)``,
     whose dropout tolerance ``k - t`` may then fall short of delta (the round
     aborts rather than leak). Raises ``ValueError`` if no threshold can keep
-    the colluders below t. Small cohorts get the complete graph: at the
-    defaults (gamma 0.1, delta 0.3) up to about N = 40; k = 60 at N = 100.
+    the colluders below t. At the defaults (gamma 0.1, delta 0.3): k = 8 at
+    N = 10, 14 at 20, 60 at 100, 174 at 1,000; from N = 100 on, (1) and (3)
+    set k, and (2) is far below its limit.
     """
     if num_clients < 3 or not (0 <= colluder_fraction < 1 and 0 <= dropout_fraction < 1):
         raise ValueError("choose_neighbours needs >= 3 clients and fractions in [0, 1)")
@@ -273,7 +268,7 @@ def choose_neighbours(
             t is not None
             and n * _hypergeom_tail(n - 1, d, k, k - t + 1) <= cor
             and honest > 0
-            and _cut_off_bound(n, k, c + d, honest) <= sec
+            and _cut_off_bound(n, k, c + d) <= sec
         ):
             return k, t
     k = n - 1

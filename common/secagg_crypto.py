@@ -13,7 +13,7 @@
   and ~17 ms to combine one 32-byte secret, which alone would exceed our whole
   per-round budget at N=10. A single Mersenne-prime field element holds a
   32-byte secret, so split/combine are a handful of big-int operations.
-* The SecAgg+ neighbour graph (Bell et al. 2020): a random k-regular graph
+* The SecAgg+ neighbour graph (Bell et al. 2020): a ring over a random order
   derived from the session's graph seed with SHA-256/AES-CTR only, so every
   party on any Python/numpy version derives the same one.
 """
@@ -297,8 +297,7 @@ def commit_seed(session_id: bytes, seed: bytes) -> bytes:
 
 # ------------------------------------------------------------------------- graph
 
-GRAPH_DOMAIN = b"fedpersona/secagg/v1/neighbour-graph"
-SWITCHES_PER_EDGE = 10
+GRAPH_DOMAIN = b"fedpersona/secagg/v2/neighbour-graph"  # v2: the ring over a seeded order (v1 added a switch chain)
 
 
 class _SeededInts:
@@ -313,28 +312,9 @@ class _SeededInts:
         key = hashlib.sha256(domain + seed).digest()
         self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
-    def _block(self, count: int) -> np.ndarray:
-        return np.frombuffer(self._enc.update(bytes(8 * count)), dtype=">u8")
-
     def words(self, count: int) -> list[int]:
         """``count`` uniform 64-bit integers (big-endian words of the keystream)."""
-        return self._block(count).tolist()
-
-    def below(self, m: int, count: int) -> np.ndarray:
-        """``count`` uniform draws from ``[0, m)``, ``m < 2**64`` (as int64): rejection
-        sampling on 64-bit words, so no modulo bias. Vectorised; it reads the
-        keystream in the same chunks and keeps the same words as the
-        word-by-word loop it replaces, so the draws are unchanged."""
-        limit = (1 << 64) - (1 << 64) % m
-        parts, have = [], 0
-        while have < count:
-            need = count - have
-            w = self._block(need + need // 8 + 8)
-            if limit < 1 << 64:
-                w = w[w < np.uint64(limit)]
-            parts.append((w % np.uint64(m)).astype(np.int64))
-            have += len(parts[-1])
-        return np.concatenate(parts)[:count]
+        return np.frombuffer(self._enc.update(bytes(8 * count)), dtype=">u8").tolist()
 
 
 def is_connected(adj: Mapping[int, Set[int]]) -> bool:
@@ -360,34 +340,25 @@ def _draw_graph(num_nodes: int, k: int | None, seed: bytes) -> tuple[frozenset[i
     """The neighbour sets of secure ids ``1..num_nodes``, in order.
 
     ``k is None`` or ``k >= num_nodes - 1`` gives the complete graph (original
-    SecAgg). Otherwise a random k-regular graph (SecAgg+), connected:
+    SecAgg). Otherwise SecAgg+'s sparse graph as Flower's
+    ``SecAggPlusWorkflow`` builds it: a Harary ring, each node joined to the
+    k/2 nodes on either side of it in a random cyclic order. Here the order
+    comes from the seed (so every party derives the same graph, and the server
+    need not send it) instead of from the server's ``random.shuffle``.
 
-    1. a Harary ring (each node joined to the k/2 nearest on either side) over a
-       seeded random order: k-regular, simple, connected;
-    2. ``SWITCHES_PER_EDGE`` x |E| attempted double-edge switches
-       ``{a,b},{c,d} -> {a,c},{b,d}`` (refused when they would create a loop or
-       a double edge). Switches keep every degree at exactly k, and this
-       Markov chain converges to the uniform distribution over k-regular
-       graphs (it is irreducible and symmetric; Cooper, Dyer & Greenhill
-       2007 prove rapid mixing). Each switch replaces two edges, so after 10
-       attempts per edge essentially no ring edge is left: the tests measure
-       the second eigenvalue, which lands near a random regular graph's
-       ``2 sqrt(k - 1)`` (Friedman 2008), where the ring's is almost ``k``;
-    3. more switches while the result is disconnected (rare but possible for
-       small k).
-
-    Why this graph. The ring it replaces has connectivity k whatever N is, so
-    2 x k/2 colluders consecutive in ring order cut off the arc between them.
-    Random k-regular graphs are, with high probability, k-connected expanders,
-    and removing colluders and dropouts chosen independently of the graph
-    leaves the honest survivors connected except with the probability bounded
-    in :func:`common.secagg.choose_neighbours`. An Erdos-Renyi graph
-    ``G(N, k/(N-1))`` (edges drawn independently, the easiest model to bound)
-    expands as well but has binomial degrees: at N = 10-100 some client would
-    get far fewer than t neighbours and the round would abort without any
-    dropout. A union of k/2 random Hamiltonian cycles repeats edges, so its
-    degrees fall below k too. Exact regularity gives every client the same
-    margin between k and t.
+    Why this graph suffices. The guarantee (:func:`common.secagg.choose_neighbours`)
+    is over the random order, drawn after the colluders are fixed and
+    independently of the dropouts. In a uniformly random order each node's
+    k neighbours are a uniformly random k-subset of the others, so the counts
+    of colluding and of dropped neighbours are exactly hypergeometric; and the
+    honest survivors are disconnected exactly when two of the gaps between
+    cyclically consecutive survivors are k/2 or longer, which has a simple
+    exact bound. A ring is not an expander: colluders chosen *after* seeing
+    the order could cut off an arc with k of them, as k colluders chosen after
+    seeing any k-regular graph cut off one node; both are outside the model
+    (README, "Assumptions and limits"). The ring costs O(N k) to build; the
+    random-regular-graph switch chain it replaces cost 1.4 s per party per
+    round at N = 1,000 (docs/results.md, issue 15 (d)).
     """
     ids = range(1, num_nodes + 1)
     if k is None or k >= num_nodes - 1:
@@ -395,41 +366,8 @@ def _draw_graph(num_nodes: int, k: int | None, seed: bytes) -> tuple[frozenset[i
     if k < 2 or k % 2:
         raise ValueError("a sparse graph needs an even number of neighbours k >= 2")
     rng = _SeededInts(seed, GRAPH_DOMAIN)
-    order = np.array([i for _, i in sorted(zip(rng.words(num_nodes), ids))])  # a random permutation
-    # The ring's edges (order[p], order[p + o]) for p, then o = 1..k/2, as a
-    # flat list of endpoints: slot e holds edge (ends[2e], ends[2e + 1]).
-    pos = np.repeat(np.arange(num_nodes), k // 2)
-    ring = np.stack([order[pos], order[(pos + np.tile(np.arange(1, k // 2 + 1), num_nodes)) % num_nodes]], axis=1)
-    ends = ring.ravel().tolist()
-    m = len(ring)
-    # adj[i][j] == 1 iff {i, j} is an edge or i == j: one byte test replaces
-    # both the "would make a loop" and the "would make a double edge" checks
-    # (a == c, b == d hit the diagonal; a == d or b == c make the new edge
-    # {a, c} resp. {b, d} equal to the existing edge {c, d}). N**2 bytes.
-    mat = np.zeros((num_nodes + 1, num_nodes + 1), dtype=np.uint8)
-    mat[ring[:, 0], ring[:, 1]] = mat[ring[:, 1], ring[:, 0]] = 1
-    np.fill_diagonal(mat, 1)
-    adj = [bytearray(row.tobytes()) for row in mat]
-    for _ in range(100):
-        tries = SWITCHES_PER_EDGE * m
-        e, f, flip = rng.below(m, tries), rng.below(m, tries), rng.below(2, tries)
-        # Edge f read as (d, c) when flip is 1, as (c, d) otherwise: c at
-        # 2f + flip, d at 2f + 1 - flip.
-        for ia, ic, id_ in zip((2 * e).tolist(), (2 * f + flip).tolist(), (2 * f + 1 - flip).tolist()):
-            a, c = ends[ia], ends[ic]
-            ra = adj[a]
-            if ra[c]:
-                continue
-            b, d = ends[ia + 1], ends[id_]
-            rb = adj[b]
-            if rb[d]:
-                continue
-            rc, rd = adj[c], adj[d]
-            ra[b] = rb[a] = rc[d] = rd[c] = 0
-            ra[c] = rc[a] = rb[d] = rd[b] = 1
-            # {a, b}, {c, d} -> {a, c}, {b, d}, stored as (a, c) and (b, d).
-            ends[ia + 1], ends[ic & id_], ends[ic | id_] = c, b, d
-        graph = {i: frozenset(np.flatnonzero(np.frombuffer(adj[i], dtype=np.uint8)).tolist()) - {i} for i in ids}
-        if is_connected(graph):
-            return tuple(graph.values())
-    raise RuntimeError("could not draw a connected neighbour graph")  # pragma: no cover  (practically never)
+    order = np.array([i for _, i in sorted(zip(rng.words(num_nodes), ids))])  # a uniformly random permutation
+    offsets = np.concatenate([np.arange(-(k // 2), 0), np.arange(1, k // 2 + 1)])
+    rows = order[(np.arange(num_nodes)[:, None] + offsets[None, :]) % num_nodes]  # neighbours of order[p]
+    graph = dict(zip(order.tolist(), map(frozenset, rows.tolist())))
+    return tuple(graph[i] for i in ids)
