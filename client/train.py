@@ -31,17 +31,27 @@ from common.models import IGNORE, PROMPT_KEY, USER, PersonalLM, tier_of
 # --------------------------------------------------------------------------- #
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> TensorDataset:
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, answer_room: list[int] | None = None) -> TensorDataset:
     """Tokenise (input, output) pairs; the loss covers only the output tokens.
 
     The format is plain ``input\\n output<eos>`` for every model, so the base,
     global and personalised scores are comparable.
+
+    A long prompt is cut to leave its answer room: the answer's own length,
+    at most half the window. A written answer carries the style and keeps at
+    least half of ``max_len``. A label is a few tokens, so the text to be
+    labelled keeps the rest; cutting every prompt to half the window left
+    about 6 tokens of a tweet after the instruction and the options.
+    ``answer_room`` (tokens, one per pair) overrides the answer's length.
+    Option scoring passes the longest option's length, so that every option
+    of an example is scored after the same prompt.
     """
     ids_rows, label_rows = [], []
-    for source, target in pairs:
+    for i, (source, target) in enumerate(pairs):
         prompt = tokenizer(source + "\n", add_special_tokens=False)["input_ids"]
         answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = prompt[: max_len // 2]  # keep room for the answer, which carries the style
+        room = len(answer) if answer_room is None else answer_room[i]
+        prompt = prompt[: max_len - min(room, max_len // 2)]
         ids = (prompt + answer)[:max_len]
         labels = ([IGNORE] * len(prompt) + answer)[:max_len]
         ids_rows.append(ids)
@@ -399,7 +409,10 @@ def option_predictions(model: PersonalLM, examples: list[tuple[str, list[str]]],
     pairs = [(source, option) for source, options in examples for option in options]
     if not pairs:
         return []
-    data = encode_pairs(model.tokenizer, pairs, max_len)
+    tok = model.tokenizer
+    longest = [max(len(tok(o, add_special_tokens=False)["input_ids"]) for o in options) + 1 for _, options in examples]
+    rooms = [room for room, (_, options) in zip(longest, examples) for _ in options]
+    data = encode_pairs(tok, pairs, max_len, answer_room=rooms)
     model.use(*adapters)
     model.eval()
     scores = []

@@ -96,6 +96,38 @@ def test_loss_covers_only_output_tokens(model):
     assert (labels[0, prompt_len:][mask[0, prompt_len:] == 1] != -100).all()
 
 
+def test_a_long_prompt_leaves_its_answer_room():
+    """A label keeps the text before it (the window minus the label), a long
+    written answer keeps half the window; the answer is never cut first."""
+    tok = personal_model(spec()).tokenizer
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    source = "Label the text. Options: yes, no. Text: " + "word " * 40
+    for target, room in (("yes", n("yes") + 1), ("z " * 40, 32)):
+        ids, mask, labels = encode_pairs(tok, [(source, target)], 64).tensors
+        prompt_len = int((labels[0] == -100).sum() - (mask[0] == 0).sum())
+        assert prompt_len == 64 - room and n(source + "\n") > prompt_len
+        assert int(mask[0].sum()) == 64
+    # Passed explicitly, the room replaces the answer's own length.
+    ids, mask, labels = encode_pairs(tok, [(source, "yes")], 64, answer_room=[10]).tensors
+    assert int((labels[0] == -100).sum() - (mask[0] == 0).sum()) == 54
+
+
+def test_every_option_is_scored_after_the_same_prompt(monkeypatch):
+    """Options of different lengths: the prompt is cut once, for the longest."""
+    import client.train as train
+
+    model = personal_model(spec())
+    seen = []
+    real = train.encode_pairs
+    monkeypatch.setattr(train, "encode_pairs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    source = "Label the text. Options: no, certainly not. Text: " + "word " * 40
+    picks = train.option_predictions(model, [(source, ["no", "certainly not"])], model.tiers, 64)
+    assert len(picks) == 1
+    ids, mask, labels = seen[0].tensors
+    prompt_lens = [int((labels[r] == -100).sum() - (mask[r] == 0).sum()) for r in range(2)]
+    assert prompt_lens[0] == prompt_lens[1] and torch.equal(ids[0, : prompt_lens[0]], ids[1, : prompt_lens[1]])
+
+
 def test_would_exceed_charges_one_more_round_at_the_device_rate():
     from client.accounting import sample_rate, would_exceed
 
