@@ -38,7 +38,7 @@ from the codec on the live model and printed).
   client secagg + server secagg) / (train + plain sum)`` (devices in parallel,
   no network).
 
-    python -m benchmarks.secagg_scale            # N = 100 and 1,000 at the real length (~14 min on two cores)
+    python -m benchmarks.secagg_scale            # N = 100 and 1,000 at the real length (~4 min on two cores)
     python -m benchmarks.secagg_scale --quick    # N = 100 at 1/10 of the length (< 1 min)
     python -m benchmarks.secagg_scale --smoke    # tiny random model, N = 12 (seconds; figures meaningless)
 
