@@ -200,8 +200,13 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     chosen = _persona(dev, slots, centroids, data, "train")
     # A seeded batch order only without DP: under DP the sample must stay secret (train_local draws it from the OS).
     gen = None if cfg.train.dp else torch.Generator().manual_seed(cfg.seed * 1000 + dev.server_round)
-    result, acc_state, opt_state = train_local(model, data, train_cfg, acc_state, store.get_state(device.OPTIMIZER), generator=gen)
+    # Under adaptive clipping the clip norm carries over between rounds, on the device only.
+    clip_start = device.get_json(store, device.CLIP_NORM, {}).get("clip-norm")
+    result, acc_state, opt_state = train_local(model, data, train_cfg, acc_state, store.get_state(device.OPTIMIZER),
+                                               generator=gen, clip_start=clip_start)
     device.swap_out_user(model, store, acc_state, opt_state)
+    if result.clip_norm is not None:
+        device.put_json(store, device.CLIP_NORM, {"clip-norm": result.clip_norm})
     participation["rounds"] += 1
     trained = {k: v.numpy() for k, v in model.shared_state().items()}
     # Only k-means sends a profile row, and only under user-level DP (the run config enforces it).

@@ -41,6 +41,7 @@ PARTICIPATION = "participation.json"
 EVAL_RESULTS = "eval-results.json"
 DIAGNOSTICS = "diagnostics.json"
 CALIBRATION = "noise-calibration.json"
+CLIP_NORM = "adaptive-clip.json"  # where adaptive clipping left the record-level clip norm
 LAST_UPDATE = "last-update.npz"  # the last released (clipped, noised, unmasked) update and its request's fingerprint
 
 

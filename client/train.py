@@ -22,6 +22,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import accounting
+from client.adaptive_clip import QuantileClip, split_noise
 from common.config import TrainConfig
 from common.models import IGNORE, PROMPT_KEY, USER, PersonalLM, tier_of
 
@@ -106,6 +107,8 @@ class TrainResult:
     # Per-round DP-SGD instruments (simulation diagnostics, never sent): clip
     # fraction, per-sample gradient norm quantiles, noise std and signal-to-noise.
     instruments: dict | None = None
+    # Under adaptive clipping, the clip norm the device's next step starts from (kept in its store).
+    clip_norm: float | None = None
 
 
 class DPAdamBC(torch.optim.Adam):
@@ -178,39 +181,52 @@ def clip_factors(samples: Sequence[torch.Tensor], max_norm: float) -> tuple[torc
     return norms, (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
+def per_sample_grads(params) -> list[torch.Tensor]:
+    """Opacus' per-sample gradients of the current physical batch, one flat (samples, size) tensor per parameter."""
+    return [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in params if getattr(p, "grad_sample", None) is not None]
+
+
 class _Instruments:
     """Per-step DP-SGD diagnostics from Opacus' per-sample gradients, before clipping.
 
-    Per sample: the gradient norm (quantiles, and the share above the clip
-    norm). Per logical step: the signal-to-noise ratio, the norm of the mean
-    clipped gradient over the expected norm of the step's noise
-    ``sigma * C * sqrt(d) / B``.
+    Per sample: the gradient norm (quantiles, and the share above the step's
+    clip norm). Per logical step: the signal-to-noise ratio, the norm of the
+    mean clipped gradient over the expected norm of the step's noise
+    ``sigma * C * sqrt(d) / B``, and the noise std per coordinate. ``C`` and
+    ``sigma`` are the step's own: adaptive clipping moves the first and splits
+    the second (client/adaptive_clip.py).
     """
 
-    def __init__(self, params, cfg: TrainConfig, expected_batch: float):
-        self.params, self.cfg, self.expected_batch = params, cfg, expected_batch
+    def __init__(self, params, expected_batch: float):
+        self.expected_batch = expected_batch
         self.dim = sum(p.numel() for p in params)
         self.norms: list[float] = []
+        self.clipped = 0
         self.snr: list[float] = []
+        self.noise_std: list[float] = []
+        self.clip_norms: list[float] = []
         self._sums: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def observe(self) -> None:
-        """Per-sample gradients of one physical batch (call before ``optimizer.step()``)."""
-        samples = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in self.params if getattr(p, "grad_sample", None) is not None]
+    def observe(self, samples: list[torch.Tensor], clip: float) -> torch.Tensor | None:
+        """Per-sample gradients of one physical batch (before ``optimizer.step()``); returns their norms."""
         if not samples or samples[0].shape[0] == 0:
-            return
-        norms, factor = clip_factors(samples, self.cfg.max_grad_norm)
+            return None
+        norms, factor = clip_factors(samples, clip)
         sums = [(g * factor[:, None]).sum(0) for g in samples]
         self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
         self.norms += norms.tolist()
+        self.clipped += int((norms > clip).sum())
+        return norms
 
-    def step_done(self) -> None:
-        """A logical step ended: its signal-to-noise ratio."""
+    def step_done(self, clip: float, noise_multiplier: float) -> None:
+        """A logical step ended at clip norm ``clip`` with gradient noise ``noise_multiplier * clip``."""
+        self.clip_norms.append(clip)
+        self.noise_std.append(noise_multiplier * clip / self.expected_batch)
         if self._sums is None:
             return
         clipped_mean = math.sqrt(sum(float((s**2).sum()) for s in self._sums)) / self.expected_batch
-        noise_norm = self.cfg.noise_multiplier * self.cfg.max_grad_norm * math.sqrt(self.dim) / self.expected_batch
+        noise_norm = noise_multiplier * clip * math.sqrt(self.dim) / self.expected_batch
         self.snr.append(clipped_mean / noise_norm if noise_norm > 0 else math.inf)
         self._sums = None
 
@@ -220,9 +236,10 @@ class _Instruments:
         norms = sorted(self.norms)
         at = lambda f: norms[min(len(norms) - 1, int(f * len(norms)))]  # noqa: E731
         return {
-            "clip_fraction": sum(n > self.cfg.max_grad_norm for n in norms) / len(norms),
+            "clip_fraction": self.clipped / len(norms),
             "grad_norm_q10": at(0.1), "grad_norm_q50": at(0.5), "grad_norm_q90": at(0.9),
-            "noise_std": self.cfg.noise_multiplier * self.cfg.max_grad_norm / self.expected_batch,
+            "noise_std": sum(self.noise_std) / len(self.noise_std) if self.noise_std else None,
+            "clip_norm": sum(self.clip_norms) / len(self.clip_norms) if self.clip_norms else None,
             "snr": sum(self.snr) / len(self.snr) if self.snr else None,
         }
 
@@ -269,12 +286,16 @@ def train_local(
     accountant_state: str | None,
     optimizer_state: bytes | None,
     generator: torch.Generator | None = None,
+    clip_start: float | None = None,
 ) -> tuple[TrainResult, str | None, bytes]:
     """Run ``cfg.local_steps`` optimizer steps on this user's data.
 
     Returns the result, the updated accountant state (Opacus ``state_dict`` as
     JSON) and the optimizer state. The model's current tensors are the
-    starting point and are updated in place.
+    starting point and are updated in place. Under adaptive clipping
+    (``adaptive-clip-quantile``) the first step clips at ``clip_start`` (the
+    norm the device's last round ended at; ``max-grad-norm`` when None), and
+    ``result.clip_norm`` is where this round ended.
     """
     from opacus import PrivacyEngine
 
@@ -282,8 +303,15 @@ def train_local(
     model.train()
     params = _trainable(model, cfg)
     batch_size = cfg.batch_for(len(data))
+    clipper, grad_noise = None, cfg.noise_multiplier
+    if cfg.dp and cfg.adaptive_clip_quantile:
+        # The gradient gets noise z_delta >= z, the count of unclipped samples the rest of z's budget.
+        grad_noise, count_noise = split_noise(cfg.noise_multiplier, cfg.adaptive_clip_share)
+        clipper = QuantileClip(clip_start or cfg.max_grad_norm, cfg.max_grad_norm, cfg.adaptive_clip_quantile,
+                               cfg.adaptive_clip_lr, count_noise, batch_size, _os_seeded_generator())
+    clip = clipper.clip if clipper else cfg.max_grad_norm
     # The per-coordinate variance of the noise in the averaged gradient (DP-AdamBC needs it).
-    noise_variance = (cfg.noise_multiplier * cfg.max_grad_norm / batch_size) ** 2 if cfg.dp else 0.0
+    noise_variance = (grad_noise * clip / batch_size) ** 2 if cfg.dp else 0.0
     optimizer = make_optimizer(params, cfg, noise_variance)
     if optimizer_state:
         optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
@@ -311,8 +339,8 @@ def train_local(
                 module=gsm,
                 optimizer=optimizer,
                 data_loader=loader,
-                noise_multiplier=cfg.noise_multiplier,
-                max_grad_norm=cfg.max_grad_norm,
+                noise_multiplier=grad_noise,
+                max_grad_norm=clip,
                 poisson_sampling=True,
                 # Opacus' secure_mode needs torchcsprng (no wheel for Python 3.11);
                 # the noise generator is at least seeded from the OS, never from
@@ -320,12 +348,27 @@ def train_local(
                 noise_generator=_os_seeded_generator(),
             )
         rate = 1 / len(loader)
+        if clipper is not None:
+            # The accountant is charged the one Gaussian mechanism that the noised gradient and the
+            # noised count are together (Andrew et al. 2021, Theorem 1): the calibrated z, not z_delta.
+            optimizer.attach_step_hook(lambda optim: engine.accountant.step(
+                noise_multiplier=cfg.noise_multiplier, sample_rate=rate * optim.accumulated_iterations))
     else:
         gsm.disable_hooks()
         net = model
 
     assert engine is None or abs(rate - accounting.sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
-    instruments = _Instruments(params, cfg, batch_size) if cfg.dp else None
+    instruments = _Instruments(params, batch_size) if cfg.dp else None
+
+    def step_taken() -> None:
+        """A logical step's noise was added: record it, and move the clip norm for the next one."""
+        if instruments is not None:
+            instruments.step_done(optimizer.max_grad_norm, optimizer.noise_multiplier)
+        if clipper is not None:
+            optimizer.max_grad_norm = clipper.step_done()
+            if isinstance(optimizer.original_optimizer, DPAdamBC):
+                optimizer.original_optimizer.noise_variance = (grad_noise * optimizer.max_grad_norm / batch_size) ** 2
+
     # A logical batch larger than memory allows is split into physical batches:
     # under DP by Opacus' BatchMemoryManager (clipping per sample, noise once per
     # logical step), without DP by accumulating the loss over chunks.
@@ -347,15 +390,17 @@ def train_local(
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                     optimizer.step()
                     steps += 1
+                    step_taken()
                     continue
                 losses.append(_backward(net, input_ids, attention, labels, None if cfg.dp else cfg.physical_batch))
                 if instruments is not None:
-                    instruments.observe()
+                    norms = instruments.observe(per_sample_grads(params), optimizer.max_grad_norm)
+                    if clipper is not None and norms is not None:
+                        clipper.observe(norms)
                 optimizer.step()
                 if not (split and optimizer._is_last_step_skipped):
                     steps += 1
-                    if instruments is not None:
-                        instruments.step_done()
+                    step_taken()
 
     if cfg.dp:
         gsm.disable_hooks()
@@ -371,7 +416,8 @@ def train_local(
     torch.save(raw_opt.state_dict(), buf)
     loss = sum(losses) / len(losses) if losses else float("nan")
     result = TrainResult(loss=loss, steps=steps, num_examples=len(data), epsilon=epsilon,
-                         instruments=instruments.summary() if instruments is not None else None)
+                         instruments=instruments.summary() if instruments is not None else None,
+                         clip_norm=clipper.clip if clipper is not None else None)
     return result, history, buf.getvalue()
 
 

@@ -225,6 +225,13 @@ class TrainConfig(_Section):
     dp: bool = _opt("dp", True)
     noise_multiplier: float = _opt("noise-multiplier", 1.0, _non_negative)  # 0 = clipping only
     max_grad_norm: float = _opt("max-grad-norm", 1.0, _positive)
+    # Quantile-based adaptive clipping (Andrew et al. 2021, client/adaptive_clip.py): the clip norm follows
+    # this quantile of the per-sample gradient norms (the share left unclipped), never above max-grad-norm;
+    # 0 = a fixed clip norm. A noised count of the unclipped samples pays adaptive-clip-share of each step's
+    # privacy, so the accounted epsilon is unchanged and the gradient noise grows by 1/sqrt(1 - share).
+    adaptive_clip_quantile: float = _opt("adaptive-clip-quantile", 0.0, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
+    adaptive_clip_lr: float = _opt("adaptive-clip-lr", 0.2, _positive)  # the geometric step (Andrew et al.'s eta_C)
+    adaptive_clip_share: float = _opt("adaptive-clip-share", 0.1, _open_unit)
     delta: float = _opt("delta", 1e-5, _open_unit)
     # record-level epsilon cap asked of every device (0 = none asked; the device's policy holds its own)
     max_epsilon: float = _opt("max-epsilon", 8.0, _non_negative)

@@ -132,7 +132,7 @@ def training_rounds(rows: list[dict]) -> list[dict]:
         if sgd:
             # Record-level DP-SGD on the devices: mean over devices of each device's round figures.
             item["dp_sgd"] = {k: statistics.fmean(d[k] for d in sgd if d.get(k) is not None)
-                              for k in ("clip_fraction", "grad_norm_q50", "noise_std", "snr") if any(d.get(k) is not None for d in sgd)}
+                              for k in ("clip_fraction", "grad_norm_q50", "noise_std", "clip_norm", "snr") if any(d.get(k) is not None for d in sgd)}
         out.append(item)
     return out
 
