@@ -75,7 +75,6 @@ class QuantileClip:
         self.count_noise, self.expected_batch = float(count_noise), float(expected_batch)
         self.generator = generator
         self._centred = 0.0  # Σ (b_i − ½) over the step's samples so far
-        self.history: list[float] = []  # the clip norm of each step taken
 
     def observe(self, norms: torch.Tensor) -> None:
         """Per-sample gradient norms of one physical batch of the current logical step."""
@@ -83,7 +82,6 @@ class QuantileClip:
 
     def step_done(self) -> float:
         """The logical step ended: release its noised count and move the clip norm; returns the new norm."""
-        self.history.append(self.clip)
         noise = float(torch.normal(0.0, 1.0, (), generator=self.generator)) * self.count_noise
         unclipped = (self._centred + noise) / self.expected_batch + 0.5
         self._centred = 0.0

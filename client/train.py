@@ -310,9 +310,12 @@ def train_local(
         clipper = QuantileClip(clip_start or cfg.max_grad_norm, cfg.max_grad_norm, cfg.adaptive_clip_quantile,
                                cfg.adaptive_clip_lr, count_noise, batch_size, _os_seeded_generator())
     clip = clipper.clip if clipper else cfg.max_grad_norm
-    # The per-coordinate variance of the noise in the averaged gradient (DP-AdamBC needs it).
-    noise_variance = (grad_noise * clip / batch_size) ** 2 if cfg.dp else 0.0
-    optimizer = make_optimizer(params, cfg, noise_variance)
+
+    def noise_variance(clip: float) -> float:
+        """The per-coordinate variance of the noise in the averaged gradient at clip norm ``clip`` (DP-AdamBC needs it)."""
+        return (grad_noise * clip / batch_size) ** 2 if cfg.dp else 0.0
+
+    optimizer = make_optimizer(params, cfg, noise_variance(clip))
     if optimizer_state:
         optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
     if cfg.dp and generator is None:
@@ -367,7 +370,7 @@ def train_local(
         if clipper is not None:
             optimizer.max_grad_norm = clipper.step_done()
             if isinstance(optimizer.original_optimizer, DPAdamBC):
-                optimizer.original_optimizer.noise_variance = (grad_noise * optimizer.max_grad_norm / batch_size) ** 2
+                optimizer.original_optimizer.noise_variance = noise_variance(optimizer.max_grad_norm)
 
     # A logical batch larger than memory allows is split into physical batches:
     # under DP by Opacus' BatchMemoryManager (clipping per sample, noise once per
