@@ -22,12 +22,13 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from common.config import RunConfig
 from common.kslot import KSlotCodec
+from common.privacy import run_codec
 from common.models import AdapterSpec, personal_model
 
 
 def codec_for(cfg: RunConfig) -> KSlotCodec:
     shared = personal_model(AdapterSpec.from_config(cfg)).shared_params()
-    return KSlotCodec.from_tensors(shared, cfg.persona.slots)
+    return run_codec(shared, cfg)
 
 
 def initial_arrays(cfg: RunConfig) -> ArrayRecord:

@@ -38,7 +38,7 @@ from common.config import ConfigError, RunConfig
 from common.kslot import KSlotCodec
 from common.models import COLD_START, FREQUENT, GLOBAL, OCCASIONAL, PERSONA, USER, AdapterSpec, ModelNotAvailable, personal_model, routing_group, tier_of
 from common import csprng
-from common.privacy import DeviceUpdate, Pipeline, build_pipeline
+from common.privacy import DeviceUpdate, Pipeline, build_pipeline, run_codec
 from common.secagg import SecAggClient, SecAggProtocolError
 from common.wire import ARRAYS, METRICS, SECAGG, EgressGuard, EgressViolation, Reason, refusal_content
 
@@ -102,7 +102,7 @@ def _where(err: BaseException) -> str:
 def _wire(cfg: RunConfig) -> tuple[KSlotCodec, Pipeline]:
     """This run's K-slot codec and privacy pipeline (built from the model's live shapes, never from the message)."""
     shared = personal_model(AdapterSpec.from_config(cfg)).shared_params()
-    codec = KSlotCodec.from_tensors(shared, cfg.persona.slots)
+    codec = run_codec(shared, cfg)
     return codec, build_pipeline(cfg, codec)
 
 
@@ -152,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
         vector, result, chosen = np.zeros(codec.length), None, None
     else:
         vector, result, chosen = _train_round(dev, sent, codec, pairs, participation)
-    update = DeviceUpdate(codec, vector)
+    update = DeviceUpdate(codec, vector, clip_norm=dev.round_clip, trained=result is not None)
     if masked:
         update.secagg_request = dict(msg.content[SECAGG])
         update.secagg_state = dict(context.state[SECAGG])

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from client.policy import DevicePolicy, Refused
 from client.store import DeviceStore, ProgressFn, default_key_file
 from common.config import ConfigError, RunConfig
 from common.models import USER, AdapterSpec, PersonalLM, cache_dir, personal_model, tier_of
-from common.wire import CONFIG, DEVICE_PATH_KEYS, SECAGG, Reason, message_config_violation
+from common.wire import CONFIG, DEVICE_PATH_KEYS, ROUND_CLIP_KEY, SECAGG, Reason, message_config_violation
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Admission:
     policy: DevicePolicy
     cfg: RunConfig  # the run config as this device admitted it (tightened to its floor)
     server_round: int
+    round_clip: float | None = None  # this round's user-level C (adaptive clipping only)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Device:
     server_round: int
     store: DeviceStore
     model: PersonalLM
+    round_clip: float | None = None
 
 
 def admit(msg, context) -> Admission:
@@ -80,10 +83,19 @@ def admit(msg, context) -> Admission:
     if violation is not None:
         raise Refused(violation)
     admitted = policy.admit(cfg)
+    round_clip = per_round.get(ROUND_CLIP_KEY)
+    if round_clip is not None:
+        # Only an adaptive run's train message carries a C; the clip step caps it at user-clip-norm.
+        if not (admitted.user_dp.adaptive and msg.metadata.message_type == "train"):
+            raise Refused(Reason.CONFIG_KEY_NOT_ALLOWED)
+        if not (math.isfinite(round_clip) and round_clip > 0):
+            raise Refused(Reason.CONFIG_INVALID, ROUND_CLIP_KEY)
+    elif admitted.user_dp.adaptive and msg.metadata.message_type == "train":
+        raise Refused(Reason.PROTOCOL_ERROR)
     if msg.metadata.message_type == "train" and (policy.require_secagg or admitted.secagg.enabled) and SECAGG not in msg.content.keys():
         # A plain round in a secure run (or to a device that requires secure aggregation) is refused.
         raise Refused(Reason.SECAGG_REQUIRED)
-    return Admission(policy, admitted, int(per_round.get("server-round", 0)))
+    return Admission(policy, admitted, int(per_round.get("server-round", 0)), round_clip)
 
 
 def open_device(msg, context) -> Device:
@@ -92,7 +104,7 @@ def open_device(msg, context) -> Device:
     store = open_store(adm.cfg, adm.policy, dict(context.node_config))
     model = personal_model(AdapterSpec.from_config(adm.cfg))
     swap_in_user(model, store)
-    return Device(adm.policy, adm.cfg, adm.server_round, store, model)
+    return Device(adm.policy, adm.cfg, adm.server_round, store, model, adm.round_clip)
 
 
 def locate_user(cfg: RunConfig, policy: DevicePolicy, node_config: dict) -> tuple[Path, Path]:

@@ -271,11 +271,23 @@ class UserDPConfig(_Section):
     clip_norm: float = _opt("user-clip-norm", 1.0, _positive)
     delta: float = _opt("user-delta", 1e-5, _open_unit)  # must be well below 1/num-supernodes
     max_epsilon: float = _opt("user-max-epsilon", 0.0, _non_negative)  # 0 = no budget
+    # Quantile-based adaptive clipping of user-clip-norm (Andrew et al. 2021, common/privacy/clip.py): the
+    # server moves C each round toward this quantile of the update norms (the share left unclipped), from a
+    # noised count that travels inside the same sum; never above user-clip-norm. 0 = a fixed C. The count
+    # takes user-adaptive-clip-share of each release's privacy, so user-level epsilon is unchanged.
+    adaptive_clip_quantile: float = _opt("user-adaptive-clip-quantile", 0.0, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
+    adaptive_clip_lr: float = _opt("user-adaptive-clip-lr", 0.2, _positive)  # the geometric step (eta_C)
+    adaptive_clip_share: float = _opt("user-adaptive-clip-share", 0.1, _open_unit)
     # A pfl-style noise cohort (simulation only, NOT a guarantee for the run): the sum's noise is
     # scaled as if noise-cohort users of noise-population (0 = num-supernodes) were sampled per
     # round, and epsilon is that deployment's. 0 = off.
     noise_cohort: int = _opt("noise-cohort", 0, _at_least(0))
     noise_population: int = _opt("noise-population", 0, _at_least(0))
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether C adapts (user-level DP with a target quantile): the update then carries a clip bit."""
+        return self.enabled and self.adaptive_clip_quantile > 0
 
 
 @dataclass(frozen=True)
@@ -369,6 +381,8 @@ class RunConfig:
                 raise ConfigError("noise-cohort", "must not exceed noise-population")
         elif ud.noise_population:
             raise ConfigError("noise-population", "only with noise-cohort")
+        if ud.adaptive_clip_quantile and not ud.enabled:
+            raise ConfigError("user-adaptive-clip-quantile", "needs user-dp")
         if p.slots and p.assign != "random" and not (self.user_dp.enabled and self.noise_placement == "distributed"):
             # A choice derived from the device's data, and the profile row k-means sends,
             # must leave the device only inside an accounted DP mechanism the server

@@ -14,7 +14,10 @@ counts:
 
 Summed over devices (under secure aggregation the server sees nothing else)
 this gives per-slot sums, centroid sums and counts, never one device's
-choice. With ``num_slots = 0`` the layout is the global tier alone.
+choice. With ``num_slots = 0`` the layout is the global tier alone. Under
+user-level adaptive clipping the update ends with one more coordinate, the
+device's scaled clip bit (``common/privacy/clip.py``), which the server reads
+from the sum and never holds as a tensor.
 
 The update has three *parts*: the model change, the profile row and the count.
 Privacy steps (``common.privacy``) clip and noise the flat vector part by part;
@@ -40,8 +43,12 @@ CENTROID_KEY = "persona-centroids"
 # all-MiniLM-L6-v2, the profile encoder (client/profile.py)
 PROFILE_DIM = 384
 
-MODEL, PROFILE, COUNT = "model", "profile", "count"
-PARTS = (MODEL, PROFILE, COUNT)
+# Under user-level adaptive clipping, one more coordinate: the device's centred clip bit
+# (common/privacy/clip.py). It is part of the update, never of the server's tensors.
+CLIP_BIT_KEY = "user-clip-bit"
+
+MODEL, PROFILE, COUNT, CLIP_BIT = "model", "profile", "count", "clip-bit"
+PARTS = (MODEL, PROFILE, COUNT, CLIP_BIT)
 
 
 def slot_key(live_key_: str, k: int) -> str:
@@ -75,8 +82,9 @@ class KSlotSum:
 class KSlotCodec:
     """Layout of the server's tensors and of one device's update, from the model's live shared shapes."""
 
-    def __init__(self, shared_shapes: Mapping[str, tuple[int, ...]], num_slots: int):
+    def __init__(self, shared_shapes: Mapping[str, tuple[int, ...]], num_slots: int, clip_bit: bool = False):
         self.num_slots = int(num_slots)
+        self.clip_bit = bool(clip_bit)
         shapes = {k: tuple(int(d) for d in s) for k, s in shared_shapes.items()}
         self.global_shapes = {k: s for k, s in shapes.items() if not k.startswith(f"{PERSONA}/")}
         self.persona_shapes = {k: s for k, s in shapes.items() if k.startswith(f"{PERSONA}/")}
@@ -91,6 +99,8 @@ class KSlotCodec:
         update = dict(server)
         if self.num_slots:
             update[COUNT_KEY] = (self.num_slots,)
+        if self.clip_bit:
+            update[CLIP_BIT_KEY] = (1,)
         self.segments: tuple[Segment, ...] = tuple(Segment(k, s, 1.0) for k, s in update.items())
         self.offsets: dict[str, slice] = {}
         start = 0
@@ -100,9 +110,9 @@ class KSlotCodec:
         self.length = start
 
     @classmethod
-    def from_tensors(cls, shared: Mapping[str, Any], num_slots: int) -> "KSlotCodec":
+    def from_tensors(cls, shared: Mapping[str, Any], num_slots: int, clip_bit: bool = False) -> "KSlotCodec":
         """The codec for a model's shared tensors (anything with a ``.shape``), as both sides build it."""
-        return cls({k: tuple(v.shape) for k, v in shared.items()}, num_slots)
+        return cls({k: tuple(v.shape) for k, v in shared.items()}, num_slots, clip_bit)
 
     # -- layout -----------------------------------------------------------------
     @property
@@ -110,7 +120,7 @@ class KSlotCodec:
         return {s.name: s.shape for s in self.segments}
 
     def part_of(self, key: str) -> str:
-        return PROFILE if key == CENTROID_KEY else COUNT if key == COUNT_KEY else MODEL
+        return {CENTROID_KEY: PROFILE, COUNT_KEY: COUNT, CLIP_BIT_KEY: CLIP_BIT}.get(key, MODEL)
 
     def part_slices(self) -> dict[str, list[slice]]:
         """Where each part lives in the flat update (parts absent without persona slots are omitted)."""
@@ -131,13 +141,13 @@ class KSlotCodec:
         return out
 
     def unflatten(self, vector: np.ndarray, server_only: bool = False) -> dict[str, np.ndarray]:
-        """float32 arrays keyed by segment (``server_only`` drops the count, which the server does not hold)."""
+        """float32 arrays keyed by segment (``server_only`` drops the count and the clip bit, which the server does not hold)."""
         if vector.shape != (self.length,):
             raise ValueError(f"vector has {vector.size} values, the layout needs {self.length}")
         return {
             seg.name: vector[self.offsets[seg.name]].reshape(seg.shape).astype(np.float32)
             for seg in self.segments
-            if not (server_only and seg.name == COUNT_KEY)
+            if not (server_only and seg.name in (COUNT_KEY, CLIP_BIT_KEY))
         }
 
     # -- the server's starting state ------------------------------------------------

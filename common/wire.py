@@ -43,8 +43,10 @@ REFUSAL = "refusal"  # a typed refusal: MetricRecord {"reason": Reason}
 SECAGG_REPLY_STAGES = frozenset({"advertise_keys", "shares", "unmask_shares"})
 SECAGG_REPLY_FIELDS = frozenset({"stage", "session_id", "c_pk", "s_pk", "b_commit", "dst", "ciphertexts", "b_ids", "b_shares", "sk_ids", "sk_shares"})
 
+# A train message's user-level clip norm for the round, under adaptive clipping only (common/privacy/clip.py).
+ROUND_CLIP_KEY = "user-clip-norm"
 # The per-round values a server message may carry in its ConfigRecord: the whole allow-list.
-MESSAGE_CONFIG: dict[str, type] = {"server-round": int}
+MESSAGE_CONFIG: dict[str, type] = {"server-round": int, ROUND_CLIP_KEY: float}
 # Keys that name a place on the device. Only the device's owner sets these
 # (its policy); from a server, in a message or in the run config, they are refused.
 DEVICE_PATH_KEYS = frozenset({"store-dir", "store-path", "key-file", "user-file", "wire-audit-dir", "policy-file"})

@@ -17,9 +17,8 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
-from common.kslot import KSlotCodec
 from common.models import AdapterSpec, personal_model
-from common.privacy import build_pipeline
+from common.privacy import build_pipeline, run_codec
 from server import checkpoint
 from server.report import SHARED_TIERS_FILE, save_shared_tiers, write_report
 from server.strategy import TieredFedAvg
@@ -34,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(context.run_config)
     started = time.time()
     shared = personal_model(AdapterSpec.from_config(cfg)).initial_shared_state()
-    codec = KSlotCodec.from_tensors(shared, cfg.persona.slots)
+    codec = run_codec(shared, cfg)
     initial = ArrayRecord({k: Array(v) for k, v in codec.initial_state(shared, cfg.persona.init_std, cfg.seed).items()})
     pipeline = build_pipeline(cfg, codec)
     planned = cfg.federation.num_server_rounds

@@ -63,6 +63,8 @@ def build_report(cfg: RunConfig, strategy, wall_s: float, planned_rounds: int) -
             {
                 "noise_multiplier": ud.noise_multiplier,
                 "clip_norm": ud.clip_norm,
+                # Adaptive C: each round's C and noised unclipped share are in the rounds' privacy steps.
+                "adaptive_clip": {"quantile": ud.adaptive_clip_quantile, "lr": ud.adaptive_clip_lr, "share": ud.adaptive_clip_share} if ud.adaptive else None,
                 "delta": ud.delta,
                 # Each round's chance that a noise share's tail was clipped by the fixed-point range.
                 "delta_effective": ud.delta + clip_p,
@@ -170,6 +172,13 @@ def render_markdown(report: dict) -> str:
             + (f" (budget {ul['max_epsilon']})" if ul["max_epsilon"] else "")
             + ".",
             "",
+            *(
+                [f"Adaptive C (Andrew et al. 2021): toward the {ul['adaptive_clip']['quantile']} quantile of the update norms, "
+                 f"step {ul['adaptive_clip']['lr']}, ceiling {ul['clip_norm']}; the clip bit takes {ul['adaptive_clip']['share']} "
+                 "of each release's privacy inside the same noised sum, so epsilon is unchanged. Each round's C is under "
+                 "Privacy steps (clip).", ""]
+                if ul.get("adaptive_clip") else []
+            ),
             f"The server sees {ul['server_view']}; neighbouring relation: {ul['neighbouring_relation']}. "
             f"Effective delta (with the fixed-point clipping probability): {ul['delta_effective']:.3g}.",
             "",

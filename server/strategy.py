@@ -98,8 +98,10 @@ class TieredFedAvg(Strategy):
         return node_ids
 
     def _message(self, nid: int, arrays: ArrayRecord, server_round: int, kind: str, extra: dict | None = None) -> Message:
-        content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}
-        content.update({name: ConfigRecord(value) for name, value in (extra or {}).items()})
+        extra = dict(extra or {})
+        # A step's per-round values (adaptive clipping's C) join the round number in the one config record.
+        content = {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round, **extra.pop(CONFIG, {})})}
+        content.update({name: ConfigRecord(value) for name, value in extra.items()})
         return Message(RecordDict(content), dst_node_id=nid, message_type=kind)
 
     def _query(self, grid: Grid, server_round: int, payloads: dict[int, dict]) -> dict[int, dict]:
@@ -137,7 +139,7 @@ class TieredFedAvg(Strategy):
         rnd = ServerRound(server_round, cohort, query=lambda payloads: self._query(grid, server_round, payloads))
         extra = self.pipeline.setup(rnd)
         if self.pipeline.step("secure-sum") is not None:
-            cohort = [nid for nid in cohort if nid in extra]  # the rest dropped out before training
+            cohort = [nid for nid in cohort if SECAGG in extra.get(nid, {})]  # the rest dropped out before training
         self._round, self._arrays = rnd, arrays
         return [self._message(nid, arrays, server_round, "train", extra.get(nid)) for nid in cohort]
 
@@ -225,11 +227,12 @@ class TieredFedAvg(Strategy):
 
     def state_dict(self) -> dict:
         """What a resumed server needs besides the tiers: the report rows and the user-level accountant."""
-        accounting = self.pipeline.step("accounting")
+        accounting, clip = self.pipeline.step("accounting"), self.pipeline.step("clip")
         return {
             "rounds": {str(r): row for r, row in self.rounds.items()},
             "accountant": accounting.accountant.state_dict() if accounting else None,
             "epsilon_per_round": {str(r): e for r, e in accounting.epsilon_per_round.items()} if accounting else {},
+            "adaptive-clip": clip.current if clip is not None else None,  # user-level C, where the next round starts
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,6 +241,9 @@ class TieredFedAvg(Strategy):
         if accounting is not None and state["accountant"] is not None:
             accounting.accountant.load_state_dict(state["accountant"])
             accounting.epsilon_per_round = {int(r): e for r, e in state["epsilon_per_round"].items()}
+        clip = self.pipeline.step("clip")
+        if clip is not None and state.get("adaptive-clip") is not None:
+            clip.current = min(clip.ceiling, float(state["adaptive-clip"]))
 
     def summary(self) -> None:
         log.info("TieredFedAvg: privacy pipeline %s, %d persona slot(s), client sampling rate %.3f",

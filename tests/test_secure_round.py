@@ -142,7 +142,7 @@ def test_distributed_noise_no_party_sees_a_noiseless_sum(spy, tiny_data, task_id
     for part, slices in codec.part_slices().items():
         if part != "model":
             for sl in slices:
-                unscaled[sl] /= clip_step.fixed_part_scale
+                unscaled[sl] /= clip_step.fixed_part_scale(clip_step.ceiling)
     expected, _ = apply_sum({k: v.numpy() for k, v in initial.items()}, codec, unscaled, 3, cfg.persona.min_size, False)
     assert np.abs(_flat(codec, new) - _flat(codec, expected)).max() < 1e-5
     assert server_draws == []  # the server drew no noise of its own

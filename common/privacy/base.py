@@ -33,6 +33,9 @@ class DeviceUpdate:
     secagg_request: dict | None = None  # the stage-2 request this round's message carried
     secagg_state: dict | None = None  # this device's secure-aggregation state (context.state), in and out
     min_contributors: int | None = None  # the fewest contributors the secure sum will unmask (from its setup)
+    clip_norm: float | None = None  # this round's user-level C from the server (adaptive clipping), capped by the clip step
+    sensitivity: float | None = None  # the update's norm bound once clipped (set by the clip step; the noise scales to it)
+    trained: bool = True  # False for a device that was not drawn this round and sends zeros
 
 
 @dataclass

@@ -19,6 +19,12 @@ comes from (``placement``):
   its update by zeros. For the Poisson-sampled Gaussian this gives the same
   RDP curve the add-or-remove accountant computes.
 
+Under adaptive user-level clipping (``clip.py``) the round's C, and so the
+noise, is the round's: ``z`` times the update's sensitivity that round, which
+the clip step sets on the device and in the round's state on the server.
+``clip_norm`` here is the largest sensitivity, which sizes the secure sum's
+fixed-point range.
+
 Noise is drawn from a CSPRNG (``common.csprng``): the server never knows, or
 chooses, a seed.
 
@@ -56,29 +62,34 @@ class GaussianNoise(Step):
 
     @property
     def std(self) -> float:
-        """Noise std of the released sum, per coordinate."""
-        return self.noise_multiplier * self.clip_norm * self.scale
+        """Noise std of the released sum, per coordinate, at the largest sensitivity."""
+        return self.std_at(self.clip_norm)
 
-    def share_std(self, min_contributors: int) -> float:
-        return self.std / math.sqrt(min_contributors)
+    def std_at(self, sensitivity: float | None) -> float:
+        """Noise std of the released sum, per coordinate, for updates bounded by ``sensitivity``."""
+        return self.noise_multiplier * (self.clip_norm if sensitivity is None else sensitivity) * self.scale
+
+    def share_std(self, min_contributors: int, sensitivity: float | None = None) -> float:
+        return self.std_at(sensitivity) / math.sqrt(min_contributors)
 
     def device(self, update: DeviceUpdate) -> dict[str, float]:
         if self.placement != "distributed":
             return {}
         if not update.min_contributors:
             raise ValueError("distributed noise needs the secure sum's minimum number of contributors")
-        share = self.share_std(update.min_contributors)
+        share = self.share_std(update.min_contributors, update.sensitivity)
         update.vector += csprng.gaussian(update.vector.shape, share)
         return {"noise-share-std": share}
 
     def server(self, agg: ServerAggregate, rnd: ServerRound) -> dict[str, float]:
         if agg.total is None:
             return {}
+        sensitivity = rnd.state.get("round-sensitivity")
         if self.placement == "server":
-            agg.total += csprng.gaussian(agg.total.shape, self.std)
-            std = self.std
+            std = self.std_at(sensitivity)
+            agg.total += csprng.gaussian(agg.total.shape, std)
         else:
-            std = math.sqrt(agg.contributors) * self.share_std(rnd.state["min_contributors"])
+            std = math.sqrt(agg.contributors) * self.share_std(rnd.state["min_contributors"], sensitivity)
         d = agg.total.size
         excess = float(np.dot(agg.total, agg.total)) - d * std**2
         return {"noise-std": std, "snr": math.sqrt(max(0.0, excess)) / (std * math.sqrt(d))}

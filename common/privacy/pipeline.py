@@ -25,14 +25,20 @@ def masked_dtype(modulus_bits: int) -> str:
     return "uint32" if modulus_bits <= 32 else "uint64"
 
 
+def run_codec(shared, cfg: RunConfig) -> KSlotCodec:
+    """The run's K-slot codec for a model's shared tensors, as both halves build it (with the clip bit under adaptive C)."""
+    return KSlotCodec.from_tensors(shared, cfg.persona.slots, clip_bit=cfg.user_dp.adaptive)
+
+
 def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
     ud, sa = cfg.user_dp, cfg.secagg
     steps = []
     noise = None
     if ud.enabled:
-        noise = GaussianNoise(ud.noise_multiplier, ud.clip_norm, cfg.noise_placement, scale=cfg.noise_scale)
+        clip = Clip(ud.clip_norm, codec, ud.adaptive_clip_quantile, ud.adaptive_clip_lr, ud.adaptive_clip_share)
+        noise = GaussianNoise(ud.noise_multiplier, clip.max_sensitivity, cfg.noise_placement, scale=cfg.noise_scale)
         steps += [
-            Clip(ud.clip_norm, codec),
+            clip,
             noise,
             Accounting(ud.noise_multiplier, cfg.user_population, cfg.user_sample_rate, ud.delta, ud.max_epsilon or None),
         ]
