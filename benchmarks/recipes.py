@@ -28,6 +28,7 @@ Recipes (each a set of ``--set`` overrides on top of the run's defaults):
 * ``adam`` / ``rdp`` / ``batch6`` / ``alllayers``: the default with one kept recipe taken back out
   (Adam for SGD, RDP for PRV, a Poisson batch of 6 for the full batch, every layer for the top two);
 * ``adaclip``: the default with quantile-based adaptive clipping of the record-level C at the median;
+* ``useradaclip``: adaptive clipping of the user-level C at the median (with ``--set user-dp=true``);
 * ``all``: every recipe the measurements kept, together (today the defaults: ``top2full3prv`` and ``sgd``).
 
     python -m benchmarks.recipes --smoke                       # tiny model, 3 users, 1 round, 2 recipes
@@ -104,6 +105,8 @@ RECIPES: dict[str, dict] = {
     # C noises a signal smaller than itself; the median brings sigma * C down with it, at the price of
     # a tenth of each step's privacy for the count (the gradient's noise grows by 1/sqrt(0.9), 5%).
     "adaclip": {"target-epsilon": 8.0, "adaptive-clip-quantile": 0.5},
+    # user-level adaptive clipping at the median (needs --set user-dp=true and its settings)
+    "useradaclip": {"user-adaptive-clip-quantile": 0.5},
 }
 # Every recipe the measurements kept, spelled out: the top two layers, every record in every step,
 # the PRV accountant, three local steps, SGD at 0.5, every device calibrated to epsilon 8. They are
