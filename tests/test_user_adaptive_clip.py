@@ -235,3 +235,16 @@ def test_a_secure_round_carries_the_next_c_and_leaves_epsilon_unchanged(tmp_path
     resumed = strategy_for(cfg, num_rounds=2)
     resumed.load_state_dict(strategy.state_dict())
     assert resumed.pipeline.step("clip").current == strategy.pipeline.step("clip").current
+
+
+def test_the_signal_to_noise_estimate_leaves_the_bits_out():
+    cfg = quick(user_dp=True, user_adaptive_clip_quantile=0.5, secagg=False)
+    codec = KSlotCodec({"global/w": (10_000,)}, 0, clip_bit=True)
+    pipeline = build_pipeline(cfg, codec)
+    total = np.zeros(codec.length)
+    total[codec.offsets[CLIP_BIT_KEY]] = -20 * 0.33  # 20 clipped devices' bits, and no model change
+    rnd = ServerRound(1, [])
+    pipeline.step("clip").setup(rnd)
+    pipeline.step("noise").scale = 1e-9  # a nearly noiseless sum: the estimate is about the signal alone
+    metrics = pipeline.step("noise").server(ServerAggregate(codec, [], expected=20, total=total, contributors=20), rnd)
+    assert metrics["snr"] < 1  # with the bits counted it would be about 10^8

@@ -50,7 +50,7 @@ class GaussianNoise(Step):
     name = "noise"
     rank = 20
 
-    def __init__(self, noise_multiplier: float, clip_norm: float, placement: str, scale: float = 1.0):
+    def __init__(self, noise_multiplier: float, clip_norm: float, placement: str, scale: float = 1.0, signal: slice | None = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"noise placement must be one of {PLACEMENTS}")
         if scale != 1.0 and placement != "server":
@@ -59,6 +59,9 @@ class GaussianNoise(Step):
         self.clip_norm = float(clip_norm)
         self.placement = placement
         self.scale = float(scale)  # < 1 only for a simulated noise cohort (RunConfig.noise_scale)
+        # The coordinates the signal-to-noise estimate reads (all by default); adaptive clipping's
+        # bit is left out, since every device's bit is large next to its share of the model change.
+        self.signal = signal
 
     @property
     def std(self) -> float:
@@ -90,6 +93,7 @@ class GaussianNoise(Step):
             agg.total += csprng.gaussian(agg.total.shape, std)
         else:
             std = math.sqrt(agg.contributors) * self.share_std(rnd.state["min_contributors"], sensitivity)
-        d = agg.total.size
-        excess = float(np.dot(agg.total, agg.total)) - d * std**2
+        total = agg.total if self.signal is None else agg.total[self.signal]
+        d = total.size
+        excess = float(np.dot(total, total)) - d * std**2
         return {"noise-std": std, "snr": math.sqrt(max(0.0, excess)) / (std * math.sqrt(d))}

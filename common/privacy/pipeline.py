@@ -10,7 +10,7 @@ same pipeline over a K-slot layout with K = 0.
 from __future__ import annotations
 
 from common.config import RunConfig
-from common.kslot import KSlotCodec
+from common.kslot import CLIP_BIT_KEY, KSlotCodec
 from common.privacy.accounting import Accounting
 from common.privacy.base import Pipeline
 from common.privacy.clip import Clip
@@ -36,7 +36,8 @@ def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
     noise = None
     if ud.enabled:
         clip = Clip(ud.clip_norm, codec, ud.adaptive_clip_quantile, ud.adaptive_clip_lr, ud.adaptive_clip_share)
-        noise = GaussianNoise(ud.noise_multiplier, clip.max_sensitivity, cfg.noise_placement, scale=cfg.noise_scale)
+        noise = GaussianNoise(ud.noise_multiplier, clip.max_sensitivity, cfg.noise_placement, scale=cfg.noise_scale,
+                              signal=slice(0, codec.offsets[CLIP_BIT_KEY].start) if codec.clip_bit else None)
         steps += [
             clip,
             noise,
