@@ -29,13 +29,14 @@ persona counts and each server-side step's metrics.
 from __future__ import annotations
 
 import logging
+import random
+import threading
 from collections import Counter
 from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import csprng
 from common.config import RunConfig
@@ -48,6 +49,34 @@ log = logging.getLogger(__name__)
 
 # Callables (round, num_rounds, row) the CLI registers to drive its progress bar.
 ROUND_HOOKS: list = []
+# Set by a simulation harness whose engine died. Flower then sets its own stop event, which a
+# ServerApp cannot see, and returns; the ServerApp thread would wait out the round timeout (an
+# hour by default) for replies that will never come, and hold the process open. It stops instead.
+ENGINE_STOPPED = threading.Event()
+
+
+class EngineStopped(RuntimeError):
+    """The simulation engine stopped while the server waited for replies."""
+
+
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """Every node of the federation, once ``count`` are connected (Flower's ``sample_nodes`` wait, stoppable)."""
+    import time
+
+    waited = 0
+    while len(node_ids := list(grid.get_node_ids())) < count:
+        if ENGINE_STOPPED.is_set():
+            raise EngineStopped(f"the simulation engine stopped with {len(node_ids)} of {count} nodes connected")
+        if waited % 10 == 0:
+            log.info("Waiting for nodes to connect: %d connected (minimum required: %d).", len(node_ids), count)
+        time.sleep(1)
+        waited += 1
+    return sorted(random.sample(node_ids, count))  # as Flower's: ``count`` of them if more are connected
+
+
+def collect_replies(grid: Grid, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+    """``grid.send_and_receive``, stoppable: every reply of a (small) stage, as a list."""
+    return list(stream_replies(grid, messages, timeout))
 
 
 def stream_replies(grid: Grid, messages: Iterable[Message], timeout: float | None = None):
@@ -63,6 +92,8 @@ def stream_replies(grid: Grid, messages: Iterable[Message], timeout: float | Non
     pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.time() + timeout
     while pending and (deadline is None or time.time() < deadline):
+        if ENGINE_STOPPED.is_set():
+            raise EngineStopped(f"the simulation engine stopped with {len(pending)} replies outstanding")
         arrived = list(grid.pull_messages(pending))
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
         while arrived:
@@ -91,7 +122,7 @@ class TieredFedAvg(Strategy):
     # -- cohort and messages ----------------------------------------------------------
     def _cohort(self, grid: Grid) -> list[int]:
         # Wait for every node of the federation, then keep each with probability q.
-        node_ids = sorted(sample_nodes(grid, self.population, self.population)[0])
+        node_ids = wait_for_nodes(grid, self.population)
         if self.rate < 1.0 and not self.self_sampling:
             keep = csprng.bernoulli(len(node_ids), self.rate)
             node_ids = [nid for nid, k in zip(node_ids, keep) if k]
@@ -109,7 +140,7 @@ class TieredFedAvg(Strategy):
         messages = [Message(RecordDict({SECAGG: ConfigRecord(p)}), dst_node_id=nid, message_type="query") for nid, p in payloads.items()]
         row = self.rounds[server_round]
         out = {}
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in collect_replies(grid, messages, timeout=self.timeout):
             nid = reply.metadata.src_node_id
             if reply.has_error() or not reply.has_content():
                 row["failed_queries"] += 1
@@ -173,8 +204,8 @@ class TieredFedAvg(Strategy):
         # Devices evaluate every tier stack once, on the final model.
         if server_round < self.num_rounds:
             return []
-        node_ids, _ = sample_nodes(grid, self.population, self.population)
-        return [self._message(nid, arrays, server_round, "evaluate") for nid in sorted(node_ids)]
+        node_ids = wait_for_nodes(grid, self.population)
+        return [self._message(nid, arrays, server_round, "evaluate") for nid in node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         refused: Counter = Counter()
@@ -222,7 +253,7 @@ class TieredFedAvg(Strategy):
                 checkpoint(server_round, arrays)
             messages = self.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
             if messages:
-                self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=self.timeout))
+                self.aggregate_evaluate(server_round, collect_replies(grid, messages, timeout=self.timeout))
         return arrays
 
     def state_dict(self) -> dict:

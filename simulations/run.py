@@ -181,6 +181,18 @@ def _flower_app_dir(run_dir: Path, cfg: RunConfig) -> Path:
 
 
 @contextmanager
+def _stop_server_if_engine_fails():
+    """If the engine fails (Ray lost, a crash, Ctrl-C), the ServerApp thread stops waiting, so the process exits with the error."""
+    from server import strategy as strategy_mod
+
+    try:
+        yield
+    except BaseException:
+        strategy_mod.ENGINE_STOPPED.set()
+        raise
+
+
+@contextmanager
 def _device_environment(policies_dir: str):
     """The simulated devices' machine settings: offline, and where the harness put their policies."""
     settings = {
@@ -238,7 +250,8 @@ def simulate(harness: dict, on_round=None, record_wire: bool = False) -> dict:
     started = time.time()
     # The indexed link state: Flower's engine otherwise walks every waiting message for every
     # node on each 0.1 s poll, N^2 per poll (simulations/link_state.py).
-    with _device_environment(harness["policies_dir"]), indexed_link_state():
+    strategy_mod.ENGINE_STOPPED.clear()
+    with _device_environment(harness["policies_dir"]), indexed_link_state(), _stop_server_if_engine_fails():
         # run_simulation()'s public wrapper drops the run config; _run_simulation
         # is the same engine with a ServerApp context we can fill (flwr is pinned).
         _run_simulation(

@@ -217,3 +217,31 @@ def test_stream_replies_yields_each_reply_when_pulled_and_stops_at_the_timeout()
     assert len(list(stream_replies(grid, range(5), timeout=10))) == 5 and grid.pulls == 5
     late = Grid(never={"m2"})
     assert len(list(stream_replies(late, range(3), timeout=0.2))) == 2  # m2 never replies: the timeout ends the wait
+
+
+def test_the_server_stops_waiting_once_the_engine_has_stopped():
+    """A dead simulation engine sends no more replies: the server's waits end instead of running out the timeout."""
+    from server import strategy
+
+    class Silent:
+        pull_interval = 0.01
+
+        def get_node_ids(self):
+            return [1]  # one of the two nodes the server waits for
+
+        def push_messages(self, messages):
+            return ["m0"]
+
+        def pull_messages(self, ids):
+            return []
+
+    strategy.ENGINE_STOPPED.set()
+    try:
+        with pytest.raises(strategy.EngineStopped):
+            list(strategy.stream_replies(Silent(), [object()], timeout=3600))
+        with pytest.raises(strategy.EngineStopped):
+            strategy.collect_replies(Silent(), [object()], timeout=None)
+        with pytest.raises(strategy.EngineStopped):
+            strategy.wait_for_nodes(Silent(), 2)
+    finally:
+        strategy.ENGINE_STOPPED.clear()

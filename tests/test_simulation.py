@@ -165,3 +165,31 @@ def test_poisson_sampled_user_level_dp_on_the_simulation_engine(tmp_path, monkey
     # (a cold-start device drawn a second time declines: its record-level cap)
     assert all(r["contributors"] + r["refused"].get("RECORD_BUDGET_SPENT", 0) == r["sampled"] for r in rounds)
     assert [r["devices"] for r in report["training"]] == [r["contributors"] for r in rounds]
+
+
+def test_a_failed_engine_stops_the_server_instead_of_waiting_out_the_round_timeout(tmp_path, monkeypatch):
+    """The engine dies while the ServerApp waits for replies: the run raises, and the server thread ends.
+
+    Flower returns from a failed engine without stopping the ServerApp thread,
+    which would wait out the round timeout (an hour by default) and keep the
+    process from exiting. The harness tells the server to stop waiting.
+    """
+    import threading
+    import time
+
+    from flwr.server.superlink.fleet import vce
+
+    from simulations.run import prepare, simulate
+
+    def dead_engine(**kwargs):
+        time.sleep(2)  # the ServerApp is waiting for its first replies by now
+        raise RuntimeError("the engine lost its workers")
+
+    monkeypatch.setattr(vce, "start_vce", dead_engine)
+    harness = prepare("quick", {"num-supernodes": 3, "scrub-mode": "patterns", "round-timeout": 3600.0}, tmp_path / "run")
+    with pytest.raises(RuntimeError):
+        simulate(harness)
+    servers = [t for t in threading.enumerate() if "server_th" in t.name]
+    for thread in servers:
+        thread.join(timeout=60)  # a liveness bound, far below the round timeout
+    assert not any(t.is_alive() for t in servers)
