@@ -12,8 +12,9 @@ Per round the strategy:
    node joins and the devices draw their own coins, so the server never learns
    who trained;
 2. lets the pipeline's steps prepare the round (secure aggregation's key and
-   share stages) and sends each node the shared tiers, the round number and its
-   stage-2 request; nothing else goes in the message (``common.wire``);
+   share stages) and sends each node the shared tiers, the round number, its
+   stage-2 request and, under adaptive user-level clipping, the round's C;
+   nothing else goes in the message (``common.wire``);
 3. sorts the replies: Flower errors (counted as failed; their text is never
    logged, it may come from a device), refusals (counted by reason code), and
    updates, which the pipeline's server halves validate, sum, noise and
