@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,6 +181,10 @@ def _flower_app_dir(run_dir: Path, cfg: RunConfig) -> Path:
     return folder
 
 
+# How long a failed run waits for Flower's ServerApp thread to stop (it checks at every wait).
+SERVER_STOP_GRACE_S = 30.0
+
+
 @contextmanager
 def _stop_server_if_engine_fails():
     """If the engine fails (Ray lost, a crash, Ctrl-C), the ServerApp thread stops waiting, so the process exits with the error."""
@@ -189,6 +194,14 @@ def _stop_server_if_engine_fails():
         yield
     except BaseException:
         strategy_mod.ENGINE_STOPPED.set()
+        # Flower's ServerApp thread checks the event at its next wait (within a second). Once it has
+        # ended the event is cleared, so nothing else in this process sees a stopped engine; a thread
+        # still busy after the grace period keeps it set and stops at its next wait.
+        servers = [t for t in threading.enumerate() if t is not threading.current_thread() and "server_th" in t.name]
+        for thread in servers:
+            thread.join(timeout=SERVER_STOP_GRACE_S)
+        if not any(t.is_alive() for t in servers):
+            strategy_mod.ENGINE_STOPPED.clear()
         raise
 
 
