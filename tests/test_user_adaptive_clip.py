@@ -248,3 +248,32 @@ def test_the_signal_to_noise_estimate_leaves_the_bits_out():
     pipeline.step("noise").scale = 1e-9  # a nearly noiseless sum: the estimate is about the signal alone
     metrics = pipeline.step("noise").server(ServerAggregate(codec, [], expected=20, total=total, contributors=20), rnd)
     assert metrics["snr"] < 1  # with the bits counted it would be about 10^8
+
+
+@pytest.mark.parametrize("placement", ["server", "distributed"])
+def test_the_bits_survive_the_fixed_point_range_of_a_secure_sum(placement, tmp_path, tiny_data, task_identity, monkeypatch):
+    """A C far above ``secagg-clip-range`` (1): the range holds the bit, so the server reads the devices' true share."""
+    from common.secagg import SecAggClient
+
+    masked = {}
+    real = SecAggClient.masked_input
+
+    def spy(self, msg, vector=None, **kw):
+        masked[self.node_id] = np.array(vector, copy=True)
+        return real(self, msg, vector, **kw)
+
+    monkeypatch.setattr(SecAggClient, "masked_input", spy)
+    cfg = quick(secagg=True, secagg_noise=placement, dp=False, user_dp=True, user_noise_multiplier=0.05, user_clip_norm=50.0,
+                num_supernodes=3, user_adaptive_clip_quantile=0.5)
+    users = user_files(tiny_data)
+    contexts = {100 + i: device_context(tmp_path, 100 + i, users[i], cfg) for i in range(3)}
+    strategy = strategy_for(cfg)
+    grid = LoopbackGrid(app, contexts)
+    strategy.aggregate_train(1, grid.send_and_receive(strategy.configure_train(1, initial_arrays(cfg), ConfigRecord(), grid)))
+    clip = strategy.pipeline.step("clip")
+    bit = codec_for(cfg).offsets[CLIP_BIT_KEY]
+    # What the devices wrote, before masking (their own noise shares included, under distributed noise).
+    truth = sum(v[bit][0] for v in masked.values()) / clip.bit_scale(50.0) / 3 + 0.5
+    read = strategy.rounds[1]["steps"]["clip"]["unclipped-share"]
+    assert read == pytest.approx(truth, abs=0.2 if placement == "server" else 1e-3)
+    assert truth > 0.7  # the tiny model's updates are well within 50/sqrt(3): the bits say so

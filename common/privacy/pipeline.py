@@ -33,7 +33,7 @@ def run_codec(shared, cfg: RunConfig) -> KSlotCodec:
 def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
     ud, sa = cfg.user_dp, cfg.secagg
     steps = []
-    noise = None
+    clip = noise = None
     if ud.enabled:
         clip = Clip(ud.clip_norm, codec, ud.adaptive_clip_quantile, ud.adaptive_clip_lr, ud.adaptive_clip_share)
         noise = GaussianNoise(ud.noise_multiplier, clip.max_sensitivity, cfg.noise_placement, scale=cfg.noise_scale,
@@ -45,7 +45,8 @@ def build_pipeline(cfg: RunConfig, codec: KSlotCodec) -> Pipeline:
         ]
     if sa.enabled:
         distributed = noise if noise is not None and noise.placement == "distributed" else None
-        steps.append(SecureSum(codec, sa.clip_range, sa.modulus_bits, sa.max_dropout, sa.colluder_fraction, distributed))
+        bound = clip.max_sensitivity if clip is not None else 0.0  # no coordinate of a clipped update exceeds it
+        steps.append(SecureSum(codec, sa.clip_range, sa.modulus_bits, sa.max_dropout, sa.colluder_fraction, distributed, bound))
         schema = train_reply_schema(codec.update_shapes, masked_dtype(sa.modulus_bits))
     else:
         steps.append(PlainSum(codec))

@@ -77,7 +77,7 @@ class SecureSum(Step):
     transforms = False
 
     def __init__(self, codec: KSlotCodec, clip_range: float, modulus_bits: int, max_dropout: float,
-                 colluder_fraction: float, noise=None):
+                 colluder_fraction: float, noise=None, value_bound: float = 0.0):
         self.codec = codec
         self.clip_range = float(clip_range)
         self.modulus_bits = int(modulus_bits)
@@ -85,6 +85,9 @@ class SecureSum(Step):
         self.colluder_fraction = float(colluder_fraction)
         # The distributed-noise step, if any: the fixed-point range must hold a value plus its noise share.
         self.noise = noise
+        # Under user-level clipping no coordinate exceeds the update's norm bound, adaptive clipping's
+        # bit included: the range holds it, so the fixed-point codec never clips a clipped update.
+        self.value_bound = float(value_bound)
 
     def params(self, node_ids: list[int]):
         """The round's protocol parameters.
@@ -102,7 +105,7 @@ class SecureSum(Step):
             colluder_fraction=self.colluder_fraction, dropout_fraction=self.max_dropout,
         )
         floor = max(params.threshold, math.ceil((1.0 - self.max_dropout) * len(node_ids)))
-        clip_range = self.clip_range
+        clip_range = max(self.clip_range, self.value_bound)
         if self.noise is not None:
             share = self.noise.share_std(honest_contributors(floor, len(node_ids), self.colluder_fraction))
             clip_range = max(clip_range, self.noise.clip_norm + NOISE_RANGE_SIGMAS * share)
