@@ -29,3 +29,21 @@ def task_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     return TaskIdentity
+
+
+@pytest.fixture
+def masked_updates(monkeypatch):
+    """Each device's update as it goes into masking (what the server must never see one of)."""
+    import numpy as np
+
+    from common.secagg import SecAggClient
+
+    updates = {}
+    real = SecAggClient.masked_input
+
+    def masked_input(self, msg, vector=None, **kw):
+        updates[self.node_id] = np.array(vector, copy=True)
+        return real(self, msg, vector, **kw)
+
+    monkeypatch.setattr(SecAggClient, "masked_input", masked_input)
+    return updates

@@ -251,18 +251,9 @@ def test_the_signal_to_noise_estimate_leaves_the_bits_out():
 
 
 @pytest.mark.parametrize("placement", ["server", "distributed"])
-def test_the_bits_survive_the_fixed_point_range_of_a_secure_sum(placement, tmp_path, tiny_data, task_identity, monkeypatch):
+def test_the_bits_survive_the_fixed_point_range_of_a_secure_sum(placement, tmp_path, tiny_data, task_identity, masked_updates):
     """A C far above ``secagg-clip-range`` (1): the range holds the bit, so the server reads the devices' true share."""
-    from common.secagg import SecAggClient
-
-    masked = {}
-    real = SecAggClient.masked_input
-
-    def spy(self, msg, vector=None, **kw):
-        masked[self.node_id] = np.array(vector, copy=True)
-        return real(self, msg, vector, **kw)
-
-    monkeypatch.setattr(SecAggClient, "masked_input", spy)
+    masked = masked_updates
     cfg = quick(secagg=True, secagg_noise=placement, dp=False, user_dp=True, user_noise_multiplier=0.05, user_clip_norm=50.0,
                 num_supernodes=3, user_adaptive_clip_quantile=0.5)
     users = user_files(tiny_data)
