@@ -43,6 +43,8 @@ import math
 
 import torch
 
+from common.privacy.clip import quantile_step
+
 
 def split_noise(z: float, share: float) -> tuple[float, float]:
     """(gradient noise multiplier z_Δ, count noise std σ_b) for a step accounted at noise multiplier ``z``.
@@ -85,5 +87,5 @@ class QuantileClip:
         noise = float(torch.normal(0.0, 1.0, (), generator=self.generator)) * self.count_noise
         unclipped = (self._centred + noise) / self.expected_batch + 0.5
         self._centred = 0.0
-        self.clip = min(self.ceiling, self.clip * math.exp(-self.lr * (unclipped - self.quantile)))
+        self.clip = quantile_step(self.clip, unclipped, self.quantile, self.lr, self.ceiling)
         return self.clip

@@ -18,7 +18,7 @@ from helpers import LoopbackGrid, codec_for, device_context, initial_arrays, qui
 
 from client.app import app
 from common.config import ConfigError
-from common.kslot import CENTROID_KEY, CLIP_BIT_KEY, COUNT_KEY, PROFILE_DIM, KSlotCodec
+from common.kslot import CLIP_BIT_KEY, PROFILE_DIM, KSlotCodec
 from common.privacy import DeviceUpdate, ServerAggregate, ServerRound, build_pipeline
 from common.privacy.clip import Clip
 from common.privacy.noise import GaussianNoise
@@ -33,10 +33,9 @@ def _codec(slots=2):
 
 def _update(codec, model_norm, chosen=0):
     """A raw K-slot update whose model change has the given norm (plus a profile row and a count)."""
-    vec = codec.encode({"global/w": np.zeros(6), "persona0/w": np.zeros(3), "persona1/w": np.zeros(3)},
-                       {"global/w": np.full(6, model_norm / math.sqrt(9)), "persona/w": np.full(3, model_norm / math.sqrt(9))},
-                       chosen, np.ones(PROFILE_DIM))
-    return vec
+    return codec.encode({"global/w": np.zeros(6), "persona0/w": np.zeros(3), "persona1/w": np.zeros(3)},
+                        {"global/w": np.full(6, model_norm / math.sqrt(9)), "persona/w": np.full(3, model_norm / math.sqrt(9))},
+                        chosen, np.ones(PROFILE_DIM))
 
 
 def test_the_clip_bit_is_in_the_update_and_never_in_the_servers_tensors():

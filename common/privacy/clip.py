@@ -55,6 +55,11 @@ from common.wire import CONFIG, ROUND_CLIP_KEY
 NORM_TOLERANCE = 1e-4
 
 
+def quantile_step(clip: float, unclipped: float, quantile: float, lr: float, ceiling: float) -> float:
+    """Andrew et al.'s geometric update, C · exp(−η (b̄ − γ)), never above the ceiling (both levels use it)."""
+    return min(ceiling, clip * math.exp(-lr * (unclipped - quantile)))
+
+
 class Clip(Step):
     name = "clip"
     rank = 10
@@ -135,7 +140,7 @@ class Clip(Step):
                     agg.total[sl] /= self.fixed_part_scale(clip)
         if self.adaptive:
             unclipped = self.unclipped_share(agg.total, clip, agg.expected)
-            self.current = min(self.ceiling, clip * math.exp(-self.lr * (unclipped - self.quantile)))
+            self.current = quantile_step(clip, unclipped, self.quantile, self.lr, self.ceiling)
             metrics.update({"unclipped-share": unclipped, "next-clip-norm": self.current})
         return metrics
 
