@@ -11,10 +11,12 @@ from client.accounting import (
     MemoRDPAccountant,
     QuietPRVAccountant,
     _prv_epsilon,
+    _step_rdp,
     epsilon_from_history,
     prv_noise_for_epsilon,
     rdp_noise_for_epsilon,
     restore,
+    safe_domain_size,
 )
 
 HISTORIES = [
@@ -47,6 +49,20 @@ def test_memoised_prv_accountant_gives_opacus_numbers_and_computes_each_history_
     ours.step(noise_multiplier=history[-1][0], sample_rate=history[-1][1])  # a new history is a new entry
     theirs.step(noise_multiplier=history[-1][0], sample_rate=history[-1][1])
     assert ours.get_epsilon(delta=1e-5) == theirs.get_epsilon(delta=1e-5) > expected
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_the_prv_domain_is_opacus_own_size_from_curves_computed_once(history):
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    prvs = [PoissonSubsampledGaussianPRV(q, z) for z, q, _ in history]
+    for delta_error in (1e-8, 1e-9):
+        expected = compute_safe_domain_size(prvs, [n for *_, n in history], eps_error=0.01, delta_error=delta_error)
+        assert safe_domain_size(history, 0.01, delta_error) == expected
+    # A cap check on a longer history of the same mechanisms computes no new curve.
+    misses = _step_rdp.cache_info().misses
+    safe_domain_size([(z, q, 2 * n) for z, q, n in history], 0.01, 1e-8)
+    assert _step_rdp.cache_info().misses == misses
 
 
 def test_a_restored_state_keeps_its_mechanism_and_history():
