@@ -100,6 +100,10 @@ RECIPES: dict[str, dict] = {
     "rdp": {"target-epsilon": 8.0, "accountant": "rdp"},
     "batch6": {"target-epsilon": 8.0, "batch-size": 6},
     "alllayers": {"target-epsilon": 8.0, "adapter-layers": 0},
+    # The depth sweep around the default two layers: d, and so the noise's norm, grows with the
+    # adapted layers (SNR falls as 1/sqrt(layers) for the same signal), while capacity grows with them.
+    "top1": {"target-epsilon": 8.0, "adapter-layers": 1},
+    "top4": {"target-epsilon": 8.0, "adapter-layers": 4},
     # Quantile-based adaptive clipping (Andrew et al. 2021) at their median target and rate. Once the
     # per-sample norms fall below C (the persona data's clip fraction falls to 0.12 by round 3), a fixed
     # C noises a signal smaller than itself; the median brings sigma * C down with it, at the price of

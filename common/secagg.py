@@ -484,12 +484,19 @@ class SecAggParams:
         return cache
 
     def neighbours_of(self, node_id: int) -> frozenset[int]:
-        g = self.__dict__.get("_graph_cache")
-        if g is None:
+        # Each node's set is translated to node ids when first asked for: a device asks only for its
+        # own, at every stage, from fresh params. Translating the whole graph for it was N * k set
+        # insertions per device and stage, 68% of a device's secure-aggregation time at N = 1,000.
+        cache = self.__dict__.get("_graph_cache")
+        if cache is None:  # (the graph over secure ids, its sets translated so far)
             sg = neighbour_graph(len(self.node_ids), None if self.full_graph else self.neighbours, self.graph_seed)
-            g = {self.node_ids[s - 1]: frozenset(self.node_ids[j - 1] for j in nb) for s, nb in sg.items()}
-            object.__setattr__(self, "_graph_cache", g)
-        return g[node_id]
+            cache = (sg, {})
+            object.__setattr__(self, "_graph_cache", cache)
+        sg, translated = cache
+        found = translated.get(node_id)
+        if found is None:
+            found = translated[node_id] = frozenset(self.node_ids[j - 1] for j in sg[self.secure_id(node_id)])
+        return found
 
     def connected(self, members: Iterable[int]) -> bool:
         """Whether ``members`` with the graph's edges among them form one component.

@@ -613,6 +613,19 @@ def test_client_and_server_agree_on_graph_from_setup_message():
     assert default_neighbours(10) == 8 and default_neighbours(30) == 10 and default_neighbours(5) == 4
 
 
+def test_node_neighbours_are_the_seeded_graph_translated_one_node_at_a_time():
+    ids = [5, 900, 17, 2**40, 3, 77, 64, 8, 1000, 12]
+    params = SecAggParams.create(ids, 10, neighbours=4)
+    graph, order = neighbour_graph(len(ids), 4, params.graph_seed), params.node_ids  # secure ids in node-id order
+    assert params.neighbours_of(900) == frozenset(order[j - 1] for j in graph[order.index(900) + 1])
+    # A device asks only for its own set, at every stage: the rest of the graph stays untranslated.
+    assert list(params.__dict__["_graph_cache"][1]) == [900]
+    for nid in ids:
+        assert params.neighbours_of(nid) == frozenset(order[j - 1] for j in graph[params.secure_id(nid)])
+    with pytest.raises(KeyError):
+        params.neighbours_of(4)
+
+
 # ------------------------------------------------------------ Flower wiring
 
 
