@@ -195,26 +195,38 @@ class _Instruments:
     ``sigma * C * sqrt(d) / B``, and the noise std per coordinate. ``C`` and
     ``sigma`` are the step's own: adaptive clipping moves the first and splits
     the second (client/adaptive_clip.py).
+
+    The same ratio per tier (``snr_by_tier``), over the tier's own coordinates:
+    noise in one tier's coordinates never touches another tier's weights, so the
+    whole-vector figure understates the tier whose stack is served when the other
+    tiers hold most of the dimensions (docs/results.md, the user tier alone).
     """
 
-    def __init__(self, params, expected_batch: float):
+    def __init__(self, params, expected_batch: float, tiers: Sequence[str] | None = None):
         self.expected_batch = expected_batch
         self.dim = sum(p.numel() for p in params)
+        self.tiers = list(tiers) if tiers is not None else ["all"] * len(params)
+        self.tier_dims: dict[str, int] = {}
+        for tier, p in zip(self.tiers, params):
+            self.tier_dims[tier] = self.tier_dims.get(tier, 0) + p.numel()
         self.norms: list[float] = []
         self.clipped = 0
         self.snr: list[float] = []
+        self.snr_by_tier: dict[str, list[float]] = {t: [] for t in self.tier_dims}
         self.noise_std: list[float] = []
         self.clip_norms: list[float] = []
-        self._sums: list[torch.Tensor] | None = None
+        self._sums: list[tuple[torch.Tensor, str]] | None = None  # (clipped sum, tier) per parameter
 
     @torch.no_grad()
-    def observe(self, samples: list[torch.Tensor], clip: float) -> torch.Tensor | None:
-        """Per-sample gradients of one physical batch (before ``optimizer.step()``); returns their norms."""
+    def observe(self, params, clip: float) -> torch.Tensor | None:
+        """The per-sample gradients of one physical batch (before ``optimizer.step()``); returns their norms."""
+        present = [(tier, p) for tier, p in zip(self.tiers, params) if getattr(p, "grad_sample", None) is not None]
+        samples = per_sample_grads([p for _, p in present])
         if not samples or samples[0].shape[0] == 0:
             return None
         norms, factor = clip_factors(samples, clip)
-        sums = [(g * factor[:, None]).sum(0) for g in samples]
-        self._sums = sums if self._sums is None else [a + b for a, b in zip(self._sums, sums)]
+        sums = [((g * factor[:, None]).sum(0), tier) for (tier, _), g in zip(present, samples)]
+        self._sums = sums if self._sums is None else [(a + b, tier) for (a, tier), (b, _) in zip(self._sums, sums)]
         self.norms += norms.tolist()
         self.clipped += int((norms > clip).sum())
         return norms
@@ -225,9 +237,17 @@ class _Instruments:
         self.noise_std.append(noise_multiplier * clip / self.expected_batch)
         if self._sums is None:
             return
-        clipped_mean = math.sqrt(sum(float((s**2).sum()) for s in self._sums)) / self.expected_batch
-        noise_norm = noise_multiplier * clip * math.sqrt(self.dim) / self.expected_batch
-        self.snr.append(clipped_mean / noise_norm if noise_norm > 0 else math.inf)
+        by_tier: dict[str, float] = {}
+        for total, tier in self._sums:
+            by_tier[tier] = by_tier.get(tier, 0.0) + float((total**2).sum())
+
+        def ratio(sq_sum: float, dim: int) -> float:
+            noise_norm = noise_multiplier * clip * math.sqrt(dim) / self.expected_batch
+            return math.sqrt(sq_sum) / self.expected_batch / noise_norm if noise_norm > 0 else math.inf
+
+        self.snr.append(ratio(sum(by_tier.values()), self.dim))
+        for tier, dim in self.tier_dims.items():
+            self.snr_by_tier[tier].append(ratio(by_tier.get(tier, 0.0), dim))
         self._sums = None
 
     def summary(self) -> dict:
@@ -241,6 +261,7 @@ class _Instruments:
             "noise_std": sum(self.noise_std) / len(self.noise_std) if self.noise_std else None,
             "clip_norm": sum(self.clip_norms) / len(self.clip_norms) if self.clip_norms else None,
             "snr": sum(self.snr) / len(self.snr) if self.snr else None,
+            "snr_by_tier": {t: sum(v) / len(v) for t, v in self.snr_by_tier.items() if v},
         }
 
 
@@ -361,7 +382,8 @@ def train_local(
         net = model
 
     assert engine is None or abs(rate - accounting.sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
-    instruments = _Instruments(params, batch_size) if cfg.dp else None
+    tier_by_param = {id(p): tier_of(name) for name, p in model.trainable_state().items()}
+    instruments = _Instruments(params, batch_size, [tier_by_param.get(id(p), "other") for p in params]) if cfg.dp else None
 
     def step_taken() -> None:
         """A logical step's noise was added: record it, and move the clip norm for the next one."""
@@ -397,7 +419,7 @@ def train_local(
                     continue
                 losses.append(_backward(net, input_ids, attention, labels, None if cfg.dp else cfg.physical_batch))
                 if instruments is not None:
-                    norms = instruments.observe(per_sample_grads(params), optimizer.max_grad_norm)
+                    norms = instruments.observe(params, optimizer.max_grad_norm)
                     if clipper is not None and norms is not None:
                         clipper.observe(norms)
                 optimizer.step()

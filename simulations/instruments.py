@@ -4,7 +4,8 @@ A simulation-only diagnostic written into the run folder (``instruments.png``),
 from the devices' own per-round figures in ``report.json["training"]``: the
 share of per-sample gradients the clip cut (mean over devices), and the mean
 clipped-gradient norm against the noise std (signal-to-noise; below 1 the
-noise dominates each step). Nothing here goes on the wire.
+noise dominates each step), over all coordinates and per tier over its own.
+Nothing here goes on the wire.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def instruments_png(training: list[dict]) -> bytes | None:
         clip_axes.plot(rounds, [r.get("clip_fraction", float("nan")) for r in rows], marker="s", label="user level (update)")
     clip_axes.set(title="clip fraction", xlabel="round", ylabel="share clipped", ylim=(-0.02, 1.02))
     clip_axes.legend(frameon=False)
-    snr_axes.plot(rounds, [r["dp_sgd"].get("snr", float("nan")) for r in rows], marker="o")
+    snr_axes.plot(rounds, [r["dp_sgd"].get("snr", float("nan")) for r in rows], marker="o", label="all coordinates")
+    for tier in sorted({t for r in rows for t in r["dp_sgd"].get("snr_by_tier", {})}):
+        snr_axes.plot(rounds, [r["dp_sgd"].get("snr_by_tier", {}).get(tier, float("nan")) for r in rows],
+                      marker=".", linestyle=":", label=f"{tier} tier")
+    snr_axes.legend(frameon=False, fontsize="small")
     snr_axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     snr_axes.set(title="signal-to-noise per step", xlabel="round", ylabel="|mean clipped grad| / |noise|")
     snr_axes.set_yscale("log")

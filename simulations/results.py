@@ -133,6 +133,10 @@ def training_rounds(rows: list[dict]) -> list[dict]:
             # Record-level DP-SGD on the devices: mean over devices of each device's round figures.
             item["dp_sgd"] = {k: statistics.fmean(d[k] for d in sgd if d.get(k) is not None)
                               for k in ("clip_fraction", "grad_norm_q50", "noise_std", "clip_norm", "snr") if any(d.get(k) is not None for d in sgd)}
+            tiers = sorted({t for d in sgd for t in d.get("snr_by_tier", {})})
+            if tiers:
+                item["dp_sgd"]["snr_by_tier"] = {t: statistics.fmean(d["snr_by_tier"][t] for d in sgd if t in d.get("snr_by_tier", {}))
+                                                 for t in tiers}
         out.append(item)
     return out
 
@@ -218,18 +222,19 @@ def render_markdown(report: dict) -> str:
     lines += [
         "", "## Training (device diagnostics, per round)", "",
         "Record-level DP-SGD: the share of per-sample gradients clipped, their median norm, and the signal-to-noise",
-        "ratio of a step (norm of the mean clipped gradient over the noise's expected norm). User-level: the share",
-        "of device updates clipped and their norms before clipping.", "",
-        "| round | devices | mean train loss | DP-SGD clip fraction | DP-SGD median grad norm | DP-SGD signal-to-noise | user-level clip fraction | update norm q10 / q50 / q90 |",
-        "|---|---|---|---|---|---|---|---|",
+        "ratio of a step (norm of the mean clipped gradient over the noise's expected norm), over all coordinates",
+        "and per tier over the tier's own. User-level: the share of device updates clipped and their norms before clipping.", "",
+        "| round | devices | mean train loss | DP-SGD clip fraction | DP-SGD median grad norm | DP-SGD signal-to-noise | per tier | user-level clip fraction | update norm q10 / q50 / q90 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["training"]:
         q = r.get("update_norm", {})
         norms = " / ".join(_f(q.get(k), ".3g") for k in ("q10", "q50", "q90")) if q else "-"
         sgd = r.get("dp_sgd", {})
+        by_tier = ", ".join(f"{t} {_f(v, '.3g')}" for t, v in sgd.get("snr_by_tier", {}).items()) or "-"
         lines.append(
             f"| {r['round']} | {r['devices']} | {_f(r['train_loss'])} | {_f(sgd.get('clip_fraction'), '.2f')} | {_f(sgd.get('grad_norm_q50'), '.3g')} "
-            f"| {_f(sgd.get('snr'), '.3g')} | {_f(r.get('clip_fraction'), '.2f')} | {norms} |"
+            f"| {_f(sgd.get('snr'), '.3g')} | {by_tier} | {_f(r.get('clip_fraction'), '.2f')} | {norms} |"
         )
     e = report["epsilon_record_level"]
     lines += [

@@ -196,6 +196,26 @@ def test_a_logical_batch_larger_than_memory_is_split_and_charged_once_per_step(m
     entries = json.loads(history)["history"]
     assert result.steps == 2 and sum(h[2] for h in entries) == 2 and entries[0][1] == pytest.approx(0.5)
     assert result.instruments and 0 <= result.instruments["clip_fraction"] <= 1 and result.instruments["snr"] is not None
+    assert set(result.instruments["snr_by_tier"]) == {tier_of(k) for k in model.trainable_state()}
+
+
+def test_instruments_signal_to_noise_per_tier_counts_only_the_tiers_own_coordinates():
+    """Noise in one tier's coordinates never moves another tier's weights: each tier's ratio uses its own d."""
+    from client.train import _Instruments
+
+    user, shared = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+    user.grad_sample = torch.tensor([[0.3, 0.0, 0.4], [3.0, 0.0, 4.0]])  # norms 0.5 and 5: the second is clipped to 1
+    shared.grad_sample = torch.zeros(2, 1)
+    inst = _Instruments([user, shared], expected_batch=2, tiers=["user", "global"])
+    inst.observe([user, shared], clip=1.0)
+    inst.step_done(clip=1.0, noise_multiplier=2.0)
+    out = inst.summary()
+    mean_clipped = math.hypot(0.3 + 0.6, 0.4 + 0.8) / 2  # (0.3, 0, 0.4) + (5 -> 1 scaled) (0.6, 0, 0.8), over B = 2
+    noise = lambda d: 2.0 * 1.0 * math.sqrt(d) / 2  # noqa: E731  sigma * C * sqrt(d) / B
+    assert out["snr_by_tier"]["user"] == pytest.approx(mean_clipped / noise(3), rel=1e-5)
+    assert out["snr_by_tier"]["global"] == 0.0
+    assert out["snr"] == pytest.approx(mean_clipped / noise(4), rel=1e-5)  # the whole vector counts the idle coordinate too
+    assert out["clip_fraction"] == 0.5
 
 
 def test_batch_size_zero_takes_every_record_in_every_step_at_rate_one(model):
