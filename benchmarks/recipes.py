@@ -104,6 +104,10 @@ RECIPES: dict[str, dict] = {
     # adapted layers (SNR falls as 1/sqrt(layers) for the same signal), while capacity grows with them.
     "top1": {"target-epsilon": 8.0, "adapter-layers": 1},
     "top4": {"target-epsilon": 8.0, "adapter-layers": 4},
+    # Per-group clipping: the deep prompt's gradient holds about 99.7% of a record's squared norm at the
+    # start, so flat clipping leaves the LoRA adapters (every tier) about 3% of the clip budget's norm.
+    "promptclip5": {"target-epsilon": 8.0, "prompt-clip-share": 0.5},
+    "promptclip9": {"target-epsilon": 8.0, "prompt-clip-share": 0.9},
     # Quantile-based adaptive clipping (Andrew et al. 2021) at their median target and rate. Once the
     # per-sample norms fall below C (the persona data's clip fraction falls to 0.12 by round 3), a fixed
     # C noises a signal smaller than itself; the median brings sigma * C down with it, at the price of

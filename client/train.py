@@ -181,6 +181,53 @@ def clip_factors(samples: Sequence[torch.Tensor], max_norm: float) -> tuple[torc
     return norms, (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
+def group_clip_factors(samples: Sequence[torch.Tensor], groups: Sequence[int], max_norm: float,
+                       shares: Sequence[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-group clipping (McMahan et al. 2018): group k's part of each sample is clipped to ``C * sqrt(shares[k])``.
+
+    ``groups[i]`` is the group of ``samples[i]``; the shares sum to 1, so a sample's clipped gradient
+    has norm at most C, the sensitivity flat clipping has. Returns each sample's whole norm and one
+    factor tensor per group (``min(1, C_k / (norm_k + 1e-6))``, as Opacus' flat factor).
+    """
+    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in samples], dim=1)
+    factors = []
+    for k, share in enumerate(shares):
+        members = [i for i, grp in enumerate(groups) if grp == k]
+        group_norm = norms[:, members].norm(dim=1) if members else norms.new_zeros(norms.shape[0])
+        factors.append((max_norm * math.sqrt(share) / (group_norm + 1e-6)).clamp(max=1.0))
+    return norms.norm(dim=1), factors
+
+
+def prompt_groups(model: PersonalLM, params) -> list[int]:
+    """Group 0 for the soft prompt, group 1 for every LoRA tensor (``prompt-clip-share``)."""
+    names = {id(p): name for name, p in model.trainable_state().items()}
+    return [0 if names.get(id(p)) == PROMPT_KEY else 1 for p in params]
+
+
+def install_group_clipping(optimizer, groups: Sequence[int], shares: Sequence[float]) -> None:
+    """Replace Opacus' flat clipping on this ``DPOptimizer`` by :func:`group_clip_factors`.
+
+    The same steps as ``DPOptimizer.clip_and_accumulate`` (Opacus 1.6), with one factor per group in
+    place of one per sample. Noise (sigma * C) and the accountant are untouched: the sensitivity is C.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def clip_and_accumulate() -> None:
+        samples = optimizer.grad_samples
+        if len(samples[0]) == 0:
+            factors = [torch.zeros((0,), device=samples[0].device)] * len(shares)
+        else:
+            factors = group_clip_factors(samples, groups, optimizer.max_grad_norm, shares)[1]
+        for p, grp in zip(optimizer.params, groups):
+            _check_processed_flag(p.grad_sample)
+            grad_sample = optimizer._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factors[grp].to(grad_sample.device).to(p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    optimizer.clip_and_accumulate = clip_and_accumulate
+
+
 def per_sample_grads(params) -> list[torch.Tensor]:
     """Opacus' per-sample gradients of the current physical batch, one flat (samples, size) tensor per parameter."""
     return [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in params if getattr(p, "grad_sample", None) is not None]
@@ -202,8 +249,10 @@ class _Instruments:
     tiers hold most of the dimensions (docs/results.md, the user tier alone).
     """
 
-    def __init__(self, params, expected_batch: float, tiers: Sequence[str] | None = None):
+    def __init__(self, params, expected_batch: float, tiers: Sequence[str] | None = None,
+                 groups: Sequence[int] | None = None, shares: Sequence[float] | None = None):
         self.expected_batch = expected_batch
+        self.groups, self.shares = groups, shares  # per-group clipping, as the optimizer does it (None: flat)
         self.dim = sum(p.numel() for p in params)
         self.tiers = list(tiers) if tiers is not None else ["all"] * len(params)
         self.tier_dims: dict[str, int] = {}
@@ -220,15 +269,22 @@ class _Instruments:
     @torch.no_grad()
     def observe(self, params, clip: float) -> torch.Tensor | None:
         """The per-sample gradients of one physical batch (before ``optimizer.step()``); returns their norms."""
-        present = [(tier, p) for tier, p in zip(self.tiers, params) if getattr(p, "grad_sample", None) is not None]
-        samples = per_sample_grads([p for _, p in present])
+        groups = self.groups or [0] * len(params)
+        present = [(tier, grp, p) for tier, grp, p in zip(self.tiers, groups, params) if getattr(p, "grad_sample", None) is not None]
+        samples = per_sample_grads([p for *_, p in present])
         if not samples or samples[0].shape[0] == 0:
             return None
-        norms, factor = clip_factors(samples, clip)
-        sums = [((g * factor[:, None]).sum(0), tier) for (tier, _), g in zip(present, samples)]
+        if self.shares:
+            norms, by_group = group_clip_factors(samples, [grp for _, grp, _ in present], clip, self.shares)
+            factors = [by_group[grp] for _, grp, _ in present]
+            clipped = torch.stack([f < 1 for f in by_group], dim=1).any(dim=1)
+        else:
+            norms, factor = clip_factors(samples, clip)
+            factors, clipped = [factor] * len(samples), norms > clip
+        sums = [((g * f[:, None]).sum(0), tier) for (tier, _, _), g, f in zip(present, samples, factors)]
         self._sums = sums if self._sums is None else [(a + b, tier) for (a, tier), (b, _) in zip(self._sums, sums)]
         self.norms += norms.tolist()
-        self.clipped += int((norms > clip).sum())
+        self.clipped += int(clipped.sum())
         return norms
 
     def step_done(self, clip: float, noise_multiplier: float) -> None:
@@ -372,6 +428,9 @@ def train_local(
                 noise_generator=_os_seeded_generator(),
             )
         rate = 1 / len(loader)
+        if cfg.prompt_clip_share:
+            shares = (cfg.prompt_clip_share, 1 - cfg.prompt_clip_share)
+            install_group_clipping(optimizer, prompt_groups(model, optimizer.params), shares)
         if clipper is not None:
             # The accountant is charged the one Gaussian mechanism that the noised gradient and the
             # noised count are together (Andrew et al. 2021, Theorem 1): the calibrated z, not z_delta.
@@ -383,7 +442,9 @@ def train_local(
 
     assert engine is None or abs(rate - accounting.sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
     tier_by_param = {id(p): tier_of(name) for name, p in model.trainable_state().items()}
-    instruments = _Instruments(params, batch_size, [tier_by_param.get(id(p), "other") for p in params]) if cfg.dp else None
+    shares = (cfg.prompt_clip_share, 1 - cfg.prompt_clip_share) if cfg.prompt_clip_share else None
+    instruments = _Instruments(params, batch_size, [tier_by_param.get(id(p), "other") for p in params],
+                               prompt_groups(model, params), shares) if cfg.dp else None
 
     def step_taken() -> None:
         """A logical step's noise was added: record it, and move the clip norm for the next one."""

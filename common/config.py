@@ -242,6 +242,11 @@ class TrainConfig(_Section):
     accountant: str = _opt("accountant", "prv", _one_of("rdp", "prv"))
     # which parts of the private tier train: its LoRA adapter and soft prompt, or the soft prompt only
     private_tier: str = _opt("private-tier", "lora+prompt", _one_of("lora+prompt", "prompt"))
+    # Per-group clipping (McMahan et al. 2018): 0 = flat clipping of each record's whole gradient. s > 0 clips
+    # the soft prompt's part to C*sqrt(s) and the LoRA adapters' part to C*sqrt(1 - s): a record's clipped
+    # gradient still has norm <= C, so the noise and epsilon do not change, but the prompt, whose gradient
+    # holds almost all of a record's norm, no longer takes the adapters' share of the clip budget.
+    prompt_clip_share: float = _opt("prompt-clip-share", 0.0, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
     # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
     physical_batch: int = _opt("physical-batch", 16, _at_least(1))
 
@@ -383,6 +388,9 @@ class RunConfig:
             raise ConfigError("noise-population", "only with noise-cohort")
         if ud.adaptive_clip_quantile and not ud.enabled:
             raise ConfigError("user-adaptive-clip-quantile", "needs user-dp")
+        if self.train.prompt_clip_share and self.train.adaptive_clip_quantile:
+            # The quantile of one flat norm has no meaning for two groups' separate clip norms.
+            raise ConfigError("prompt-clip-share", "cannot be combined with adaptive-clip-quantile")
         if p.slots and p.assign != "random" and not (self.user_dp.enabled and self.noise_placement == "distributed"):
             # A choice derived from the device's data, and the profile row k-means sends,
             # must leave the device only inside an accounted DP mechanism the server

@@ -358,3 +358,62 @@ def test_the_head_at_target_positions_only_gives_the_same_loss_and_per_sample_gr
     assert torch.equal(n_fast, n_full) and n_fast[0] == 0
     assert torch.allclose(nll_fast, nll_full, atol=1e-4)
     assert fast.keys() == full.keys() and all(torch.allclose(fast[k], full[k], atol=1e-5) for k in fast)
+
+
+def test_group_clipping_clips_each_group_to_its_share_and_keeps_the_sensitivity():
+    from client.train import group_clip_factors
+
+    prompt = torch.tensor([[8.0, 0.0], [0.1, 0.0]])  # sample 0: the prompt holds the norm; sample 1: tiny
+    lora = torch.tensor([[0.0, 0.26, 0.0], [3.0, 4.0, 0.0]])
+    norms, (f_prompt, f_lora) = group_clip_factors([prompt, lora], [0, 1], 1.0, (0.5, 0.5))
+    c = math.sqrt(0.5)
+    assert torch.allclose(norms, torch.tensor([math.hypot(8.0, 0.26), math.hypot(0.1, 5.0)]))
+    assert f_prompt.tolist() == pytest.approx([c / 8.0, 1.0], rel=1e-5) and f_lora.tolist() == pytest.approx([1.0, c / 5.0], rel=1e-5)
+    torch.manual_seed(0)
+    for _ in range(20):  # whatever the parts, a clipped sample's norm stays within C
+        parts = [torch.randn(16, 4) * 10 ** torch.randn(1), torch.randn(16, 6) * 10 ** torch.randn(1)]
+        _, factors = group_clip_factors(parts, [0, 1], 2.0, (0.2, 0.8))
+        clipped = torch.cat([g * f[:, None] for g, f in zip(parts, factors)], dim=1)
+        assert bool((clipped.norm(dim=1) <= 2.0 + 1e-5).all())
+
+
+def test_group_clipping_replaces_opacus_flat_clip_on_the_optimizer():
+    """The optimizer's summed gradient is the per-group clipped sum of Opacus' own per-sample gradients."""
+    from opacus import PrivacyEngine
+
+    from client.train import group_clip_factors, install_group_clipping
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3) * 5, torch.randn(8, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    net, opt, _ = PrivacyEngine().make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                               data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0)
+    install_group_clipping(opt, [0, 1], (0.3, 0.7))  # weight, then bias
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    samples = [p.grad_sample.reshape(8, -1) for p in opt.params]
+    _, factors = group_clip_factors(samples, [0, 1], 1.0, (0.3, 0.7))
+    opt.clip_and_accumulate()
+    for p, g, f in zip(opt.params, samples, factors):
+        assert torch.allclose(p.summed_grad.reshape(-1), (g * f[:, None]).sum(0), atol=1e-6)
+    flat = torch.cat(samples, 1)
+    assert not torch.allclose(opt.params[1].summed_grad.reshape(-1), (flat * (1.0 / flat.norm(dim=1)).clamp(max=1)[:, None]).sum(0)[-2:], atol=1e-4)
+
+
+def test_prompt_clip_share_is_validated_and_excludes_adaptive_clipping():
+    from common.config import ConfigError
+
+    assert quick(prompt_clip_share=0.5).train.prompt_clip_share == 0.5
+    with pytest.raises(ConfigError, match="prompt-clip-share"):
+        quick(prompt_clip_share=1.0)
+    with pytest.raises(ConfigError, match="prompt-clip-share"):
+        quick(prompt_clip_share=0.5, adaptive_clip_quantile=0.5)
+
+
+def test_train_local_with_per_group_clipping_runs_and_reports(model):
+    model.reset_to_initial()
+    data = encode_pairs(model.tokenizer, PAIRS, 64)
+    cfg = quick(local_steps=2, batch_size=0, physical_batch=5, prompt_clip_share=0.5).train
+    result, history, _ = train_local(model, data, cfg, None, None)
+    assert result.steps == 2 and json.loads(history)["history"] == [[cfg.noise_multiplier, 1.0, 2]]
+    assert 0 <= result.instruments["clip_fraction"] <= 1 and result.instruments["snr_by_tier"]
