@@ -171,14 +171,18 @@ def make_optimizer(params, cfg: TrainConfig, noise_variance: float = 0.0) -> tor
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+FLAT = (1.0,)  # one clipping group with the whole clip norm: Opacus' flat clipping
+
+
 def clip_factors(samples: Sequence[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Opacus' flat clipping of per-sample gradients (one tensor per parameter, samples first).
 
     Each sample's norm is taken over all its tensors together; its factor is
-    ``min(1, C / (norm + 1e-6))``, as in Opacus' ``DPOptimizer.clip_and_accumulate``.
+    ``min(1, C / (norm + 1e-6))``, as in Opacus' ``DPOptimizer.clip_and_accumulate``:
+    :func:`group_clip_factors` with one group holding all of C.
     """
-    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
-    return norms, (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    norms, (factor,) = group_clip_factors(samples, [0] * len(samples), max_norm, FLAT)
+    return norms, factor
 
 
 def group_clip_factors(samples: Sequence[torch.Tensor], groups: Sequence[int], max_norm: float,
@@ -269,19 +273,16 @@ class _Instruments:
     @torch.no_grad()
     def observe(self, params, clip: float) -> torch.Tensor | None:
         """The per-sample gradients of one physical batch (before ``optimizer.step()``); returns their norms."""
-        groups = self.groups or [0] * len(params)
+        shares = self.shares or FLAT
+        groups = self.groups if self.shares else [0] * len(params)
         present = [(tier, grp, p) for tier, grp, p in zip(self.tiers, groups, params) if getattr(p, "grad_sample", None) is not None]
         samples = per_sample_grads([p for *_, p in present])
         if not samples or samples[0].shape[0] == 0:
             return None
-        if self.shares:
-            norms, by_group = group_clip_factors(samples, [grp for _, grp, _ in present], clip, self.shares)
-            factors = [by_group[grp] for _, grp, _ in present]
-            clipped = torch.stack([f < 1 for f in by_group], dim=1).any(dim=1)
-        else:
-            norms, factor = clip_factors(samples, clip)
-            factors, clipped = [factor] * len(samples), norms > clip
-        sums = [((g * f[:, None]).sum(0), tier) for (tier, _, _), g, f in zip(present, samples, factors)]
+        norms, by_group = group_clip_factors(samples, [grp for _, grp, _ in present], clip, shares)
+        # A sample counts as clipped when any of its groups was scaled down (flat: its norm exceeds C).
+        clipped = norms > clip if shares == FLAT else torch.stack([f < 1 for f in by_group], dim=1).any(dim=1)
+        sums = [((g * by_group[grp][:, None]).sum(0), tier) for (tier, grp, _), g in zip(present, samples)]
         self._sums = sums if self._sums is None else [(a + b, tier) for (a, tier), (b, _) in zip(self._sums, sums)]
         self.norms += norms.tolist()
         self.clipped += int(clipped.sum())
@@ -405,6 +406,8 @@ def train_local(
         data = length_sorted(data)  # less padding per physical batch; the logical batch is the same set
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
+    # Per-group clipping (prompt-clip-share): the optimizer and the instruments clip with the same shares.
+    clip_shares = (cfg.prompt_clip_share, 1 - cfg.prompt_clip_share) if cfg.prompt_clip_share else None
     gsm = _grad_sample_module(model)
     engine = None
     if cfg.dp:
@@ -428,9 +431,8 @@ def train_local(
                 noise_generator=_os_seeded_generator(),
             )
         rate = 1 / len(loader)
-        if cfg.prompt_clip_share:
-            shares = (cfg.prompt_clip_share, 1 - cfg.prompt_clip_share)
-            install_group_clipping(optimizer, prompt_groups(model, optimizer.params), shares)
+        if clip_shares:
+            install_group_clipping(optimizer, prompt_groups(model, optimizer.params), clip_shares)
         if clipper is not None:
             # The accountant is charged the one Gaussian mechanism that the noised gradient and the
             # noised count are together (Andrew et al. 2021, Theorem 1): the calibrated z, not z_delta.
@@ -442,9 +444,8 @@ def train_local(
 
     assert engine is None or abs(rate - accounting.sample_rate(cfg, len(data))) < 1e-12  # the rate the device's budget checks use
     tier_by_param = {id(p): tier_of(name) for name, p in model.trainable_state().items()}
-    shares = (cfg.prompt_clip_share, 1 - cfg.prompt_clip_share) if cfg.prompt_clip_share else None
     instruments = _Instruments(params, batch_size, [tier_by_param.get(id(p), "other") for p in params],
-                               prompt_groups(model, params), shares) if cfg.dp else None
+                               prompt_groups(model, params), clip_shares) if cfg.dp else None
 
     def step_taken() -> None:
         """A logical step's noise was added: record it, and move the clip norm for the next one."""
