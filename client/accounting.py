@@ -174,7 +174,7 @@ def would_exceed(accountant_state: str | None, cfg: TrainConfig, num_records: in
         return False
     acc = restore(accountant_state, cfg.accountant)
     acc.history.append((cfg.noise_multiplier, sample_rate(cfg, num_records), cfg.local_steps))
-    return acc.get_epsilon(delta=cfg.delta) > cap
+    return acc.get_epsilon(delta=cfg.accountant_delta) > cap
 
 
 EPSILON_TOLERANCE = 0.01  # a calibrated device ends within this of its target, never above it
@@ -191,9 +191,59 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
     Opacus' ``get_noise_multiplier``.
     """
     rate, steps = sample_rate(cfg, num_records), max(1, planned_rounds) * cfg.local_steps
+    delta = cfg.accountant_delta
     if cfg.accountant == "prv":
-        return _prv_noise_memo(cfg.target_epsilon, cfg.delta, rate, steps)
-    return rdp_noise_for_epsilon(cfg.target_epsilon, cfg.delta, rate, steps)  # the config allows rdp and prv only
+        alone = _prv_noise_memo(cfg.target_epsilon, delta, rate, steps)
+    else:
+        alone = rdp_noise_for_epsilon(cfg.target_epsilon, delta, rate, steps)  # the config allows rdp and prv only
+    if not cfg.phrase_release:
+        return alone
+    return _noise_after(phrase_step(cfg), cfg.target_epsilon, delta, rate, steps, cfg.accountant, alone)
+
+
+def phrase_step(cfg: TrainConfig) -> tuple[tuple[float, float, int], ...]:
+    """The accountant entries of the phrase release (client/context.py): one Gaussian step at rate 1."""
+    return ((float(cfg.context_noise), 1.0, 1),) if cfg.phrase_release else ()
+
+
+def history_epsilon(history, delta: float, mechanism: str) -> float:
+    """The record-level epsilon of an accountant history under ``mechanism`` (0 for an empty one)."""
+    history = tuple((float(z), float(q), int(n)) for z, q, n in history)
+    if not history:
+        return 0.0
+    if mechanism == "prv":
+        return _prv_epsilon(history, float(delta), 0.01, None)
+    acc = MemoRDPAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return acc.get_epsilon(delta=delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_after(prefix: tuple[tuple[float, float, int], ...], target: float, delta: float, rate: float, steps: int,
+                 mechanism: str, alone: float) -> float:
+    """The DP-SGD noise that ends ``prefix`` + ``steps`` steps at the target epsilon (never above it).
+
+    ``alone`` is the answer without the prefix. At rate 1 every entry is a Gaussian mechanism and they
+    compose exactly as one (mu-GDP: mu^2 = sum of steps / sigma^2), so the answer with the prefix is
+    solved in closed form from ``alone`` and only checked on the accountant; otherwise the search starts
+    above ``alone``.
+    """
+    def eps(z: float) -> float:
+        return history_epsilon(prefix + ((z, rate, steps),), delta, mechanism)
+
+    if history_epsilon(prefix, delta, mechanism) >= target:
+        raise ValueError(f"the phrase release alone reaches epsilon {target}")
+    hi = alone * 1.5
+    if rate == 1.0 and all(q == 1.0 for _, q, _ in prefix):
+        rest = steps / alone**2 - sum(n / z**2 for z, _, n in prefix)
+        hi = math.sqrt(steps / rest) if rest > 0 else alone * 4
+    while eps(hi) > target:
+        hi *= 1.1
+        if hi > MAX_NOISE:
+            raise ValueError(f"no noise multiplier reaches epsilon {target} after the phrase release")
+    return _close_from_above(eps, target, hi, EPSILON_TOLERANCE)
 
 
 @functools.lru_cache(maxsize=1024)

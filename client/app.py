@@ -27,7 +27,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import device
+from client import accounting, device
+from client import context as in_context  # "context" is the Flower Context in every handler
 from client.persona import device_profile, pick_and_load
 from client.policy import PolicyError, Refused
 from client.served import keep_served
@@ -192,11 +193,13 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
         raise Refused(Reason.PARTICIPATION_BUDGET_SPENT)
     train_cfg = _device_train_config(dev, len(pairs))
     acc_state = device.accountant_state(store)
-    if would_exceed(acc_state, train_cfg, len(pairs), train_cfg.max_epsilon):
+    if would_exceed(_with_phrase_release(store, acc_state, train_cfg), train_cfg, len(pairs), train_cfg.max_epsilon):
         raise Refused(Reason.RECORD_BUDGET_SPENT)
+    phrases = _phrases(store, train_cfg, pairs)
+    acc_state = device.accountant_state(store)  # with the phrase release's step, when it just ran
     direct, slots, centroids = codec.split_received(sent)
     _load_shared(model, direct)
-    data = encode_pairs(model.tokenizer, pairs, cfg.train.max_len)
+    data = encode_pairs(model.tokenizer, pairs, cfg.train.max_len, context=in_context.prefix(phrases))
     chosen = _persona(dev, slots, centroids, data, "train")
     # A seeded batch order only without DP: under DP the sample must stay secret (train_local draws it from the OS).
     gen = None if cfg.train.dp else torch.Generator().manual_seed(cfg.seed * 1000 + dev.server_round)
@@ -214,6 +217,37 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     return codec.encode(sent, trained, chosen, profile), result, chosen
 
 
+def _with_phrase_release(store, acc_state: str | None, train_cfg) -> str | None:
+    """The accountant state as it will be after this round's phrase release (unchanged if none is due)."""
+    if not train_cfg.phrase_release or device.get_json(store, device.CONTEXT, None) is not None:
+        return acc_state
+    acc = accounting.restore(acc_state, train_cfg.accountant)
+    acc.history.extend(accounting.phrase_step(train_cfg))
+    return accounting.dump_state(acc)
+
+
+def _phrases(store, train_cfg, pairs) -> list[str]:
+    """This device's context phrases: released once, on its own records, before its first DP-SGD step.
+
+    Under DP the release is charged to the device's accountant (one Gaussian step, client/context.py)
+    and the accountant is written before the phrases are, so a crash in between can only over-count.
+    """
+    if train_cfg.context == "none":
+        return []
+    kept = device.get_json(store, device.CONTEXT, None)
+    if kept is not None:
+        return kept["phrases"]
+    outputs = [output for _, output in pairs]
+    if train_cfg.phrase_release:
+        store.put_state(device.ACCOUNTANT, _with_phrase_release(store, device.accountant_state(store), train_cfg).encode())
+        phrases = in_context.private_phrases(outputs, train_cfg.context_noise, train_cfg.context_delta,
+                                          in_context.PER_RECORD, in_context.MAX_PHRASES)
+    else:
+        phrases = in_context.exact_phrases(outputs, in_context.PER_RECORD, in_context.MAX_PHRASES)
+    device.put_json(store, device.CONTEXT, {"phrases": phrases})
+    return phrases
+
+
 def _device_train_config(dev: device.Device, num_records: int):
     """The record-level settings this device trains with: the run's, with its own calibrated noise.
 
@@ -224,6 +258,8 @@ def _device_train_config(dev: device.Device, num_records: int):
     from dataclasses import replace
 
     t = dev.cfg.train
+    if t.phrase_release:
+        t = replace(t, context_noise=max(t.context_noise, dev.policy.min_noise_multiplier))
     if not (t.dp and t.target_epsilon > 0):
         return t
     saved = device.get_json(dev.store, device.CALIBRATION, None)
@@ -316,16 +352,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     _load_shared(model, direct)
     train_pairs = store.tasks("train")
     chosen = _persona(dev, slots, centroids, encode_pairs(model.tokenizer, train_pairs, cfg.train.max_len), "evaluate")
+    # The trained stacks are served with the device's context phrases (none until it has trained); the
+    # zero-shot base stays the bare model, the reference every gain is measured from.
+    head = in_context.prefix(device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"])
     test = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len)
+    test_in_context = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len, context=head) if head else test
     persona = chosen is not None
     stacks = {"base": (), "global": (GLOBAL,), "persona": (GLOBAL, PERSONA) if persona else (GLOBAL,), "personal": model.tiers if persona else (GLOBAL, USER)}
     scores, tokens = {}, 0
     for name, adapters in stacks.items():
-        scores[name], tokens = evaluate_nll(model, test, adapters)
+        scores[name], tokens = evaluate_nll(model, test if name == "base" else test_in_context, adapters)
     group = routing_group(len(train_pairs), cfg.routing.cold_start_below, cfg.routing.frequent_from)
     served = {COLD_START: "global", OCCASIONAL: "persona", FREQUENT: "personal"}[group]
     # The stack this user is served, kept on the device (fedpersona export / ask read it).
-    keep_served(store, model, cfg, stacks[served], group, dev.server_round)
+    keep_served(store, model, cfg, stacks[served], group, dev.server_round, head)
     labelled = [(i, o, opts) for i, o, opts in store.labelled_tasks("test") if opts]
     classification = None
     if labelled:
@@ -333,11 +373,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         examples, gold = [(i, opts) for i, _, opts in labelled], [o for _, o, _ in labelled]
         classification = {}
         for name, adapters in stacks.items():
-            picks = option_predictions(model, examples, adapters, cfg.train.max_len)
+            picks = option_predictions(model, examples, adapters, cfg.train.max_len, context="" if name == "base" else head)
             classification[name] = classification_scores([opts[k] for (_, opts), k in zip(examples, picks)], gold)
         classification["served"] = classification[served]
         classification["examples"] = len(labelled)
-    eps = epsilon_from_history(device.accountant_state(store), cfg.train.delta) if cfg.train.dp else math.inf
+    eps = epsilon_from_history(device.accountant_state(store), cfg.train.accountant_delta) if cfg.train.dp else math.inf
     joined = device.get_json(store, device.PARTICIPATION, {"joined": 0})["joined"]
     device.put_json(store, device.EVAL_RESULTS, {
         "round": dev.server_round,
@@ -348,6 +388,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "test_examples": len(test),
         "test_tokens": tokens,
         "train_records": len(train_pairs),
+        "context_phrases": len(device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"]),
         "records": store.num_records(),
         "epsilon": eps if math.isfinite(eps) else None,
         "delta": cfg.train.delta,

@@ -109,5 +109,7 @@ def ask(store: DeviceStore, model: PersonalLM, stack: ServedStack, policy: Devic
         options: GenerationOptions) -> Answer:
     """Scrub the prompt with the device's scrubber, then generate with the served model. Stores nothing."""
     text, entities = scrub_prompt(store, stack, policy, prompt)
-    answer, new_tokens = generate(model, text, options)
+    # The device's context phrases go first, as in training and evaluation; an over-long prompt
+    # keeps its end (generate), so the user's own words are never the part cut.
+    answer, new_tokens = generate(model, stack.context + text, options)
     return Answer(answer, entities, new_tokens)

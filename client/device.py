@@ -42,6 +42,7 @@ PARTICIPATION = "participation.json"
 EVAL_RESULTS = "eval-results.json"
 DIAGNOSTICS = "diagnostics.json"
 CALIBRATION = "noise-calibration.json"
+CONTEXT = "context-phrases.json"  # the phrases this device released for its prompts (client/context.py)
 CLIP_NORM = "adaptive-clip.json"  # where adaptive clipping left the record-level clip norm
 LAST_UPDATE = "last-update.npz"  # the last released (clipped, noised, unmasked) update and its request's fingerprint
 

@@ -265,4 +265,5 @@ def load_exported(out: Path) -> PersonalLM:
 
 def export_served(model: PersonalLM, stack: ServedStack, out: Path) -> dict:
     """Export the served stack that :func:`client.served.load_served` loaded."""
-    return export_stack(model, stack.adapters, out, extra={"routing_group": stack.routing_group, "server_round": stack.server_round})
+    return export_stack(model, stack.adapters, out, extra={"routing_group": stack.routing_group, "server_round": stack.server_round,
+                                                                    "context": stack.context})

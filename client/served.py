@@ -58,6 +58,7 @@ class ServedStack:
     scrub_operator: str
     scrub_config: str
     max_len: int
+    context: str = ""  # the device's context phrases, put before every prompt (client/context.py)
 
     @property
     def prompt(self) -> bool:
@@ -76,12 +77,12 @@ class ServedStack:
 
 
 def keep_served(store: DeviceStore, model: PersonalLM, cfg: RunConfig, adapters: tuple[str, ...],
-                group: int, server_round: int) -> None:
+                group: int, server_round: int, context: str = "") -> None:
     """Snapshot the stack this device serves (the model's live tensors of ``adapters``) into its store."""
     stack = ServedStack(
         spec=model.spec, adapters=tuple(adapters), routing_group=GROUP_NAMES[group], server_round=server_round,
         scrub_mode=cfg.scrub.mode, scrub_operator=cfg.scrub.operator, scrub_config=cfg.scrub.config,
-        max_len=cfg.train.max_len,
+        max_len=cfg.train.max_len, context=context,
     )
     tensors = {k: v.detach().contiguous().clone() for k, v in model.trainable_state().items()
                if tier_of(k) in adapters}

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client import accounting
 from client.adaptive_clip import QuantileClip, split_noise
+from client.context import CONTEXT_TOKENS
 from common.config import TrainConfig
 from common.models import IGNORE, PROMPT_KEY, USER, PersonalLM, tier_of
 
@@ -32,7 +33,8 @@ from common.models import IGNORE, PROMPT_KEY, USER, PersonalLM, tier_of
 # --------------------------------------------------------------------------- #
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, answer_room: list[int] | None = None) -> TensorDataset:
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, answer_room: list[int] | None = None,
+                 context: str = "") -> TensorDataset:
     """Tokenise (input, output) pairs; the loss covers only the output tokens.
 
     The format is plain ``input\\n output<eos>`` for every model, so the base,
@@ -46,15 +48,20 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, answer_r
     ``answer_room`` (tokens, one per pair) overrides the answer's length.
     Option scoring passes the longest option's length, so that every option
     of an example is scored after the same prompt.
+
+    ``context`` (the device's released phrases, client/context.py) goes in
+    front of every prompt, cut to ``CONTEXT_TOKENS``, on top of ``max_len``:
+    it must not take the task's own prompt room.
     """
     ids_rows, label_rows = [], []
+    head = tokenizer(context, add_special_tokens=False)["input_ids"][:CONTEXT_TOKENS] if context else []
     for i, (source, target) in enumerate(pairs):
         prompt = tokenizer(source + "\n", add_special_tokens=False)["input_ids"]
         answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         room = len(answer) if answer_room is None else answer_room[i]
         prompt = prompt[: max_len - min(room, max_len // 2)]
-        ids = (prompt + answer)[:max_len]
-        labels = ([IGNORE] * len(prompt) + answer)[:max_len]
+        ids = head + (prompt + answer)[:max_len]
+        labels = [IGNORE] * len(head) + ([IGNORE] * len(prompt) + answer)[:max_len]
         ids_rows.append(ids)
         label_rows.append(labels)
     width = max(len(r) for r in ids_rows) if ids_rows else 1
@@ -492,7 +499,7 @@ def train_local(
     if cfg.dp:
         gsm.disable_hooks()
         history = accounting.dump_state(engine.accountant)
-        epsilon = engine.accountant.get_epsilon(delta=cfg.delta)
+        epsilon = engine.accountant.get_epsilon(delta=cfg.accountant_delta)
         raw_opt = optimizer.original_optimizer
     else:
         history = accountant_state
@@ -533,7 +540,8 @@ def _os_seeded_generator() -> torch.Generator:
 
 
 @torch.no_grad()
-def option_predictions(model: PersonalLM, examples: list[tuple[str, list[str]]], adapters: tuple[str, ...], max_len: int, batch_size: int = 32) -> list[int]:
+def option_predictions(model: PersonalLM, examples: list[tuple[str, list[str]]], adapters: tuple[str, ...], max_len: int,
+                       batch_size: int = 32, context: str = "") -> list[int]:
     """Classification by scoring the label options (as LaMP does): the option with the highest likelihood.
 
     Each (input, options) example is scored once per option: the summed NLL
@@ -545,7 +553,7 @@ def option_predictions(model: PersonalLM, examples: list[tuple[str, list[str]]],
     tok = model.tokenizer
     longest = [max(len(tok(o, add_special_tokens=False)["input_ids"]) for o in options) + 1 for _, options in examples]
     rooms = [room for room, (_, options) in zip(longest, examples) for _ in options]
-    data = encode_pairs(tok, pairs, max_len, answer_room=rooms)
+    data = encode_pairs(tok, pairs, max_len, answer_room=rooms, context=context)
     model.use(*adapters)
     model.eval()
     scores = []

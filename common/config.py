@@ -198,6 +198,10 @@ class FederationConfig(_Section):
     server_lr: float = _opt("server-lr", 1.0, _positive)
 
 
+# The share of the record-level delta that the phrase release's threshold takes (client/context.py);
+# the accountant is read at the rest.
+CONTEXT_DELTA_SHARE = 0.1
+
 # Each local optimizer's learning rate when ``lr = 0`` (TrainConfig.learning_rate).
 LEARNING_RATES = {"adam": 0.02, "adambc": 0.02, "sgd": 0.5}
 
@@ -249,6 +253,14 @@ class TrainConfig(_Section):
     prompt_clip_share: float = _opt("prompt-clip-share", 0.0, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
     # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
     physical_batch: int = _opt("physical-batch", 16, _at_least(1))
+    # In-context personalization (client/context.py): "phrases" puts the sentences many of the device's
+    # records share in front of every prompt of its trained stacks. Under DP they are released once with the
+    # weighted Gaussian mechanism for set union (Gopi et al. 2020) at context-noise-multiplier: one more
+    # Gaussian step in the device's record-level accountant, calibrated with its DP-SGD steps to end at
+    # target-epsilon, and CONTEXT_DELTA_SHARE of delta for the threshold. Without DP, the sentences at least
+    # two records share.
+    context: str = _opt("context", "none", _one_of("none", "phrases"))
+    context_noise: float = _opt("context-noise-multiplier", 1.0, _positive)
 
     @property
     def local_optimizer(self) -> str:
@@ -261,6 +273,21 @@ class TrainConfig(_Section):
     def learning_rate(self) -> float:
         """The local learning rate (``lr = 0``: the optimizer's own default)."""
         return self.lr or LEARNING_RATES[self.local_optimizer]
+
+    @property
+    def phrase_release(self) -> bool:
+        """Whether devices release their shared phrases under DP (a Gaussian step and a threshold delta)."""
+        return self.dp and self.context == "phrases"
+
+    @property
+    def accountant_delta(self) -> float:
+        """The delta the record-level accountant is read at: ``delta``, less the phrase threshold's share."""
+        return self.delta * (1 - CONTEXT_DELTA_SHARE) if self.phrase_release else self.delta
+
+    @property
+    def context_delta(self) -> float:
+        """The delta the phrase release's threshold holds to (0 without it)."""
+        return self.delta * CONTEXT_DELTA_SHARE if self.phrase_release else 0.0
 
     def batch_for(self, num_records: int) -> int:
         """The logical batch for a device holding ``num_records`` records (``batch-size = 0``: all of them)."""

@@ -160,6 +160,9 @@ class BatchedDPSGD:
         if cfg.local_optimizer not in ("adam", "sgd"):
             # DP-AdamBC subtracts one noise variance per optimizer; here each device has its own.
             raise ValueError(f"the batched path runs optimizer = adam or sgd, not {cfg.local_optimizer!r}")
+        if cfg.context != "none":
+            # The phrase release runs per device (client/context.py); this path trains from encoded tensors only.
+            raise ValueError("the batched path runs context = none")
         if not (len(data) == len(states) == len(noise_multipliers)):
             raise ValueError("data, states and noise_multipliers need one entry per device")
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
@@ -277,6 +280,6 @@ class BatchedDPSGD:
         for acc in self.accountants:
             key = tuple(acc.history)
             if key not in memo:
-                memo[key] = acc.get_epsilon(delta=self.cfg.delta) if acc.history else 0.0
+                memo[key] = acc.get_epsilon(delta=self.cfg.accountant_delta) if acc.history else 0.0
             out.append(memo[key])
         return out

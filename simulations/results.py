@@ -52,6 +52,8 @@ def device_results(harness: dict) -> list[dict]:
                     **{f"nll_{t}": ev["nll"][t] for t in TIERS},
                     "epsilon_record_level": ev["epsilon"],
                     "user_epsilon_against_server": ev.get("user_epsilon_against_server"),
+                    # how many context phrases the device released (client/context.py); the phrases stay on it
+                    "context_phrases": ev.get("context_phrases", 0),
                 }
             )
             if ev.get("classification"):
@@ -74,6 +76,7 @@ def summarise(rows: list[dict]) -> dict:
         out[t] = {"nll": nll, "ppl": math.exp(nll) if math.isfinite(nll) else float("nan")}
     out["users_personal_beats_global"] = sum(r["nll_personal"] < r["nll_global"] for r in scored)
     out["users_persona_beats_global"] = sum(r["nll_persona"] < r["nll_global"] for r in scored)
+    out["users_with_context"] = sum(r.get("context_phrases", 0) > 0 for r in scored)
     out["routing_groups"] = {
         name: {"users": len(members), **{t: _token_mean(members, f"nll_{t}") for t in TIERS if t != "base"}}
         for name in GROUP_NAMES.values()
@@ -210,7 +213,9 @@ def render_markdown(report: dict) -> str:
     lines += [
         "",
         f"Persona beats global for {u['users_persona_beats_global']} of {u['users']} users; "
-        f"personalised beats global for {u['users_personal_beats_global']}.",
+        f"personalised beats global for {u['users_personal_beats_global']}."
+        + (f" {u['users_with_context']} devices put context phrases before their trained stacks' prompts"
+           " (the base is scored without them)." if u.get("users_with_context") else ""),
         "",
         "### Per routing group (cold-start: global; occasional: + persona; frequent: + persona + user)",
         "",

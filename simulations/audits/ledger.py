@@ -151,14 +151,18 @@ def expected_noise(train, records: int, planned_rounds: int) -> float:
 
 
 def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]) -> dict:
-    from client.accounting import sample_rate
+    from client.accounting import phrase_step, sample_rate
 
     train = view.cfg.train
-    delta = float(train.delta)
+    # The accountant is read at delta less the phrase release's threshold share (client/context.py).
+    delta = float(train.accountant_delta)
     history, records, rounds, joined = _device_state(Path(user["store"]))
     rate = sample_rate(train, records)
     noise = expected_noise(train, records, view.cfg.federation.num_server_rounds)
     expected = expected_history(noise, rate, train.local_steps, len(rounds)) if train.dp else []
+    if expected:
+        # A device that trained released its context phrases once, before its first DP-SGD step.
+        expected = merged(list(phrase_step(train)) + expected)
     problems = []
     unknown = [r for r in rounds if r not in server_rounds]
     if unknown:

@@ -1,0 +1,149 @@
+"""In-context personalization: the DP phrase release (client/context.py), its accounting, and its use on the device."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from statistics import NormalDist
+
+import pytest
+from helpers import device_context, quick, server_message, user_files
+
+from client import context, device
+from client.accounting import accountant_history, calibrated_noise, history_epsilon, phrase_step
+from client.app import app
+from common.config import ConfigError, TrainConfig
+
+# Eight records that share a greeting and a sign-off, each with its own middle sentence.
+TEXTS = [f"Hello there. Item number {i} is fine. See you soon." for i in range(40)]
+
+
+def test_candidates_are_a_records_own_distinct_sentences():
+    assert context.candidates("Hi. Hi. Yes! Fine? ok\nbye", 10) == ["Hi.", "Yes!", "Fine?", "ok", "bye"]
+    assert context.candidates("Hi. Yes! Fine?", 2) == ["Hi.", "Yes!"]
+    long = " ".join(["word"] * (context.MAX_WORDS + 1)) + "."
+    assert context.candidates(f"{long} Short one.", 4) == ["Short one."]
+
+
+def test_threshold_holds_the_unique_candidates_to_delta():
+    # k candidates of weight 1/sqrt(k) held by the added record alone: each clears rho with
+    # probability P[N(0, sigma^2) > rho - 1/sqrt(k)], and k of them together at most delta.
+    for sigma, k, delta in ((0.7, 4, 1e-6), (1.0, 1, 1e-6), (2.0, 8, 1e-7)):
+        rho = context.threshold(sigma, delta, k)
+        tail = 1 - NormalDist(0, sigma).cdf(rho - 1 / math.sqrt(k))
+        assert k * tail == pytest.approx(delta, rel=1e-3)
+    with pytest.raises(ValueError):
+        context.threshold(0.0, 1e-6, 4)
+
+
+def test_weighted_counts_bound_a_records_l2_contribution():
+    counts = context.weighted_counts(["A. B. C. D. E. F."], 4)
+    assert len(counts) == 4 and math.sqrt(sum(v * v for v in counts.values())) == pytest.approx(1.0)
+
+
+def test_private_release_finds_the_shared_sentences_and_not_a_single_records():
+    phrases = context.private_phrases(TEXTS, 1.0, 1e-6, 4, 8)
+    assert set(phrases) == {"Hello there.", "See you soon."}
+    # A sentence in one record has weight 1/2 against a threshold near 5.5 at sigma 1: never released here.
+    assert not any("Item number" in p for _ in range(20) for p in context.private_phrases(TEXTS, 1.0, 1e-6, 4, 8))
+    assert context.private_phrases(TEXTS[:2], 1.0, 1e-6, 4, 8) == []  # two records cannot clear it
+
+
+def test_private_release_uses_fresh_noise():
+    # Near the threshold the outcome varies between calls: the noise is not seeded.
+    rho = context.threshold(1.0, 1e-6, 4)
+    texts = [f"Shared line. Other {i}." for i in range(round(2 * rho))]  # weight near rho
+    outcomes = {tuple(context.private_phrases(texts, 1.0, 1e-6, 4, 8)) for _ in range(40)}
+    assert len(outcomes) == 2
+
+
+def test_exact_release_and_prefix():
+    assert context.exact_phrases(["A. B.", "A. C.", "D."], 4, 8) == ["A."]
+    assert context.prefix([]) == ""
+    assert context.prefix(["A.", "B."]) == context.HEADER + "A. B.\n\n"
+
+
+def test_the_release_is_one_gaussian_step_and_calibration_still_ends_at_the_target():
+    t = replace(TrainConfig(), context="phrases")
+    assert t.phrase_release and phrase_step(t) == ((1.0, 1.0, 1),)
+    assert t.accountant_delta + t.context_delta == pytest.approx(t.delta)
+    for mechanism in ("prv", "rdp"):
+        c = replace(t, accountant=mechanism)
+        z = calibrated_noise(c, 30, 3)
+        eps = history_epsilon(phrase_step(c) + ((z, 1.0, 3 * c.local_steps),), c.accountant_delta, mechanism)
+        assert c.target_epsilon - 0.011 <= eps <= c.target_epsilon
+        assert z > calibrated_noise(replace(c, context="none"), 30, 3)  # DP-SGD pays for the release
+    # Without DP the release is not accounted and delta is whole.
+    off = replace(t, dp=False)
+    assert not off.phrase_release and phrase_step(off) == () and off.accountant_delta == off.delta
+
+
+def test_config_checks_the_context_keys():
+    with pytest.raises(ConfigError):
+        quick(context="examples")
+    with pytest.raises(ConfigError):
+        quick(context_noise_multiplier=0)
+
+
+def test_device_releases_once_charges_its_accountant_and_serves_the_phrases(tiny_data, task_identity, tmp_path):
+    cfg = quick(secagg=False, context="phrases", target_epsilon=8.0)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg)
+    store_path = tmp_path / "device-1" / "store.sqlite"
+    app(server_message(cfg, "train", 1), ctx)
+    store = device.DeviceStore(store_path)
+    released = device.get_json(store, device.CONTEXT, None)
+    # This user holds 35 records that share a persona's sign-off: weight 17.5 against a threshold near 5.5.
+    assert len(store.tasks("train")) >= 30 and released["phrases"]
+    history = accountant_history(device.accountant_state(store))
+    assert history[0] == (cfg.train.context_noise, 1.0, 1) and len(history) == 2
+    app(server_message(cfg, "train", 2), ctx)
+    # Released once: the second round adds DP-SGD steps only, and the phrases are the same.
+    assert device.get_json(store, device.CONTEXT, None) == released
+    history = accountant_history(device.accountant_state(store))
+    assert history[0] == (cfg.train.context_noise, 1.0, 1) and sum(n for z, q, n in history[1:]) == 2 * cfg.train.local_steps
+    app(server_message(cfg, "evaluate", 2), ctx)
+    results = device.get_json(store, device.EVAL_RESULTS, None)
+    assert results["context_phrases"] == len(released["phrases"])
+    assert results["epsilon"] <= cfg.train.target_epsilon
+    from client.served import read_served
+
+    stack, _ = read_served(store)
+    assert stack.context == context.prefix(released["phrases"])
+
+
+def test_without_dp_the_device_uses_the_shared_sentences_without_noise(tiny_data, task_identity, tmp_path):
+    cfg = quick(secagg=False, context="phrases", dp=False)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg)
+    app(server_message(cfg, "train", 1), ctx)
+    store = device.DeviceStore(tmp_path / "device-1" / "store.sqlite")
+    outputs = [o for _, o in store.tasks("train")]
+    assert device.get_json(store, device.CONTEXT, None)["phrases"] == context.exact_phrases(outputs, context.PER_RECORD, context.MAX_PHRASES)
+    assert device.accountant_state(store) is None or accountant_history(device.accountant_state(store)) == []
+
+
+def test_the_ledger_expects_the_phrase_release_and_fails_a_device_that_hid_it(tmp_path):
+    import json
+
+    from client.store import DeviceStore
+    from client.accounting import epsilon_from_history
+    from simulations.audits.ledger import epsilon_ledger
+    from simulations.audits.view import RunView
+    from simulations.run import prepare, simulate
+
+    run = tmp_path / "run"
+    simulate(prepare("quick", {"num-supernodes": 3, "context": "phrases"}, run))
+    result = epsilon_ledger(RunView(run))
+    assert result["failures"] == []
+    for row in result["record_level"]:
+        first = row["expected"][0]
+        assert (first["noise_multiplier"], first["sample_rate"], first["steps"]) == (1.0, 1.0, 1)
+        assert row["agrees"] and row["epsilon_pld"] <= 8.0
+    # A device whose accountant leaves the release out, its reported epsilon made to match: caught.
+    report = json.loads((run / "report.json").read_text())
+    store = DeviceStore(run / "devices" / f"{report['users'][0]['user_id']}.sqlite")
+    state = json.loads(device.accountant_state(store))
+    state["history"] = state["history"][1:]
+    store.put_state(device.ACCOUNTANT, json.dumps(state).encode())
+    report["users"][0]["epsilon_record_level"] = epsilon_from_history(json.dumps(state), 0.9e-5)
+    (run / "report.json").write_text(json.dumps(report))
+    assert epsilon_ledger(RunView(run))["failures"] == [0]
