@@ -10,13 +10,15 @@ that *many* of the user's records share (a greeting, a sign-off, a
 catchphrase): no single record decides whether such a sentence appears.
 
 The release is the weighted Gaussian mechanism for set union (Gopi et al.
-2020, "Differentially Private Set Union", ICML): each record contributes at
-most ``k`` distinct candidate sentences, each with weight ``1/sqrt(k)`` (so
-one record moves the weight vector by L2 norm <= 1); every candidate's total
-gets Gaussian noise of std ``sigma`` from OS entropy; candidates above the
-threshold ``rho`` are released. A candidate held by the added or removed
-record alone is released with probability at most ``k * P[N(0, sigma^2) >
-rho - 1/sqrt(k)]``, which ``rho`` holds to ``delta_threshold``; on the other
+2020, "Differentially Private Set Union", ICML, its Gaussian weighting with
+threshold): each record contributes its ``t <= k`` first distinct candidate
+sentences, each with weight ``1/sqrt(t)`` (so one record moves the weight
+vector by L2 norm 1); every candidate's total gets Gaussian noise of std
+``sigma`` from OS entropy; candidates above the threshold ``rho`` are
+released. The ``t`` candidates of the added or removed record that no other
+record holds are released with probability at most ``t * P[N(0, sigma^2) >
+rho - 1/sqrt(t)]``, which ``rho = max over t <= k of (1/sqrt(t) + sigma *
+Phi^-1(1 - delta_threshold / t))`` holds to ``delta_threshold``; on the other
 candidates the mechanism is the Gaussian mechanism with sensitivity 1. So
 the release costs one step of (noise ``sigma``, rate 1) in the device's
 record-level accountant, composed with its DP-SGD steps, plus
@@ -45,7 +47,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 MAX_WORDS = 12
 # What the model is shown before the task's own prompt.
 HEADER = "Example of my writing:\n"
-# Candidates a record contributes (k above), phrases shown at most, and the
+# Candidates a record contributes at most (k above), phrases shown at most, and the
 # context's token budget (on top of max-len, client.train.encode_pairs).
 PER_RECORD = 4
 MAX_PHRASES = 8
@@ -65,19 +67,20 @@ def candidates(text: str, per_record: int) -> list[str]:
 
 
 def threshold(noise_multiplier: float, delta_threshold: float, per_record: int) -> float:
-    """rho with ``per_record * P[N(0, sigma^2) > rho - 1/sqrt(per_record)] = delta_threshold`` (Gopi et al. 2020)."""
+    """rho: for every t <= per_record, ``t * P[N(0, sigma^2) > rho - 1/sqrt(t)] <= delta_threshold`` (Gopi et al. 2020)."""
     if not (noise_multiplier > 0 and 0 < delta_threshold < 1 and per_record >= 1):
         raise ValueError("the phrase release needs noise > 0, delta in (0, 1) and at least one candidate a record")
-    return 1 / math.sqrt(per_record) + noise_multiplier * -NormalDist().inv_cdf(delta_threshold / per_record)
+    return max(1 / math.sqrt(t) + noise_multiplier * -NormalDist().inv_cdf(delta_threshold / t)
+               for t in range(1, per_record + 1))
 
 
 def weighted_counts(texts: Iterable[str], per_record: int) -> Counter:
-    """Each candidate's summed weight: ``1/sqrt(per_record)`` from every record that holds it."""
-    weight = 1 / math.sqrt(per_record)
+    """Each candidate's summed weight: ``1/sqrt(t)`` from every record that holds it among its ``t`` candidates."""
     counts: Counter = Counter()
     for text in texts:
-        for sentence in candidates(text, per_record):
-            counts[sentence] += weight
+        sentences = candidates(text, per_record)
+        for sentence in sentences:
+            counts[sentence] += 1 / math.sqrt(len(sentences))
     return counts
 
 
@@ -99,9 +102,9 @@ def private_phrases(texts: Sequence[str], noise_multiplier: float, delta_thresho
 
 def exact_phrases(texts: Sequence[str], per_record: int, max_phrases: int) -> list[str]:
     """Without DP: the candidates at least two records share, the most shared first, at most ``max_phrases``."""
-    counts = weighted_counts(texts, per_record)
-    shared = [name for name in sorted(counts) if counts[name] * math.sqrt(per_record) >= 2 - 1e-9]
-    return sorted(shared, key=lambda name: -counts[name])[:max_phrases]
+    records: Counter = Counter(sentence for text in texts for sentence in candidates(text, per_record))
+    shared = [name for name in sorted(records) if records[name] >= 2]
+    return sorted(shared, key=lambda name: -records[name])[:max_phrases]
 
 
 def prefix(phrases: Sequence[str]) -> str:

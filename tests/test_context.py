@@ -26,25 +26,27 @@ def test_candidates_are_a_records_own_distinct_sentences():
 
 
 def test_threshold_holds_the_unique_candidates_to_delta():
-    # k candidates of weight 1/sqrt(k) held by the added record alone: each clears rho with
-    # probability P[N(0, sigma^2) > rho - 1/sqrt(k)], and k of them together at most delta.
+    # A record with t candidates of weight 1/sqrt(t) held by it alone: each clears rho with probability
+    # P[N(0, sigma^2) > rho - 1/sqrt(t)], and the t of them together at most delta, for every t <= k.
     for sigma, k, delta in ((0.7, 4, 1e-6), (1.0, 1, 1e-6), (2.0, 8, 1e-7)):
         rho = context.threshold(sigma, delta, k)
-        tail = 1 - NormalDist(0, sigma).cdf(rho - 1 / math.sqrt(k))
-        assert k * tail == pytest.approx(delta, rel=1e-3)
+        tails = [t * (1 - NormalDist(0, sigma).cdf(rho - 1 / math.sqrt(t))) for t in range(1, k + 1)]
+        assert max(tails) == pytest.approx(delta, rel=1e-3) and all(tail <= delta * (1 + 1e-9) for tail in tails)
     with pytest.raises(ValueError):
         context.threshold(0.0, 1e-6, 4)
 
 
-def test_weighted_counts_bound_a_records_l2_contribution():
-    counts = context.weighted_counts(["A. B. C. D. E. F."], 4)
-    assert len(counts) == 4 and math.sqrt(sum(v * v for v in counts.values())) == pytest.approx(1.0)
+@pytest.mark.parametrize("text, t", [("A. B. C. D. E. F.", 4), ("A. B.", 2), ("A single line", 1)])
+def test_weighted_counts_give_each_record_l2_norm_one(text, t):
+    counts = context.weighted_counts([text], 4)
+    assert len(counts) == t and all(v == pytest.approx(1 / math.sqrt(t)) for v in counts.values())
+    assert math.sqrt(sum(v * v for v in counts.values())) == pytest.approx(1.0)
 
 
 def test_private_release_finds_the_shared_sentences_and_not_a_single_records():
     phrases = context.private_phrases(TEXTS, 1.0, 1e-6, 4, 8)
     assert set(phrases) == {"Hello there.", "See you soon."}
-    # A sentence in one record has weight 1/2 against a threshold near 5.5 at sigma 1: never released here.
+    # A sentence in one record has weight 1/sqrt(3) against a threshold near 5.8 at sigma 1: never released here.
     assert not any("Item number" in p for _ in range(20) for p in context.private_phrases(TEXTS, 1.0, 1e-6, 4, 8))
     assert context.private_phrases(TEXTS[:2], 1.0, 1e-6, 4, 8) == []  # two records cannot clear it
 
@@ -52,7 +54,7 @@ def test_private_release_finds_the_shared_sentences_and_not_a_single_records():
 def test_private_release_uses_fresh_noise():
     # Near the threshold the outcome varies between calls: the noise is not seeded.
     rho = context.threshold(1.0, 1e-6, 4)
-    texts = [f"Shared line. Other {i}." for i in range(round(2 * rho))]  # weight near rho
+    texts = [f"Shared line. Other {i}." for i in range(round(math.sqrt(2) * rho))]  # weight 1/sqrt(2) each: near rho
     outcomes = {tuple(context.private_phrases(texts, 1.0, 1e-6, 4, 8)) for _ in range(40)}
     assert len(outcomes) == 2
 
