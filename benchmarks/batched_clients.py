@@ -46,7 +46,8 @@ def build(model_name: str, steps: int, device: torch.device, dtype: torch.dtype,
     from common.config import build_config
     from common.models import AdapterSpec, PersonalLM
 
-    cfg = build_config("default", {"model": model_name, "local-steps": steps, "batch-size": 0, "adapter-layers": adapter_layers})
+    cfg = build_config("default", {"model": model_name, "local-steps": steps, "batch-size": 0, "adapter-layers": adapter_layers,
+                                    "context": "none"})  # the batched path trains from encoded tensors only
     model = PersonalLM(AdapterSpec.from_config(cfg))
     model.to(device)
     trainable = {id(p) for p in model.trainable_state().values()}

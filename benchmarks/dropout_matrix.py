@@ -109,7 +109,10 @@ def _steps_charged(contexts: dict, folder: Path) -> dict[int, int]:
     out = {}
     for nid in contexts:
         store = device.DeviceStore(folder / f"device-{nid}" / "store.sqlite")
-        out[nid] = int(sum(h[2] for h in accountant_history(device.accountant_state(store))))
+        history = accountant_history(device.accountant_state(store))
+        # The context phrases' release (client/context.py) is the first entry of a device that made it: not a DP-SGD step.
+        released = history and device.get_json(store, device.CONTEXT, None) is not None
+        out[nid] = int(sum(h[2] for h in history[1 if released else 0:]))
     return out
 
 

@@ -121,14 +121,17 @@ RECIPES: dict[str, dict] = {
     "phrases": {"target-epsilon": 8.0, "context": "phrases"},
     "phrases7": {"target-epsilon": 8.0, "context": "phrases", "context-noise-multiplier": 0.7},
     "nonprivatephrases": {"dp": False, "context": "phrases"},
+    # the default with the context taken back out (the one-at-a-time ablation)
+    "nocontext": {"target-epsilon": 8.0, "context": "none"},
     # user-level adaptive clipping at the median (needs --set user-dp=true and its settings)
     "useradaclip": {"user-adaptive-clip-quantile": 0.5},
 }
 # Every recipe the measurements kept, spelled out: the top two layers, every record in every step,
-# the PRV accountant, three local steps, SGD at 0.5, every device calibrated to epsilon 8. They are
+# the PRV accountant, three local steps, SGD at 0.5, every device calibrated to epsilon 8, and the
+# device's DP context phrases. They are
 # also the run config's defaults now (docs/results.md), so "all" equals "private" until a default
 # changes; spelled out, "all" keeps meaning the kept recipes if one does.
-ALL = ("top2full3prv", "sgd")
+ALL = ("top2full3prv", "sgd", "phrases")
 
 
 def recipe(name: str) -> dict:

@@ -203,7 +203,42 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
 
 def phrase_step(cfg: TrainConfig) -> tuple[tuple[float, float, int], ...]:
     """The accountant entries of the phrase release (client/context.py): one Gaussian step at rate 1."""
-    return ((float(cfg.context_noise), 1.0, 1),) if cfg.phrase_release else ()
+    return ((phrase_noise(cfg), 1.0, 1),) if cfg.phrase_release else ()
+
+
+def phrase_noise(cfg: TrainConfig) -> float:
+    """The phrase release's noise: ``context-noise-multiplier``, raised so the release takes at most
+    ``CONTEXT_MAX_SHARE`` of the device's budget.
+
+    The budget is the target epsilon (else the cap) read as a Gaussian mechanism's mu (mu-GDP); a
+    release at mu_r takes the share (mu_r / mu)^2 of it, since Gaussian mechanisms compose as
+    mu^2 = sum of mu_i^2. Without the raise, a device under a tight cap (epsilon 2 say) would spend
+    it all on the release at noise 1 and could never train. At epsilon 8 and delta 1e-5 the bound is
+    noise 0.86, so the configured 1.0 stands.
+    """
+    budget = cfg.target_epsilon or cfg.max_epsilon
+    if budget <= 0:
+        return float(cfg.context_noise)
+    return max(float(cfg.context_noise), 1 / (gaussian_mu(budget, cfg.accountant_delta) * math.sqrt(CONTEXT_MAX_SHARE)))
+
+
+CONTEXT_MAX_SHARE = 0.5  # the most of a device's budget (of mu^2) the phrase release may take
+
+
+@functools.lru_cache(maxsize=256)
+def gaussian_mu(epsilon: float, delta: float) -> float:
+    """The mu of the Gaussian mechanism that is exactly (epsilon, delta)-DP (Dong, Roth and Su 2019, Corollary 2.13)."""
+    def delta_of(mu: float) -> float:
+        # Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), with Phi(x) = erfc(-x / sqrt 2) / 2 for tail precision
+        return (math.erfc((epsilon / mu - mu / 2) / math.sqrt(2))
+                - math.exp(epsilon) * math.erfc((epsilon / mu + mu / 2) / math.sqrt(2))) / 2
+    lo, hi = 1e-6, 1.0
+    while delta_of(hi) < delta:
+        hi *= 2
+    for _ in range(100):  # delta grows with mu: bisect to float precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) < delta else (lo, mid)
+    return lo
 
 
 def history_epsilon(history, delta: float, mechanism: str) -> float:

@@ -240,7 +240,7 @@ def _phrases(store, train_cfg, pairs) -> list[str]:
     outputs = [output for _, output in pairs]
     if train_cfg.phrase_release:
         store.put_state(device.ACCOUNTANT, _with_phrase_release(store, device.accountant_state(store), train_cfg).encode())
-        phrases = in_context.private_phrases(outputs, train_cfg.context_noise, train_cfg.context_delta,
+        phrases = in_context.private_phrases(outputs, accounting.phrase_noise(train_cfg), train_cfg.context_delta,
                                           in_context.PER_RECORD, in_context.MAX_PHRASES)
     else:
         phrases = in_context.exact_phrases(outputs, in_context.PER_RECORD, in_context.MAX_PHRASES)
@@ -271,9 +271,11 @@ def _device_train_config(dev: device.Device, num_records: int):
             # No noise reaches so small a target (RDP's orders floor epsilon near 0.2 at delta 1e-5):
             # the device cannot train within its cap at all.
             raise Refused(Reason.RECORD_BUDGET_SPENT) from None
-        saved = {"noise_multiplier": max(z, dev.policy.min_noise_multiplier), "target_epsilon": target, "records": num_records}
+        saved = {"noise_multiplier": max(z, dev.policy.min_noise_multiplier), "target_epsilon": target, "records": num_records,
+                 # the phrase release's noise, resolved against the same target (accounting.phrase_noise)
+                 "context_noise": accounting.phrase_noise(replace(t, target_epsilon=target))}
         device.put_json(dev.store, device.CALIBRATION, saved)
-    return replace(t, noise_multiplier=saved["noise_multiplier"])
+    return replace(t, noise_multiplier=saved["noise_multiplier"], context_noise=saved.get("context_noise", t.context_noise))
 
 
 def _load_shared(model, direct: dict) -> None:

@@ -117,8 +117,11 @@ def test_clean_run_has_zero_wire_hits_and_a_consistent_ledger(audit_result):
         # The accountant holds exactly the expected mechanism: 2 rounds x 2 local steps at the device's own rate,
         # with the noise the device calibrated to end the planned rounds at the default target (epsilon 8).
         assert row["history_matches"] and row["rounds_trained"] == [1, 2]
-        sigma = row["expected"][0]["noise_multiplier"]
-        assert row["expected"] == [{"noise_multiplier": sigma, "sample_rate": row["expected"][0]["sample_rate"], "steps": 4}]
+        # First the context phrases' release (client/context.py, the default), once, then DP-SGD.
+        release, *steps = row["expected"]
+        assert release == {"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1}
+        sigma = steps[0]["noise_multiplier"]
+        assert steps == [{"noise_multiplier": sigma, "sample_rate": steps[0]["sample_rate"], "steps": 4}]
         # At the target, never above it by the device's own (Opacus) accountant; dp-accounting's RDP may
         # differ from it in the fourth decimal (the line below allows 5 %).
         assert 7.9 <= row["epsilon_reported"] <= 8.0
@@ -185,7 +188,9 @@ def _tamper_accountant(run, user_index: int, change) -> None:
     report = json.loads((run / "report.json").read_text())
     store = DeviceStore(run / "devices" / f"{report['users'][user_index]['user_id']}.sqlite")
     state = json.loads(device.accountant_state(store))
-    state["history"] = [change(list(h)) for h in state["history"]]
+    # The first entry is the context phrases' release (the default); the tampering is with DP-SGD's entries.
+    release, *steps = state["history"]
+    state["history"] = [release] + [change(list(h)) for h in steps]
     store.put_state(device.ACCOUNTANT, json.dumps(state).encode())
     report["users"][user_index]["epsilon_record_level"] = epsilon_from_history(json.dumps(state), 1e-5)
     (run / "report.json").write_text(json.dumps(report))

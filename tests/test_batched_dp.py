@@ -25,7 +25,7 @@ DEVICE_PAIRS = [PAIRS[:2], PAIRS[1:], PAIRS[2:5]]
 
 
 def _setup(optimizer="sgd", **flat):
-    cfg = quick(**{"adapter-layers": 1, "batch-size": 0, "optimizer": optimizer, **flat})
+    cfg = quick(**{"adapter-layers": 1, "batch-size": 0, "optimizer": optimizer, "context": "none", **flat})
     model = PersonalLM(AdapterSpec.from_config(cfg))
     data = [DeviceData(*encode_pairs(model.tokenizer, pairs, 64)[:]) for pairs in DEVICE_PAIRS]
     gen = torch.Generator().manual_seed(7)
@@ -138,6 +138,9 @@ def test_refuses_what_it_cannot_do_exactly():
     cfg, model, data, states = _setup(optimizer="adambc")
     with pytest.raises(ValueError, match="adam or sgd"):
         BatchedDPSGD(model, data, states, cfg.train, noise_multipliers=[1.0] * 3)
+    cfg_c, model_c, data_c, states_c = _setup(context="phrases")  # the phrase release runs per device only
+    with pytest.raises(ValueError, match="context = none"):
+        BatchedDPSGD(model_c, data_c, states_c, cfg_c.train, noise_multipliers=[1.0] * 3)
     cfg0 = quick(**{"adapter-layers": 0})
     model0 = PersonalLM(AdapterSpec.from_config(cfg0))
     with pytest.raises(ValueError, match="adapter-layers > 0"):

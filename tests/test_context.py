@@ -149,3 +149,22 @@ def test_the_ledger_expects_the_phrase_release_and_fails_a_device_that_hid_it(tm
     report["users"][0]["epsilon_record_level"] = epsilon_from_history(json.dumps(state), 0.9e-5)
     (run / "report.json").write_text(json.dumps(report))
     assert epsilon_ledger(RunView(run))["failures"] == [0]
+
+
+def test_a_tight_budget_raises_the_release_noise_so_the_device_still_trains():
+    from client.accounting import gaussian_mu, phrase_noise
+
+    # mu of an exactly (epsilon, delta)-DP Gaussian mechanism: delta(mu) back at delta.
+    mu = gaussian_mu(8.0, 1e-5)
+    phi = NormalDist().cdf
+    assert phi(-8 / mu + mu / 2) - math.exp(8) * phi(-8 / mu - mu / 2) == pytest.approx(1e-5, rel=1e-6)
+    for target in (8.0, 2.0, 0.5):
+        c = replace(TrainConfig(), context="phrases", target_epsilon=target)
+        alone = history_epsilon(phrase_step(c), c.accountant_delta, "prv")
+        z = calibrated_noise(c, 40, 3)  # raises if the release left DP-SGD nothing
+        total = history_epsilon(phrase_step(c) + ((z, 1.0, 3 * c.local_steps),), c.accountant_delta, "prv")
+        assert alone < target and target - 0.011 <= total <= target
+        # at most half the budget in mu^2: the release's mu is at most mu(target) / sqrt(2)
+        assert 1 / phrase_noise(c) <= gaussian_mu(target, c.accountant_delta) / math.sqrt(2) * (1 + 1e-9) or phrase_noise(c) == c.context_noise
+    assert phrase_noise(replace(TrainConfig(), context="phrases")) == 1.0  # at epsilon 8 the configured noise stands
+    assert phrase_noise(replace(TrainConfig(), context="phrases", target_epsilon=2.0)) > 2.5

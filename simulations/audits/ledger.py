@@ -139,14 +139,19 @@ def _device_state(store_path: Path) -> tuple[list, int, list[int], list[int]]:
     return accountant_history(device.accountant_state(store)), len(store.tasks("train")), trained, joined
 
 
+def device_target(train):
+    """The settings a device calibrates with: the target epsilon, never above the cap."""
+    if train.target_epsilon > 0 and train.max_epsilon > 0:
+        return dataclasses.replace(train, target_epsilon=min(train.target_epsilon, train.max_epsilon))
+    return train
+
+
 def expected_noise(train, records: int, planned_rounds: int) -> float:
     """The noise multiplier a device should have trained with: the run's, or its calibration to the target epsilon."""
     from client.accounting import calibrated_noise
 
     if train.target_epsilon > 0:
-        cap = train.max_epsilon
-        target = min(train.target_epsilon, cap) if cap > 0 else train.target_epsilon
-        return calibrated_noise(dataclasses.replace(train, target_epsilon=target), records, planned_rounds)
+        return calibrated_noise(device_target(train), records, planned_rounds)
     return train.noise_multiplier
 
 
@@ -162,7 +167,13 @@ def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]
     expected = expected_history(noise, rate, train.local_steps, len(rounds)) if train.dp else []
     if expected:
         # A device that trained released its context phrases once, before its first DP-SGD step.
-        expected = merged(list(phrase_step(train)) + expected)
+        # Its noise is floored by the device's policy, as on the device (client.app._device_train_config);
+        # a simulated device's policy is the harness's (simulations.run.device_policy).
+        from simulations.run import device_policy
+
+        floor = device_policy(view.cfg, Path(user["store"]), Path(user["store"])).min_noise_multiplier
+        floored = dataclasses.replace(device_target(train), context_noise=max(train.context_noise, floor))
+        expected = merged(list(phrase_step(floored)) + expected)
     problems = []
     unknown = [r for r in rounds if r not in server_rounds]
     if unknown:
