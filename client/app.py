@@ -356,7 +356,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     chosen = _persona(dev, slots, centroids, encode_pairs(model.tokenizer, train_pairs, cfg.train.max_len), "evaluate")
     # The trained stacks are served with the device's context phrases (none until it has trained); the
     # zero-shot base stays the bare model, the reference every gain is measured from.
-    head = in_context.prefix(device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"])
+    phrases = device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"] if cfg.train.context != "none" else []
+    head = in_context.prefix(phrases)
     test = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len)
     test_in_context = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len, context=head) if head else test
     persona = chosen is not None
@@ -390,7 +391,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "test_examples": len(test),
         "test_tokens": tokens,
         "train_records": len(train_pairs),
-        "context_phrases": len(device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"]),
+        "context_phrases": len(phrases),
         "records": store.num_records(),
         "epsilon": eps if math.isfinite(eps) else None,
         "delta": cfg.train.delta,
