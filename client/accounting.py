@@ -242,15 +242,16 @@ def gaussian_mu(epsilon: float, delta: float) -> float:
 
 
 def history_epsilon(history, delta: float, mechanism: str) -> float:
-    """The record-level epsilon of an accountant history under ``mechanism`` (0 for an empty one)."""
-    history = tuple((float(z), float(q), int(n)) for z, q, n in history)
+    """The record-level epsilon of an accountant history under ``mechanism`` (0 for an empty one).
+
+    The device's own accountants (:func:`new_accountant`), so every answer is memoised as theirs are.
+    """
     if not history:
         return 0.0
-    if mechanism == "prv":
-        return _prv_epsilon(history, float(delta), 0.01, None)
-    acc = MemoRDPAccountant()
-    acc.history = list(history)
+    acc = new_accountant(mechanism)
+    acc.history = [(float(z), float(q), int(n)) for z, q, n in history]
     with warnings.catch_warnings():
+        # A calibration probes noise levels far from the answer, where RDP's best order is at an end of its range.
         warnings.simplefilter("ignore", UserWarning)
         return acc.get_epsilon(delta=delta)
 

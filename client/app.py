@@ -192,11 +192,18 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     if dev.policy.max_rounds and participation["rounds"] >= dev.policy.max_rounds:
         raise Refused(Reason.PARTICIPATION_BUDGET_SPENT)
     train_cfg = _device_train_config(dev, len(pairs))
+    kept = device.get_json(store, device.CONTEXT, None)
+    # The accountant as it will be once this round's phrase release (if one is due) is charged.
     acc_state = device.accountant_state(store)
-    if would_exceed(_with_phrase_release(store, acc_state, train_cfg), train_cfg, len(pairs), train_cfg.max_epsilon):
+    due = kept is None and train_cfg.context != "none"
+    if due and train_cfg.phrase_release:
+        acc_state = _charge_phrase_release(acc_state, train_cfg)
+    if would_exceed(acc_state, train_cfg, len(pairs), train_cfg.max_epsilon):
         raise Refused(Reason.RECORD_BUDGET_SPENT)
-    phrases = _phrases(store, train_cfg, pairs)
-    acc_state = device.accountant_state(store)  # with the phrase release's step, when it just ran
+    if train_cfg.context == "none":
+        phrases = []  # whatever an earlier run left in the store
+    else:
+        phrases = _release_phrases(store, train_cfg, pairs, acc_state) if due else kept["phrases"]
     direct, slots, centroids = codec.split_received(sent)
     _load_shared(model, direct)
     data = encode_pairs(model.tokenizer, pairs, cfg.train.max_len, context=in_context.prefix(phrases))
@@ -217,29 +224,22 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     return codec.encode(sent, trained, chosen, profile), result, chosen
 
 
-def _with_phrase_release(store, acc_state: str | None, train_cfg) -> str | None:
-    """The accountant state as it will be after this round's phrase release (unchanged if none is due)."""
-    if not train_cfg.phrase_release or device.get_json(store, device.CONTEXT, None) is not None:
-        return acc_state
+def _charge_phrase_release(acc_state: str | None, train_cfg) -> str:
+    """The accountant state with the phrase release's step (one Gaussian step, client/context.py) added."""
     acc = accounting.restore(acc_state, train_cfg.accountant)
     acc.history.extend(accounting.phrase_step(train_cfg))
     return accounting.dump_state(acc)
 
 
-def _phrases(store, train_cfg, pairs) -> list[str]:
+def _release_phrases(store, train_cfg, pairs, charged: str | None) -> list[str]:
     """This device's context phrases: released once, on its own records, before its first DP-SGD step.
 
-    Under DP the release is charged to the device's accountant (one Gaussian step, client/context.py)
-    and the accountant is written before the phrases are, so a crash in between can only over-count.
+    Under DP ``charged`` is the accountant with the release's step; it is written before the phrases
+    are, so a crash in between can only over-count.
     """
-    if train_cfg.context == "none":
-        return []
-    kept = device.get_json(store, device.CONTEXT, None)
-    if kept is not None:
-        return kept["phrases"]
     outputs = [output for _, output in pairs]
     if train_cfg.phrase_release:
-        store.put_state(device.ACCOUNTANT, _with_phrase_release(store, device.accountant_state(store), train_cfg).encode())
+        store.put_state(device.ACCOUNTANT, charged.encode())
         phrases = in_context.private_phrases(outputs, accounting.phrase_noise(train_cfg), train_cfg.context_delta,
                                           in_context.PER_RECORD, in_context.MAX_PHRASES)
     else:
