@@ -41,9 +41,9 @@ def noise_for_record_epsilon(target: float, cfg: RunConfig, records: int = 40) -
     """DP-SGD noise multiplier giving a ``records``-record user ``target`` epsilon over the run (the device's own calibration)."""
     import dataclasses
 
-    from client.accounting import calibrated_noise
+    from client.accounting import calibrated_noise, resolve_release
 
-    train = dataclasses.replace(cfg.train, target_epsilon=target)
+    train = resolve_release(dataclasses.replace(cfg.train, target_epsilon=target), records, cfg.routing.frequent_from)
     return round(calibrated_noise(train, records, cfg.federation.num_server_rounds), 3)
 
 

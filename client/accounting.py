@@ -17,6 +17,7 @@ Opacus does: the same numbers, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -188,7 +189,8 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
     rounds, so a data-rich device needs less noise and a cold-start one (whose
     batch holds every record, q = 1) more, and every one ends at the target:
     ``target - EPSILON_TOLERANCE <= epsilon <= target``, the contract of
-    Opacus' ``get_noise_multiplier``.
+    Opacus' ``get_noise_multiplier``. With the phrase release on, ``cfg`` is
+    resolved (:func:`resolve_release`) and the release's step is in the history.
     """
     rate, steps = sample_rate(cfg, num_records), max(1, planned_rounds) * cfg.local_steps
     delta = cfg.accountant_delta
@@ -202,27 +204,70 @@ def calibrated_noise(cfg: TrainConfig, num_records: int, planned_rounds: int) ->
 
 
 def phrase_step(cfg: TrainConfig) -> tuple[tuple[float, float, int], ...]:
-    """The accountant entries of the phrase release (client/context.py): one Gaussian step at rate 1."""
-    return ((phrase_noise(cfg), 1.0, 1),) if cfg.phrase_release else ()
+    """The accountant entries of the phrase release (client/context.py): one Gaussian step at rate 1.
+
+    ``cfg`` is the device's resolved config (:func:`resolve_release`): its ``context_noise`` is the
+    release's noise.
+    """
+    return ((float(cfg.context_noise), 1.0, 1),) if cfg.phrase_release else ()
 
 
-def phrase_noise(cfg: TrainConfig) -> float:
-    """The phrase release's noise: ``context-noise-multiplier``, raised so the release takes at most
-    ``CONTEXT_MAX_SHARE`` of the device's budget.
+def release_noise(cfg: TrainConfig, num_records: int, frequent_from: int, floor: float = 0.0) -> float:
+    """The noise of this device's phrase release, from its own budget and record count, never below ``floor``.
 
-    The budget is the target epsilon (else the cap) read as a Gaussian mechanism's mu (mu-GDP); a
-    release at mu_r takes the share (mu_r / mu)^2 of it, since Gaussian mechanisms compose as
-    mu^2 = sum of mu_i^2. Without the raise, a device under a tight cap (epsilon 2 say) would spend
-    it all on the release at noise 1 and could never train. At epsilon 8 and delta 1e-5 the bound is
-    noise 0.86, so the configured 1.0 stands.
+    The budget is the target epsilon (else the cap) read as a Gaussian mechanism's mu (mu-GDP, Dong,
+    Roth and Su; :func:`budget_mu`); a release at mu_r takes the share (mu_r / mu)^2 of it, since
+    Gaussian mechanisms compose as mu^2 = sum of mu_i^2. The split follows what the device is served (README, "Routing by
+    data volume"):
+
+    * With at least ``frequent_from`` training records it is served its personal stack, which DP-SGD
+      trains: the release runs at ``context-noise-multiplier``, raised so that it takes at most
+      ``CONTEXT_MAX_SHARE`` of the budget. (Without the raise, a device under a tight cap, epsilon 2
+      say, would spend it all on the release at noise 1 and could never train.) At epsilon 8 and
+      delta 1e-5 the bound is noise 0.86, so the configured 1.0 stands.
+    * With fewer it is served a shared stack, so its DP-SGD steps only feed the shared tiers, where one
+      device's step is almost all noise (docs/results.md, the per-tier instruments), and its own
+      writing reaches its answers only through the release: the release takes ``context-budget-share``
+      of the budget, ``noise = 1 / (mu * sqrt(share))``, and DP-SGD the rest. A release's threshold
+      grows with its noise (client/context.py), so this is what lets a device with 8-19 records show
+      the sentences its records share.
     """
     budget = cfg.target_epsilon or cfg.max_epsilon
     if budget <= 0:
-        return float(cfg.context_noise)
-    return max(float(cfg.context_noise), 1 / (gaussian_mu(budget, cfg.accountant_delta) * math.sqrt(CONTEXT_MAX_SHARE)))
+        return max(float(cfg.context_noise), floor)
+    mu = budget_mu(budget, cfg.accountant_delta, cfg.accountant)
+    if num_records < frequent_from:
+        return max(1 / (mu * math.sqrt(cfg.context_budget_share)), floor)
+    return max(float(cfg.context_noise), 1 / (mu * math.sqrt(CONTEXT_MAX_SHARE)), floor)
 
 
-CONTEXT_MAX_SHARE = 0.5  # the most of a device's budget (of mu^2) the phrase release may take
+def resolve_release(cfg: TrainConfig, num_records: int, frequent_from: int, floor: float = 0.0) -> TrainConfig:
+    """``cfg`` with ``context_noise`` set to this device's release noise (:func:`release_noise`)."""
+    if not cfg.phrase_release:
+        return cfg
+    return dataclasses.replace(cfg, context_noise=release_noise(cfg, num_records, frequent_from, floor))
+
+
+CONTEXT_MAX_SHARE = 0.5  # the most of its budget (of mu^2) the release may take on a device served its personal stack
+
+
+@functools.lru_cache(maxsize=256)
+def budget_mu(epsilon: float, delta: float, mechanism: str) -> float:
+    """The budget read as a Gaussian mechanism's mu, by the device's own accountant: 1 / the noise of one
+    step at rate 1 that it puts at exactly ``epsilon``.
+
+    Not the exact mu (:func:`gaussian_mu`): RDP's conversion, and PRV's error bound at a small epsilon, read
+    a Gaussian step as costlier than it is, so a release sized on the exact mu could leave DP-SGD nothing
+    by the accountant that charges it. Both accountants compose Gaussian steps at rate 1 as one Gaussian
+    (RDP exactly, alpha / (2 sigma^2) adds; PRV up to its error), so shares of this mu^2 add up. Where the
+    accountant reaches no such epsilon the device cannot train at all (its calibration refuses); the exact
+    mu is returned then.
+    """
+    try:
+        noise = _prv_noise_memo(epsilon, delta, 1.0, 1) if mechanism == "prv" else rdp_noise_for_epsilon(epsilon, delta, 1.0, 1)
+    except ValueError:
+        return gaussian_mu(epsilon, delta)
+    return 1 / noise
 
 
 @functools.lru_cache(maxsize=256)

@@ -240,7 +240,7 @@ def _release_phrases(store, train_cfg, pairs, charged: str | None) -> list[str]:
     outputs = [output for _, output in pairs]
     if train_cfg.phrase_release:
         store.put_state(device.ACCOUNTANT, charged.encode())
-        phrases = in_context.private_phrases(outputs, accounting.phrase_noise(train_cfg), train_cfg.context_delta,
+        phrases = in_context.private_phrases(outputs, train_cfg.context_noise, train_cfg.context_delta,
                                           in_context.PER_RECORD, in_context.MAX_PHRASES)
     else:
         phrases = in_context.exact_phrases(outputs, in_context.PER_RECORD, in_context.MAX_PHRASES)
@@ -254,28 +254,33 @@ def _device_train_config(dev: device.Device, num_records: int):
     With ``target-epsilon`` set, the device picks the noise that ends its
     planned rounds at the target (never above its cap), once, from its own
     record count, and keeps it in its store; never below its policy's floor.
+    So is the phrase release's noise (``accounting.release_noise``).
     """
     from dataclasses import replace
 
     t = dev.cfg.train
-    if t.phrase_release:
-        t = replace(t, context_noise=max(t.context_noise, dev.policy.min_noise_multiplier))
+    floor, frequent_from = dev.policy.min_noise_multiplier, dev.cfg.routing.frequent_from
     if not (t.dp and t.target_epsilon > 0):
-        return t
+        return accounting.resolve_release(t, num_records, frequent_from, floor)
     saved = device.get_json(dev.store, device.CALIBRATION, None)
     if saved is None:
         target = min(t.target_epsilon, t.max_epsilon) if t.max_epsilon > 0 else t.target_epsilon
+        aimed = accounting.resolve_release(replace(t, target_epsilon=target), num_records, frequent_from, floor)
         try:
-            z = calibrated_noise(replace(t, target_epsilon=target), num_records, dev.cfg.federation.num_server_rounds)
+            z = calibrated_noise(aimed, num_records, dev.cfg.federation.num_server_rounds)
         except ValueError:
             # No noise reaches so small a target (RDP's orders floor epsilon near 0.2 at delta 1e-5):
             # the device cannot train within its cap at all.
             raise Refused(Reason.RECORD_BUDGET_SPENT) from None
-        saved = {"noise_multiplier": max(z, dev.policy.min_noise_multiplier), "target_epsilon": target, "records": num_records,
-                 # the phrase release's noise, resolved against the same target (accounting.phrase_noise)
-                 "context_noise": accounting.phrase_noise(replace(t, target_epsilon=target))}
+        saved = {"noise_multiplier": max(z, floor), "target_epsilon": target, "records": num_records,
+                 "context_noise": aimed.context_noise}
         device.put_json(dev.store, device.CALIBRATION, saved)
-    return replace(t, noise_multiplier=saved["noise_multiplier"], context_noise=saved.get("context_noise", t.context_noise))
+    # A calibration saved before the release's noise was: resolved now, against the run's config.
+    if "context_noise" not in saved:
+        saved_target = replace(t, target_epsilon=saved["target_epsilon"])
+        saved["context_noise"] = accounting.resolve_release(saved_target, num_records, frequent_from, floor).context_noise
+    context_noise = saved["context_noise"]
+    return replace(t, noise_multiplier=saved["noise_multiplier"], context_noise=context_noise)
 
 
 def _load_shared(model, direct: dict) -> None:

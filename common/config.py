@@ -262,6 +262,11 @@ class TrainConfig(_Section):
     # took the served NLL from 4.77-4.94 to 3.72-3.78 at the same epsilon; on tweeteval it tied.
     context: str = _opt("context", "phrases", _one_of("none", "phrases"))
     context_noise: float = _opt("context-noise-multiplier", 1.0, _positive)
+    # The share of its record-level budget (mu^2) the release takes on a device served a shared stack (fewer
+    # than frequent-from training records): its DP-SGD steps only feed the shared tiers, so its budget pays
+    # most in the release (client.accounting.release_noise). On the persona data this is what lets a device
+    # with 8-19 records release its shared sentences (docs/results.md, issue 13, twelfth session).
+    context_budget_share: float = _opt("context-budget-share", 0.9, _open_unit)
 
     @property
     def local_optimizer(self) -> str:

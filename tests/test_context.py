@@ -132,14 +132,23 @@ def test_the_ledger_expects_the_phrase_release_and_fails_a_device_that_hid_it(tm
     from simulations.audits.view import RunView
     from simulations.run import prepare, simulate
 
+    from client.accounting import release_noise
+    from common.config import build_config
+
     run = tmp_path / "run"
-    simulate(prepare("quick", {"num-supernodes": 3, "context": "phrases"}, run))
+    overrides = {"num-supernodes": 3, "context": "phrases", "frequent-from": 30}
+    simulate(prepare("quick", overrides, run))
     result = epsilon_ledger(RunView(run))
     assert result["failures"] == []
+    train = replace(build_config("quick", overrides).train, target_epsilon=8.0)
+    released_at = set()
     for row in result["record_level"]:
         first = row["expected"][0]
-        assert (first["noise_multiplier"], first["sample_rate"], first["steps"]) == (1.0, 1.0, 1)
+        noise = release_noise(train, row["train_records"], 30)
+        assert (first["noise_multiplier"], first["sample_rate"], first["steps"]) == (noise, 1.0, 1)
         assert row["agrees"] and row["epsilon_pld"] <= 8.0
+        released_at.add(noise)
+    assert len(released_at) == 2  # devices on either side of frequent-from: the two budget splits, both agreed
     # A device whose accountant leaves the release out, its reported epsilon made to match: caught.
     report = json.loads((run / "report.json").read_text())
     store = DeviceStore(run / "devices" / f"{report['users'][0]['user_id']}.sqlite")
@@ -152,19 +161,44 @@ def test_the_ledger_expects_the_phrase_release_and_fails_a_device_that_hid_it(tm
 
 
 def test_a_tight_budget_raises_the_release_noise_so_the_device_still_trains():
-    from client.accounting import gaussian_mu, phrase_noise
+    from client.accounting import budget_mu, gaussian_mu, release_noise, resolve_release
 
     # mu of an exactly (epsilon, delta)-DP Gaussian mechanism: delta(mu) back at delta.
     mu = gaussian_mu(8.0, 1e-5)
     phi = NormalDist().cdf
     assert phi(-8 / mu + mu / 2) - math.exp(8) * phi(-8 / mu - mu / 2) == pytest.approx(1e-5, rel=1e-6)
     for target in (8.0, 2.0, 0.5):
-        c = replace(TrainConfig(), context="phrases", target_epsilon=target)
+        c = resolve_release(replace(TrainConfig(), context="phrases", target_epsilon=target), 40, 20)
         alone = history_epsilon(phrase_step(c), c.accountant_delta, "prv")
         z = calibrated_noise(c, 40, 3)  # raises if the release left DP-SGD nothing
         total = history_epsilon(phrase_step(c) + ((z, 1.0, 3 * c.local_steps),), c.accountant_delta, "prv")
         assert alone < target and target - 0.011 <= total <= target
         # at most half the budget in mu^2: the release's mu is at most mu(target) / sqrt(2)
-        assert 1 / phrase_noise(c) <= gaussian_mu(target, c.accountant_delta) / math.sqrt(2) * (1 + 1e-9) or phrase_noise(c) == c.context_noise
-    assert phrase_noise(replace(TrainConfig(), context="phrases")) == 1.0  # at epsilon 8 the configured noise stands
-    assert phrase_noise(replace(TrainConfig(), context="phrases", target_epsilon=2.0)) > 2.5
+        assert 1 / c.context_noise <= budget_mu(target, c.accountant_delta, "prv") / math.sqrt(2) * (1 + 1e-9) or c.context_noise == 1.0
+        # the accountant's mu is never above the exact one: it reads a Gaussian step as at least as costly
+        assert budget_mu(target, c.accountant_delta, "prv") <= gaussian_mu(target, c.accountant_delta) * (1 + 1e-9)
+    t = replace(TrainConfig(), context="phrases")
+    assert release_noise(t, 40, 20) == 1.0  # at epsilon 8 the configured noise stands
+    assert release_noise(replace(t, target_epsilon=2.0), 40, 20) > 2.5
+    assert release_noise(t, 40, 20, floor=1.5) == 1.5  # never below the device's floor
+
+
+@pytest.mark.parametrize("target", [8.0, 2.0])
+def test_a_device_served_a_shared_stack_spends_its_share_of_the_budget_on_the_release(target):
+    """Fewer than frequent-from records: the release takes context-budget-share of mu^2, DP-SGD the rest, and the
+    device still ends at its target."""
+    from client.accounting import budget_mu, release_noise, resolve_release
+
+    t = replace(TrainConfig(), context="phrases", target_epsilon=target)
+    for share in (0.5, t.context_budget_share):
+        c = resolve_release(replace(t, context_budget_share=share), 12, 20)
+        mu = budget_mu(target, c.accountant_delta, "prv")
+        assert (1 / c.context_noise) ** 2 == pytest.approx(share * mu**2)
+        z = calibrated_noise(c, 12, 3)
+        total = history_epsilon(phrase_step(c) + ((z, 1.0, 3 * c.local_steps),), c.accountant_delta, "prv")
+        assert target - 0.011 <= total <= target
+    # Less noise, so a lower threshold, than on a device served its personal stack at the same budget.
+    assert release_noise(t, 12, 20) < release_noise(t, 20, 20)
+    assert release_noise(t, 12, 20, floor=5.0) == 5.0
+    with pytest.raises(ConfigError):
+        quick(context_budget_share=1.0)

@@ -147,7 +147,10 @@ def device_target(train):
 
 
 def expected_noise(train, records: int, planned_rounds: int) -> float:
-    """The noise multiplier a device should have trained with: the run's, or its calibration to the target epsilon."""
+    """The noise multiplier a device should have trained with: the run's, or its calibration to the target epsilon.
+
+    ``train`` is the device's resolved config (``client.accounting.resolve_release``).
+    """
     from client.accounting import calibrated_noise
 
     if train.target_epsilon > 0:
@@ -156,24 +159,22 @@ def expected_noise(train, records: int, planned_rounds: int) -> float:
 
 
 def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]) -> dict:
-    from client.accounting import phrase_step, sample_rate
+    from client.accounting import phrase_step, resolve_release, sample_rate
+    from simulations.run import device_policy
 
-    train = view.cfg.train
     # The accountant is read at delta less the phrase release's threshold share (client/context.py).
-    delta = float(train.accountant_delta)
+    delta = float(view.cfg.train.accountant_delta)
     history, records, rounds, joined = _device_state(Path(user["store"]))
+    # The release's noise follows the device's record count and policy floor, as on the device
+    # (client.app._device_train_config); a simulated device's policy is the harness's.
+    floor = device_policy(view.cfg, Path(user["store"]), Path(user["store"])).min_noise_multiplier
+    train = resolve_release(device_target(view.cfg.train), records, view.cfg.routing.frequent_from, floor)
     rate = sample_rate(train, records)
     noise = expected_noise(train, records, view.cfg.federation.num_server_rounds)
     expected = expected_history(noise, rate, train.local_steps, len(rounds)) if train.dp else []
     if expected:
         # A device that trained released its context phrases once, before its first DP-SGD step.
-        # Its noise is floored by the device's policy, as on the device (client.app._device_train_config);
-        # a simulated device's policy is the harness's (simulations.run.device_policy).
-        from simulations.run import device_policy
-
-        floor = device_policy(view.cfg, Path(user["store"]), Path(user["store"])).min_noise_multiplier
-        floored = dataclasses.replace(device_target(train), context_noise=max(train.context_noise, floor))
-        expected = merged(list(phrase_step(floored)) + expected)
+        expected = merged(list(phrase_step(train)) + expected)
     problems = []
     unknown = [r for r in rounds if r not in server_rounds]
     if unknown:
