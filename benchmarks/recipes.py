@@ -121,6 +121,9 @@ RECIPES: dict[str, dict] = {
     "phrases": {"target-epsilon": 8.0, "context": "phrases"},
     "phrases7": {"target-epsilon": 8.0, "context": "phrases", "context-noise-multiplier": 0.7},
     "nonprivatephrases": {"dp": False, "context": "phrases"},
+    # The release's share of the budget on a device served a shared stack (client.accounting.release_noise).
+    # 0.36 puts its noise at 1.0 at epsilon 8, as on every other device: the eleventh session's split.
+    "evensplit": {"target-epsilon": 8.0, "context": "phrases", "context-budget-share": 0.36},
     # the default with the context taken back out (the one-at-a-time ablation)
     "nocontext": {"target-epsilon": 8.0, "context": "none"},
     # user-level adaptive clipping at the median (needs --set user-dp=true and its settings)
