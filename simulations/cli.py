@@ -185,6 +185,31 @@ def import_annotators(
     console.print(f"wrote {len(manifest['users'])} annotators ({', '.join(manifest['options'])}) to {out_dir}")
 
 
+@app.command("import-chats")
+def import_chats(
+    out_dir: Path = typer.Argument(..., help="Folder for users/*.jsonl and manifest.json (then: fedpersona simulate --data OUT_DIR)."),
+    conversations: Path = typer.Argument(..., help="A JSON file of conversations, chitchat's layout (chitchat_dataset/dataset.json)."),
+    min_turns: int = typer.Option(10, help="A participant with fewer turns is left out."),
+    max_turns: int = typer.Option(100, help="At most this many of a participant's turns are kept (the first ones)."),
+    users: int = typer.Option(0, help="A seeded sample of this many eligible participants (0 = all of them)."),
+    test_share: float = typer.Option(0.2, help="Share of each participant's turns held out for evaluation."),
+    seed: int = typer.Option(0, help="Seed of the sample and of each participant's train/test split."),
+) -> None:
+    """Turn chat conversations into one user per participant (reply tasks: the other side's turn, then theirs)."""
+    from simulations.chats import ChatDataError, read_turns, write_users
+
+    try:
+        manifest = write_users(read_turns(conversations), out_dir, min_turns=min_turns, max_turns=max_turns, users=users,
+                               test_share=test_share, seed=seed, source=conversations.name)
+    except ChatDataError as err:
+        console.print(f"data error: {err}", style="bold red", markup=False)
+        raise typer.Exit(code=2) from None
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    turns = sum(u["turns"] for u in manifest["users"])
+    console.print(f"wrote {len(manifest['users'])} participants ({turns} turns) to {out_dir}", markup=False)
+
+
 @app.command()
 def ingest(
     policy_file: Path = typer.Option(None, help="The device's policy file: its user-file, store-path, key-file and scrubber."),
