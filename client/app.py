@@ -231,7 +231,7 @@ def _charge_phrase_release(acc_state: str | None, train_cfg) -> str:
     return accounting.dump_state(acc)
 
 
-def _release_phrases(store, train_cfg, pairs, charged: str | None) -> list[str]:
+def _release_phrases(store, train_cfg, pairs, charged: str | None) -> list[tuple[str, str]]:
     """This device's context phrases: released once, on its own records, before its first DP-SGD step.
 
     Under DP ``charged`` is the accountant with the release's step; it is written before the phrases

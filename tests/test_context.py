@@ -14,21 +14,23 @@ from client.accounting import accountant_history, calibrated_noise, history_epsi
 from client.app import app
 from common.config import ConfigError, TrainConfig
 
-# Eight records that share a greeting and a sign-off, each with its own middle sentence.
-TEXTS = [f"Hello there. Item number {i} is fine. See you soon." for i in range(40)]
+# Forty records that open and close alike, each with its own middle.
+TEXTS = [f"Hello there my friend, item number {i} is fine, see you soon then." for i in range(40)]
+O, C = context.OPENING, context.CLOSING
 
 
-def test_candidates_are_a_records_own_distinct_sentences():
-    assert context.candidates("Hi. Hi. Yes! Fine? ok\nbye", 10) == ["Hi.", "Yes!", "Fine?", "ok", "bye"]
-    assert context.candidates("Hi. Yes! Fine?", 2) == ["Hi.", "Yes!"]
-    long = " ".join(["word"] * (context.MAX_WORDS + 1)) + "."
-    assert context.candidates(f"{long} Short one.", 4) == ["Short one."]
+def test_candidates_are_a_records_opening_and_closing_words():
+    assert context.candidates("one two three four five six") == [(O, "one two three four"), (C, "three four five six")]
+    # The same words as an opening and as a closing are two candidates; a record has two whatever its length.
+    assert context.candidates("ok cool") == [(O, "ok cool"), (C, "ok cool")]
+    assert context.candidates("a b c d e", 1) == [(O, "a b c d")]
+    assert context.candidates("  \n ") == []
 
 
 def test_threshold_holds_the_unique_candidates_to_delta():
     # A record with t candidates of weight 1/sqrt(t) held by it alone: each clears rho with probability
     # P[N(0, sigma^2) > rho - 1/sqrt(t)], and the t of them together at most delta, for every t <= k.
-    for sigma, k, delta in ((0.7, 4, 1e-6), (1.0, 1, 1e-6), (2.0, 8, 1e-7)):
+    for sigma, k, delta in ((0.7, 4, 1e-6), (1.0, 1, 1e-6), (2.0, 8, 1e-7), (0.64, 2, 1e-6)):
         rho = context.threshold(sigma, delta, k)
         tails = [t * (1 - NormalDist(0, sigma).cdf(rho - 1 / math.sqrt(t))) for t in range(1, k + 1)]
         assert max(tails) == pytest.approx(delta, rel=1e-3) and all(tail <= delta * (1 + 1e-9) for tail in tails)
@@ -36,33 +38,38 @@ def test_threshold_holds_the_unique_candidates_to_delta():
         context.threshold(0.0, 1e-6, 4)
 
 
-@pytest.mark.parametrize("text, t", [("A. B. C. D. E. F.", 4), ("A. B.", 2), ("A single line", 1)])
+@pytest.mark.parametrize("text, t", [("a b c d e f g h", 2), ("ok", 2), ("a b c d e f g h", 1)])
 def test_weighted_counts_give_each_record_l2_norm_one(text, t):
-    counts = context.weighted_counts([text], 4)
+    counts = context.weighted_counts([text], t)
     assert len(counts) == t and all(v == pytest.approx(1 / math.sqrt(t)) for v in counts.values())
     assert math.sqrt(sum(v * v for v in counts.values())) == pytest.approx(1.0)
 
 
-def test_private_release_finds_the_shared_sentences_and_not_a_single_records():
-    phrases = context.private_phrases(TEXTS, 1.0, 1e-6, 4, 8)
-    assert set(phrases) == {"Hello there.", "See you soon."}
-    # A sentence in one record has weight 1/sqrt(3) against a threshold near 5.8 at sigma 1: never released here.
-    assert not any("Item number" in p for _ in range(20) for p in context.private_phrases(TEXTS, 1.0, 1e-6, 4, 8))
-    assert context.private_phrases(TEXTS[:2], 1.0, 1e-6, 4, 8) == []  # two records cannot clear it
+def test_private_release_finds_the_shared_opening_and_closing_and_not_a_single_records():
+    phrases = context.private_phrases(TEXTS, 1.0, 1e-6, 2, 8)
+    assert set(phrases) == {(O, "Hello there my friend,"), (C, "see you soon then.")}
+    # A record's own window has weight 1/sqrt(2) against a threshold near 5.8 at sigma 1: never released here.
+    unique = [f"w{i} x y z middle a b c" for i in range(40)]
+    assert not any(p[0] == O for _ in range(20) for p in context.private_phrases(unique, 1.0, 1e-6, 2, 8))
+    assert context.private_phrases(TEXTS[:2], 1.0, 1e-6, 2, 8) == []  # two records cannot clear it
 
 
 def test_private_release_uses_fresh_noise():
     # Near the threshold the outcome varies between calls: the noise is not seeded.
-    rho = context.threshold(1.0, 1e-6, 4)
-    texts = [f"Shared line. Other {i}." for i in range(round(math.sqrt(2) * rho))]  # weight 1/sqrt(2) each: near rho
-    outcomes = {tuple(context.private_phrases(texts, 1.0, 1e-6, 4, 8)) for _ in range(40)}
+    rho = context.threshold(1.0, 1e-6, 2)
+    texts = [f"Shared open ing here then {i} a b c {i}" for i in range(round(math.sqrt(2) * rho))]  # near rho
+    outcomes = {tuple(context.private_phrases(texts, 1.0, 1e-6, 2, 8)) for _ in range(40)}
     assert len(outcomes) == 2
 
 
 def test_exact_release_and_prefix():
-    assert context.exact_phrases(["A. B.", "A. C.", "D."], 4, 8) == ["A."]
+    assert context.exact_phrases(["hi a b c d e", "hi a b c f g", "other"], 2, 8) == [(O, "hi a b c")]
     assert context.prefix([]) == ""
-    assert context.prefix(["A.", "B."]) == context.HEADER + "A. B.\n\n"
+    assert context.prefix([(O, "Hi all,"), (C, "Best, Ann"), (O, "Hey,")]) == (
+        context.HEADER + "I often begin with: Hi all, / Hey,\nI often end with: Best, Ann\n\n")
+    # As read back from the store (JSON lists), and a store the earlier sentence release wrote (strings).
+    assert context.prefix([[C, "Best, Ann"]]) == context.HEADER + "I often end with: Best, Ann\n\n"
+    assert context.prefix(["See you."]) == context.HEADER + "I often write: See you.\n\n"
 
 
 def test_the_release_is_one_gaussian_step_and_calibration_still_ends_at_the_target():
@@ -119,7 +126,8 @@ def test_without_dp_the_device_uses_the_shared_sentences_without_noise(tiny_data
     app(server_message(cfg, "train", 1), ctx)
     store = device.DeviceStore(tmp_path / "device-1" / "store.sqlite")
     outputs = [o for _, o in store.tasks("train")]
-    assert device.get_json(store, device.CONTEXT, None)["phrases"] == context.exact_phrases(outputs, context.PER_RECORD, context.MAX_PHRASES)
+    kept = [tuple(p) for p in device.get_json(store, device.CONTEXT, None)["phrases"]]
+    assert kept and kept == context.exact_phrases(outputs, context.PER_RECORD, context.MAX_PHRASES)
     assert device.accountant_state(store) is None or accountant_history(device.accountant_state(store)) == []
 
 
