@@ -230,7 +230,7 @@ def release_noise(cfg: TrainConfig, num_records: int, frequent_from: int, floor:
       writing reaches its answers only through the release: the release takes ``context-budget-share``
       of the budget, ``noise = 1 / (mu * sqrt(share))``, and DP-SGD the rest. A release's threshold
       grows with its noise (client/context.py), so this is what lets a device with 8-19 records show
-      the sentences its records share.
+      how its records open and close.
     """
     budget = cfg.target_epsilon or cfg.max_epsilon
     if budget <= 0:

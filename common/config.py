@@ -253,19 +253,20 @@ class TrainConfig(_Section):
     prompt_clip_share: float = _opt("prompt-clip-share", 0.0, lambda v: None if 0 <= v < 1 else "must lie in [0, 1)")
     # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
     physical_batch: int = _opt("physical-batch", 16, _at_least(1))
-    # In-context personalization (client/context.py): "phrases" puts the sentences many of the device's
-    # records share in front of every prompt of its trained stacks. Under DP they are released once with the
+    # In-context personalization (client/context.py): "phrases" puts how many of the device's records open
+    # and close (their first and last words) in front of every prompt of its trained stacks. Under DP they are released once with the
     # weighted Gaussian mechanism for set union (Gopi et al. 2020) at context-noise-multiplier: one more
     # Gaussian step in the device's record-level accountant, calibrated with its DP-SGD steps to end at
-    # target-epsilon, and CONTEXT_DELTA_SHARE of delta for the threshold. Without DP, the sentences at least
-    # two records share. The default since issue 13's measurements (docs/results.md): on the persona data it
-    # took the served NLL from 4.77-4.94 to 3.72-3.78 at the same epsilon; on tweeteval it tied.
+    # target-epsilon, and CONTEXT_DELTA_SHARE of delta for the threshold. Without DP, the openings and
+    # closings at least two records share. The default since issue 13's measurements (docs/results.md):
+    # on the persona data it took the served NLL from 4.77-4.94 to 3.72-3.78 at the same epsilon (as
+    # sentences; openings and closings since the twelfth session); on tweeteval it tied.
     context: str = _opt("context", "phrases", _one_of("none", "phrases"))
     context_noise: float = _opt("context-noise-multiplier", 1.0, _positive)
     # The share of its record-level budget (mu^2) the release takes on a device served a shared stack (fewer
     # than frequent-from training records): its DP-SGD steps only feed the shared tiers, so its budget pays
     # most in the release (client.accounting.release_noise). On the persona data this is what lets a device
-    # with 8-19 records release its shared sentences (docs/results.md, issue 13, twelfth session).
+    # with 8-19 records release how they open and close (docs/results.md, issue 13, twelfth session).
     context_budget_share: float = _opt("context-budget-share", 0.9, _open_unit)
 
     @property
