@@ -275,11 +275,10 @@ def _device_train_config(dev: device.Device, num_records: int):
         saved = {"noise_multiplier": max(z, floor), "target_epsilon": target, "records": num_records,
                  "context_noise": aimed.context_noise}
         device.put_json(dev.store, device.CALIBRATION, saved)
-    # A calibration saved before the release's noise was: resolved now, against the run's config.
-    if "context_noise" not in saved:
-        saved_target = replace(t, target_epsilon=saved["target_epsilon"])
-        saved["context_noise"] = accounting.resolve_release(saved_target, num_records, frequent_from, floor).context_noise
-    context_noise = saved["context_noise"]
+    context_noise = saved.get("context_noise")
+    if context_noise is None:  # a calibration saved before the release's noise was: resolved against its target
+        aimed = accounting.resolve_release(replace(t, target_epsilon=saved["target_epsilon"]), num_records, frequent_from, floor)
+        context_noise = aimed.context_noise
     return replace(t, noise_multiplier=saved["noise_multiplier"], context_noise=context_noise)
 
 

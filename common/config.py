@@ -254,8 +254,9 @@ class TrainConfig(_Section):
     # largest batch held in memory at once; a larger logical batch is split (Opacus' BatchMemoryManager)
     physical_batch: int = _opt("physical-batch", 16, _at_least(1))
     # In-context personalization (client/context.py): "phrases" puts how many of the device's records open
-    # and close (their first and last words) in front of every prompt of its trained stacks. Under DP they are released once with the
-    # weighted Gaussian mechanism for set union (Gopi et al. 2020) at context-noise-multiplier: one more
+    # and close (their first and last words) in front of every prompt of its trained stacks. Under DP they
+    # are released once with the weighted Gaussian mechanism for set union (Gopi et al. 2020), at
+    # context-noise-multiplier or, on a device served a shared stack, at context-budget-share: one more
     # Gaussian step in the device's record-level accountant, calibrated with its DP-SGD steps to end at
     # target-epsilon, and CONTEXT_DELTA_SHARE of delta for the threshold. Without DP, the openings and
     # closings at least two records share. The default since issue 13's measurements (docs/results.md):
