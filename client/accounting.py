@@ -237,8 +237,23 @@ def release_noise(cfg: TrainConfig, num_records: int, frequent_from: int, floor:
         return max(float(cfg.context_noise), floor)
     mu = budget_mu(budget, cfg.accountant_delta, cfg.accountant)
     if num_records < frequent_from:
-        return max(1 / (mu * math.sqrt(cfg.context_budget_share)), floor)
+        # A device that runs no DP-SGD (runs_dp_sgd) spends all of its budget here.
+        share = cfg.context_budget_share if cfg.shared_stack_dp_sgd else 1.0
+        return max(1 / (mu * math.sqrt(share)), floor)
     return max(float(cfg.context_noise), 1 / (mu * math.sqrt(CONTEXT_MAX_SHARE)), floor)
+
+
+def runs_dp_sgd(cfg: TrainConfig, num_records: int, frequent_from: int) -> bool:
+    """Whether this device runs DP-SGD at all (``shared-stack-dp-sgd``).
+
+    A device with fewer than ``frequent_from`` training records is served a shared stack, so its steps
+    only feed the shared tiers. The server averages every update with equal weight (DP-FedAvg's fixed
+    denominator), and the noise on a device's update grows as its batch shrinks (sigma * C / B), so such a
+    device's update mostly adds noise to everyone's tiers: on the real chat set its coordinates left the
+    secure sum's fixed-point range by thousands (docs/results.md, issue 13, thirteenth session). With
+    ``shared-stack-dp-sgd = false`` it runs none and sends a zero update. Without DP every device trains.
+    """
+    return not cfg.dp or cfg.shared_stack_dp_sgd or num_records >= frequent_from
 
 
 def resolve_release(cfg: TrainConfig, num_records: int, frequent_from: int, floor: float = 0.0) -> TrainConfig:

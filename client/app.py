@@ -140,6 +140,7 @@ def train(msg: Message, context: Context) -> Message:
     rate = cfg.client_sample_rate
     fingerprint = _fingerprint(sent, dev.server_round)
     replay = _replayable(store, fingerprint)
+    declined = False
     if replay is not None:
         # The server lost this round after this device took part (a crash
         # before its checkpoint) and asks again with the same tiers: resend the
@@ -153,6 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         vector, result, chosen = np.zeros(codec.length), None, None
     else:
         vector, result, chosen = _train_round(dev, sent, codec, pairs, participation)
+        declined = result is None  # drawn, and served a shared stack: it ran no DP-SGD (accounting.runs_dp_sgd)
     update = DeviceUpdate(codec, vector, clip_norm=dev.round_clip, trained=result is not None)
     if masked:
         update.secagg_request = dict(msg.content[SECAGG])
@@ -165,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
         device.put_state_array(store, device.LAST_UPDATE, update.vector, fingerprint)
         participation["joined"] += 1  # user-level releases this device took part in (for its own epsilon)
         device.put_json(store, device.PARTICIPATION, participation)
-        _note_diagnostics(store, dev.server_round, result, steps, chosen)
+        _note_diagnostics(store, dev.server_round, result, steps, chosen, declined)
     return Message(content=RecordDict({ARRAYS: update.payload}), reply_to=msg)
 
 
@@ -198,6 +200,14 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     due = kept is None and train_cfg.context != "none"
     if due and train_cfg.phrase_release:
         acc_state = _charge_phrase_release(acc_state, train_cfg)
+    if not accounting.runs_dp_sgd(train_cfg, len(pairs), cfg.routing.frequent_from):
+        # Served a shared stack, this device spends its budget on its context phrases alone and sends
+        # a zero update (accounting.runs_dp_sgd); the round still counts as one it took part in.
+        if due and train_cfg.phrase_release and _past_cap(acc_state, train_cfg):
+            raise Refused(Reason.RECORD_BUDGET_SPENT)
+        if due:
+            _release_phrases(store, train_cfg, pairs, acc_state)
+        return np.zeros(codec.length), None, None
     if would_exceed(acc_state, train_cfg, len(pairs), train_cfg.max_epsilon):
         raise Refused(Reason.RECORD_BUDGET_SPENT)
     if train_cfg.context == "none":
@@ -222,6 +232,12 @@ def _train_round(dev: device.Device, sent: dict, codec: KSlotCodec, pairs, parti
     # Only k-means sends a profile row, and only under user-level DP (the run config enforces it).
     profile = device_profile(store) if chosen is not None and cfg.persona.assign == "kmeans" else None
     return codec.encode(sent, trained, chosen, profile), result, chosen
+
+
+def _past_cap(acc_state: str | None, train_cfg) -> bool:
+    """Whether the accountant as charged is already past the device's record-level cap (0 = none)."""
+    cap = train_cfg.max_epsilon
+    return cap > 0 and accounting.epsilon_from_history(acc_state, train_cfg.accountant_delta) > cap
 
 
 def _charge_phrase_release(acc_state: str | None, train_cfg) -> str:
@@ -262,9 +278,12 @@ def _device_train_config(dev: device.Device, num_records: int):
     floor, frequent_from = dev.policy.min_noise_multiplier, dev.cfg.routing.frequent_from
     if not (t.dp and t.target_epsilon > 0):
         return accounting.resolve_release(t, num_records, frequent_from, floor)
+    target = min(t.target_epsilon, t.max_epsilon) if t.max_epsilon > 0 else t.target_epsilon
+    if not accounting.runs_dp_sgd(t, num_records, frequent_from):
+        # No DP-SGD to calibrate: the release takes the whole budget.
+        return accounting.resolve_release(replace(t, target_epsilon=target), num_records, frequent_from, floor)
     saved = device.get_json(dev.store, device.CALIBRATION, None)
     if saved is None:
-        target = min(t.target_epsilon, t.max_epsilon) if t.max_epsilon > 0 else t.target_epsilon
         aimed = accounting.resolve_release(replace(t, target_epsilon=target), num_records, frequent_from, floor)
         try:
             z = calibrated_noise(aimed, num_records, dev.cfg.federation.num_server_rounds)
@@ -299,10 +318,14 @@ def _persona(dev: device.Device, slots, centroids, data, phase: str) -> int | No
     return pick_and_load(dev.model, tensors, centroids, data, dev.cfg, dev.store, dev.server_round, phase)
 
 
-def _note_diagnostics(store, server_round: int, result, steps: dict, chosen: int | None) -> None:
-    """What this round looked like on the device: kept in its store for the simulation's diagnostics, never sent."""
+def _note_diagnostics(store, server_round: int, result, steps: dict, chosen: int | None, declined: bool) -> None:
+    """What this round looked like on the device: kept in its store for the simulation's diagnostics, never sent.
+
+    ``sampled`` is whether it ran DP-SGD this round; ``declined``, whether it was drawn and chose not to
+    (served a shared stack, ``shared-stack-dp-sgd = false``), having released its phrases instead.
+    """
     diag = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})
-    entry = {"sampled": result is not None, "privacy": {name: m for name, m in steps.items() if m}}
+    entry = {"sampled": result is not None, "declined": declined, "privacy": {name: m for name, m in steps.items() if m}}
     if result is not None:
         entry.update({
             "train_loss": result.loss,

@@ -269,6 +269,12 @@ class TrainConfig(_Section):
     # most in the release (client.accounting.release_noise). On the persona data this is what lets a device
     # with 8-19 records release how they open and close (docs/results.md, issue 13, twelfth session).
     context_budget_share: float = _opt("context-budget-share", 0.9, _open_unit)
+    # Whether a device served a shared stack (fewer than frequent-from training records) runs DP-SGD at all.
+    # Its steps only feed the shared tiers, which average every device's update with equal weight, and with
+    # a few records in its batch and most of its budget in the release its update is almost all noise. With
+    # false it runs none: the release takes its whole budget (context-budget-share no longer applies) and it
+    # sends a zero update, as a device not drawn does (client.accounting.runs_dp_sgd).
+    shared_stack_dp_sgd: bool = _opt("shared-stack-dp-sgd", True)
 
     @property
     def local_optimizer(self) -> str:

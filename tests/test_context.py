@@ -210,3 +210,77 @@ def test_a_device_served_a_shared_stack_spends_its_share_of_the_budget_on_the_re
     assert release_noise(t, 12, 20, floor=5.0) == 5.0
     with pytest.raises(ConfigError):
         quick(context_budget_share=1.0)
+
+
+def test_runs_dp_sgd_follows_what_the_device_is_served_and_a_decliner_gives_the_release_its_whole_budget():
+    from client.accounting import budget_mu, release_noise, runs_dp_sgd
+
+    t = replace(TrainConfig(), context="phrases", shared_stack_dp_sgd=False)
+    assert not runs_dp_sgd(t, 19, 20) and runs_dp_sgd(t, 20, 20)
+    assert runs_dp_sgd(replace(t, shared_stack_dp_sgd=True), 3, 20)
+    assert runs_dp_sgd(replace(t, dp=False), 3, 20)  # without DP there is no budget to spend elsewhere
+    mu = budget_mu(8.0, t.accountant_delta, "prv")
+    assert release_noise(t, 12, 20) == pytest.approx(1 / mu)  # share 1: context-budget-share does not apply
+    assert history_epsilon(((release_noise(t, 12, 20), 1.0, 1),), t.accountant_delta, "prv") <= 8.0
+    assert release_noise(t, 12, 20) < release_noise(replace(t, shared_stack_dp_sgd=True), 12, 20)
+    assert release_noise(t, 40, 20) == release_noise(replace(t, shared_stack_dp_sgd=True), 40, 20)  # a trainer: unchanged
+
+
+def test_a_device_served_a_shared_stack_that_runs_no_dp_sgd_releases_once_and_sends_zeros(tiny_data, task_identity, tmp_path):
+    import numpy as np
+
+    from client.accounting import epsilon_from_history, release_noise
+
+    # frequent-from above this user's record count: it is served a shared stack.
+    cfg = quick(secagg=False, context="phrases", target_epsilon=8.0, shared_stack_dp_sgd=False, frequent_from=1000)
+    ctx = device_context(tmp_path, 1, user_files(tiny_data)[1], cfg)
+    store = device.DeviceStore(tmp_path / "device-1" / "store.sqlite")
+    replies = [app(server_message(cfg, "train", rnd), ctx) for rnd in (1, 2)]
+    for reply in replies:
+        assert not reply.has_error()
+        assert all(not np.any(a.numpy()) for a in reply.content["arrays"].values())  # a zero update, as if not drawn
+    records = len(store.tasks("train"))
+    noise = release_noise(replace(cfg.train, target_epsilon=8.0), records, 1000)
+    # The release alone, once, at the whole budget: no DP-SGD step in either round.
+    assert accountant_history(device.accountant_state(store)) == [(noise, 1.0, 1)]
+    eps = epsilon_from_history(device.accountant_state(store), cfg.train.accountant_delta)
+    assert 7.9 <= eps <= 8.0
+    assert device.get_json(store, device.CONTEXT, None)["phrases"]
+    rounds = device.get_json(store, device.DIAGNOSTICS, None)["rounds"]
+    assert [(e["sampled"], e["declined"]) for e in rounds.values()] == [(False, True), (False, True)]
+    app(server_message(cfg, "evaluate", 2), ctx)
+    results = device.get_json(store, device.EVAL_RESULTS, None)
+    assert results["context_phrases"] > 0 and results["epsilon"] == pytest.approx(eps)
+
+
+def test_the_ledger_expects_a_decliner_to_release_alone_and_fails_one_that_trained(tmp_path):
+    import json
+
+    from client.store import DeviceStore
+    from simulations.audits.ledger import epsilon_ledger
+    from simulations.audits.view import RunView
+    from simulations.run import prepare, simulate
+
+    run = tmp_path / "run"
+    overrides = {"num-supernodes": 3, "context": "phrases", "frequent-from": 30, "shared-stack-dp-sgd": False}
+    simulate(prepare("quick", overrides, run))
+    result = epsilon_ledger(RunView(run))
+    assert result["failures"] == []
+    rows = result["record_level"]
+    decliners = [r for r in rows if r["train_records"] < 30]
+    assert decliners and len(decliners) < len(rows)  # devices on both sides of frequent-from
+    for row in rows:
+        assert row["agrees"] and row["epsilon_pld"] <= 8.0
+        if row["train_records"] < 30:
+            assert row["rounds_trained"] == [] and len(row["expected"]) == 1 and row["expected"][0]["sample_rate"] == 1.0
+        else:
+            assert row["rounds_trained"] and len(row["expected"]) == 2
+    # A decliner whose accountant holds DP-SGD steps it should not have run: caught.
+    report = json.loads((run / "report.json").read_text())
+    index = decliners[0]["user_index"]
+    user = next(u for u in report["users"] if u["user_index"] == index)
+    store = DeviceStore(run / "devices" / f"{user['user_id']}.sqlite")
+    state = json.loads(device.accountant_state(store))
+    state["history"].append([3.0, 1.0, 3])
+    store.put_state(device.ACCOUNTANT, json.dumps(state).encode())
+    assert index in epsilon_ledger(RunView(run))["failures"]

@@ -120,23 +120,27 @@ def _same_mechanism(a: list, b: list) -> bool:
     )
 
 
-def _device_state(store_path: Path) -> tuple[list, int, list[int], list[int]]:
-    """(accountant history, train records, rounds its diagnostics say it trained, rounds it sent an update in).
+def _device_state(store_path: Path) -> tuple[list, int, list[int], list[int], list[int]]:
+    """(accountant history, train records, rounds its diagnostics say it trained, rounds it sent an update in,
+    rounds it was drawn in and declined DP-SGD).
 
     Under secure aggregation with client sampling a device joins every round
     but trains only in the rounds it drew itself; the others carry a zero update.
+    A device served a shared stack under ``shared-stack-dp-sgd = false`` sends a
+    zero update in every round it is drawn, having released its phrases in the first.
     """
     from client import device
     from client.store import DeviceStore
     from client.accounting import accountant_history
 
     if not store_path.is_file():
-        return [], 0, [], []
+        return [], 0, [], [], []
     store = DeviceStore(store_path)
     rounds = device.get_json(store, device.DIAGNOSTICS, {"rounds": {}})["rounds"]
     joined = sorted(int(r) for r in rounds)
     trained = sorted(int(r) for r, e in rounds.items() if e.get("sampled", True))
-    return accountant_history(device.accountant_state(store)), len(store.tasks("train")), trained, joined
+    declined = sorted(int(r) for r, e in rounds.items() if e.get("declined", False))
+    return accountant_history(device.accountant_state(store)), len(store.tasks("train")), trained, joined, declined
 
 
 def device_target(train):
@@ -159,23 +163,29 @@ def expected_noise(train, records: int, planned_rounds: int) -> float:
 
 
 def _record_row(view, user: dict, reported: dict | None, server_rounds: set[int]) -> dict:
-    from client.accounting import phrase_step, resolve_release, sample_rate
+    from client.accounting import phrase_step, resolve_release, runs_dp_sgd, sample_rate
     from simulations.run import device_policy
 
     # The accountant is read at delta less the phrase release's threshold share (client/context.py).
     delta = float(view.cfg.train.accountant_delta)
-    history, records, rounds, joined = _device_state(Path(user["store"]))
+    history, records, rounds, joined, declined = _device_state(Path(user["store"]))
     # The release's noise follows the device's record count and policy floor, as on the device
     # (client.app._device_train_config); a simulated device's policy is the harness's.
+    frequent_from = view.cfg.routing.frequent_from
     floor = device_policy(view.cfg, Path(user["store"]), Path(user["store"])).min_noise_multiplier
-    train = resolve_release(device_target(view.cfg.train), records, view.cfg.routing.frequent_from, floor)
-    rate = sample_rate(train, records)
-    noise = expected_noise(train, records, view.cfg.federation.num_server_rounds)
-    expected = expected_history(noise, rate, train.local_steps, len(rounds)) if train.dp else []
-    if expected:
-        # A device that trained released its context phrases once, before its first DP-SGD step.
-        expected = merged(list(phrase_step(train)) + expected)
+    train = resolve_release(device_target(view.cfg.train), records, frequent_from, floor)
     problems = []
+    if runs_dp_sgd(train, records, frequent_from):
+        rate = sample_rate(train, records)
+        noise = expected_noise(train, records, view.cfg.federation.num_server_rounds)
+        sgd = expected_history(noise, rate, train.local_steps, len(rounds)) if train.dp else []
+        released = bool(sgd)  # a device that trained released its context phrases once, before its first step
+        if declined:
+            problems.append(f"declined DP-SGD in rounds {declined}, though a device with {records} records trains")
+    else:
+        # Served a shared stack, it runs no DP-SGD: the release alone, in the first round it was drawn.
+        sgd, released = [], bool(declined)
+    expected = merged(list(phrase_step(train)) + sgd) if released else []
     unknown = [r for r in rounds if r not in server_rounds]
     if unknown:
         problems.append(f"trained in rounds {unknown} that the server did not run")
