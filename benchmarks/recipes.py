@@ -124,6 +124,10 @@ RECIPES: dict[str, dict] = {
     # The release's share of the budget on a device served a shared stack (client.accounting.release_noise).
     # 0.36 puts its noise at 1.0 at epsilon 8, as on every other device: the eleventh session's split.
     "evensplit": {"target-epsilon": 8.0, "context": "phrases", "context-budget-share": 0.36},
+    # A device served a shared stack runs no DP-SGD and gives the release its whole budget
+    # (shared-stack-dp-sgd, client.accounting.runs_dp_sgd); "sharedsgd" keeps its DP-SGD.
+    "noshared": {"target-epsilon": 8.0, "shared-stack-dp-sgd": False},
+    "sharedsgd": {"target-epsilon": 8.0, "shared-stack-dp-sgd": True},
     # the default with the context taken back out (the one-at-a-time ablation)
     "nocontext": {"target-epsilon": 8.0, "context": "none"},
     # user-level adaptive clipping at the median (needs --set user-dp=true and its settings)
