@@ -459,3 +459,26 @@ def test_the_real_audit_report_renders_in_headless_chromium(audited_run, audit_r
     dom = dump_dom(audited_run / "report.html", tmp_path / "profile")
     assert page_structure(dom).ids == MAIN_SECTIONS + AUDIT_SECTIONS
     assert "Canary exposure" in dom and "data:image/png;base64," in dom
+
+
+def test_the_personal_stack_is_audited_as_its_device_serves_it_with_its_phrases(audited_run, tmp_path):
+    """Inside ``device()`` the personal stack is scored after the device's released phrases, the server's stacks bare."""
+    from client import context as in_context
+    from client import device
+    from client.store import DeviceStore
+    from simulations.audits.view import RunView
+
+    run = copy_run(audited_run, tmp_path)
+    view = RunView(run)
+    user = view.participants[0]
+    phrases = [[in_context.OPENING, "Hello there my friend"], [in_context.CLOSING, "see you soon then."]]
+    device.put_json(DeviceStore(user["store"]), device.CONTEXT, {"phrases": phrases})
+    pairs = [("Write a note.", "Hello there my friend, the plan is fine, see you soon then.")]
+    with view.device(user):
+        assert view.head == in_context.prefix(phrases) != ""
+        served = {stack: view.record_nll(pairs, stack)[0] for stack in ("base", "persona", "personal")}
+        view.head = ""
+        bare = {stack: view.record_nll(pairs, stack)[0] for stack in ("base", "persona", "personal")}
+    assert view.head == ""
+    assert served["personal"] != pytest.approx(bare["personal"], abs=1e-6)  # the phrases are in front
+    assert served["base"] == bare["base"] and served["persona"] == bare["persona"]  # the server's view stays bare

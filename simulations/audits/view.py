@@ -24,6 +24,12 @@ the view was opened on, so a moved or copied run still reads its own files.
 Model stacks (active adapters): ``base`` (no adapters), ``global``,
 ``persona`` (global + the device's chosen slot), ``personal`` (global +
 persona + user tier and soft prompt).
+
+The personal stack exists only on its device, so inside :meth:`RunView.device`
+it is scored and generated from as the device serves it: with the device's
+released context phrases before the prompt (client/context.py; the phrases are
+one more output of its DP mechanism). The base and shared stacks are the
+server's view and stay bare, as the server never holds a device's phrases.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class RunView:
         self.max_len = self.cfg.train.max_len
         self.num_slots = self.cfg.persona.slots
         self._raw: dict[str, list[dict]] = {}
+        self.head = ""  # the open device's context phrases as a prompt prefix ('' outside device())
 
     def locate(self, recorded: str | None) -> Path | None:
         """A path from ``config.json``, re-rooted under this run folder if it lay under the run's own folder."""
@@ -188,11 +195,25 @@ class RunView:
                 data = encode_pairs(self.tokenizer, store.tasks("train"), self.max_len)
                 rows = None if centroids is None else centroids.numpy()
                 pick_and_load(model, slots, rows, data, self.cfg, store, 0, "audit")
+        self.head = self._context_head(store)
         try:
             yield store
         finally:
+            self.head = ""
             model.reset_to_initial()
             model.use(*model.tiers)
+
+    def _context_head(self, store) -> str:
+        """The device's released context phrases as served (client.app.evaluate); '' before it released any."""
+        from client import context as in_context
+        from client import device
+
+        if self.cfg.train.context == "none":
+            return ""
+        return in_context.prefix(device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"])
+
+    def _served_head(self, stack: str) -> str:
+        return self.head if stack == "personal" else ""
 
     # -- measurements -------------------------------------------------------------
     def _adapters(self, stack: str) -> tuple[str, ...]:
@@ -210,7 +231,7 @@ class RunView:
         adapters = self._adapters(stack)
         model.use(*adapters)
         model.eval()
-        data = encode_pairs(self.tokenizer, pairs, self.max_len)
+        data = encode_pairs(self.tokenizer, pairs, self.max_len, context=self._served_head(stack))
         out = []
         for i in range(0, len(data), batch_size):
             ids, att, lab = trim_batch(*data[i : i + batch_size])
@@ -225,11 +246,12 @@ class RunView:
 
         :meth:`PersonalLM.generate`, KV-cached: the soft prompt, when the stack
         includes the user tier, goes in once; decoding stops at the end-of-text token.
+        The personal stack's prompt starts with the open device's context phrases (module docstring).
         """
         model = self.model
         model.use(*self._adapters(stack))
         model.eval()
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = self.tokenizer(self._served_head(stack) + prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         eos = self.tokenizer.eos_token_id
         new = model.generate(ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)[0].tolist()
