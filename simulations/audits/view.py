@@ -46,6 +46,8 @@ MANIFEST, SIDECAR = "manifest.json", "pii_sidecar.jsonl"
 
 
 class RunView:
+    head: str = ""  # the open device's context phrases as a prompt prefix ('' outside device())
+
     def __init__(self, run_dir: Path):
         from common.config import RunConfig
         from simulations.run import read_harness
@@ -63,7 +65,6 @@ class RunView:
         self.max_len = self.cfg.train.max_len
         self.num_slots = self.cfg.persona.slots
         self._raw: dict[str, list[dict]] = {}
-        self.head = ""  # the open device's context phrases as a prompt prefix ('' outside device())
 
     def locate(self, recorded: str | None) -> Path | None:
         """A path from ``config.json``, re-rooted under this run folder if it lay under the run's own folder."""
