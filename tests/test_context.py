@@ -197,7 +197,7 @@ def test_a_device_served_a_shared_stack_spends_its_share_of_the_budget_on_the_re
     device still ends at its target."""
     from client.accounting import budget_mu, release_noise, resolve_release
 
-    t = replace(TrainConfig(), context="phrases", target_epsilon=target)
+    t = replace(TrainConfig(), context="phrases", target_epsilon=target, shared_stack_dp_sgd=True)
     for share in (0.5, t.context_budget_share):
         c = resolve_release(replace(t, context_budget_share=share), 12, 20)
         mu = budget_mu(target, c.accountant_delta, "prv")
