@@ -383,7 +383,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     chosen = _persona(dev, slots, centroids, encode_pairs(model.tokenizer, train_pairs, cfg.train.max_len), "evaluate")
     # The trained stacks are served with the device's context phrases (none until it has trained); the
     # zero-shot base stays the bare model, the reference every gain is measured from.
-    phrases = device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"] if cfg.train.context != "none" else []
+    phrases = device.served_phrases(store, cfg)
     head = in_context.prefix(phrases)
     test = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len)
     test_in_context = encode_pairs(model.tokenizer, test_pairs, cfg.train.max_len, context=head) if head else test

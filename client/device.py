@@ -245,6 +245,14 @@ def put_json(store: DeviceStore, key: str, value) -> None:
     store.put_state(key, json.dumps(value).encode())
 
 
+def served_phrases(store: DeviceStore, cfg: RunConfig) -> list:
+    """The context phrases this device's trained stacks are served with (none until it released them,
+    or with ``context = none``)."""
+    if cfg.train.context == "none":
+        return []
+    return get_json(store, CONTEXT, {"phrases": []})["phrases"]
+
+
 def put_state_array(store: DeviceStore, key: str, array, tag: str) -> None:
     import io
 

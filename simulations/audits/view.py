@@ -209,9 +209,7 @@ class RunView:
         from client import context as in_context
         from client import device
 
-        if self.cfg.train.context == "none":
-            return ""
-        return in_context.prefix(device.get_json(store, device.CONTEXT, {"phrases": []})["phrases"])
+        return in_context.prefix(device.served_phrases(store, self.cfg))
 
     def _served_head(self, stack: str) -> str:
         return self.head if stack == "personal" else ""
